@@ -1,0 +1,23 @@
+"""cachegw: per-route response caching for FastAPI API gateways.
+
+Two faces, one engine: the `cached` decorator for route handlers (on fastapi-cache2's
+backend) and a caching reverse-proxy router (`Gateway`, `Service`, `create_app`).
+"""
+
+from cachegw._backends import MemoryBackend, RedisBackend
+from cachegw._decorator import cached
+from cachegw._errors import BackendError, CacheGWError, ConfigError
+from cachegw._policy import CachePolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CacheGWError",
+    "CachePolicy",
+    "ConfigError",
+    "MemoryBackend",
+    "RedisBackend",
+    "__version__",
+    "cached",
+]

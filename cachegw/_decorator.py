@@ -1,0 +1,326 @@
+"""``@cached``: per-route response caching for FastAPI handlers, on fastapi-cache2's backend."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, TypeVar, cast
+
+from fastapi.concurrency import run_in_threadpool
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.utils import get_typed_signature
+from fastapi.routing import APIRoute, serialize_response
+from fastapi.utils import is_body_allowed_for_status_code
+from fastapi_cache import FastAPICache
+from fastapi_cache.types import Backend
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._keys import canonical_query, hash_parts, vary_values
+from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
+
+__all__ = ["DECORATOR_STATUSES", "cached", "engine_for"]
+
+logger = logging.getLogger("cachegw")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_REQUEST_PARAM = "__cachegw_request"
+_RESPONSE_PARAM = "__cachegw_response"
+_SERIALIZE_HAS_DUMP_JSON = "dump_json" in inspect.signature(serialize_response).parameters
+
+#: A handler's 2xx answers are its deliberate responses (errors arrive as exceptions), so
+#: the decorator stores them all by default, plus the shared-cache defaults. 206 is a
+#: partial body and never stored.
+DECORATOR_STATUSES = DEFAULT_STATUSES | (frozenset(range(200, 300)) - {206})
+
+_engines: weakref.WeakKeyDictionary[Backend, CacheEngine] = weakref.WeakKeyDictionary()
+
+
+def engine_for(backend: Backend) -> CacheEngine:
+    """The engine (coalescing state, counters) that serves `@cached` routes on ``backend``."""
+    engine = _engines.get(backend)
+    if engine is None:
+        engine = _engines[backend] = CacheEngine(backend)
+    return engine
+
+
+def cached(
+    ttl: float | str = 60,
+    *,
+    key: KeyFunc | None = None,
+    max_ttl: float | str | None = None,
+    vary: Iterable[str] = (),
+    tags: Iterable[str] = (),
+    stale_while_revalidate: float | str = 0,
+    stale_if_error: float | str = 0,
+    statuses: Iterable[int] | None = None,
+    max_body: int | str = 1024 * 1024,
+    policy: CachePolicy | None = None,
+) -> Callable[[Callable[P, Awaitable[R]] | Callable[P, R]], Callable[P, Awaitable[Any]]]:
+    """Cache a FastAPI route handler's final response in the fastapi-cache2 backend.
+
+    Usage::
+
+        from fastapi_cache import FastAPICache
+        from cachegw import MemoryBackend, cached
+
+        FastAPICache.init(MemoryBackend(max_entries=10_000))
+
+        @app.get("/items/{item_id}")
+        @cached(ttl=60, vary=["Accept-Language"])
+        async def get_item(item_id: int, q: str | None = None) -> Item: ...
+
+    The key is the method, the route's path template, the path parameters, the canonical
+    query string, the values of the ``vary`` request headers and the result of ``key``.
+    What is stored is the response exactly as FastAPI would send it (``response_model``
+    applied), replayed byte for byte on a hit.
+
+    Parameters:
+
+    * **ttl**, **max_ttl**, **vary**, **tags**, **stale_while_revalidate**,
+      **stale_if_error**, **statuses**, **max_body** - see `CachePolicy`. ``statuses``
+      defaults to every 2xx but 206, plus `CachePolicy`'s defaults.
+    * **key** - ``(request) -> str``, sync or async. Its result joins the key and makes
+      entries per-principal: requests with ``Authorization`` or ``Cookie`` then use the
+      cache (without one they bypass it).
+    * **policy** - a ready `CachePolicy` instead of the individual knobs.
+    """
+    if policy is None:
+        policy = CachePolicy(
+            ttl=ttl,  # type: ignore[arg-type]  # validated (and converted) by CachePolicy
+            max_ttl=max_ttl,  # type: ignore[arg-type]
+            vary=tuple(vary) if not isinstance(vary, str) else vary,  # type: ignore[arg-type]
+            tags=tuple(tags) if not isinstance(tags, str) else tags,  # type: ignore[arg-type]
+            stale_while_revalidate=stale_while_revalidate,  # type: ignore[arg-type]
+            stale_if_error=stale_if_error,  # type: ignore[arg-type]
+            statuses=DECORATOR_STATUSES if statuses is None else frozenset(statuses),
+            max_body=max_body,  # type: ignore[arg-type]
+            key=key,
+        )
+    elif not isinstance(policy, CachePolicy):
+        raise TypeError(f"policy must be a CachePolicy, got {policy!r}")
+    frozen_policy = policy
+
+    def decorator(func: Callable[P, Awaitable[R]] | Callable[P, R]) -> Callable[P, Awaitable[Any]]:
+        signature = get_typed_signature(func)
+        request_param = _find_param(signature, Request)
+        response_param = _find_param(signature, Response)
+        extra = []
+        if request_param is None:
+            extra.append(
+                inspect.Parameter(
+                    _REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request
+                )
+            )
+        if response_param is None:
+            extra.append(
+                inspect.Parameter(
+                    _RESPONSE_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Response
+                )
+            )
+        is_coroutine = inspect.iscoroutinefunction(func)
+
+        @functools.wraps(func)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            request = cast(Request, kwargs.pop(_REQUEST_PARAM, None) or kwargs[request_param or ""])
+            sub_response = cast(
+                Response, kwargs.pop(_RESPONSE_PARAM, None) or kwargs[response_param or ""]
+            )
+
+            async def call() -> Any:
+                if is_coroutine:
+                    return await cast(Callable[P, Awaitable[R]], func)(*args, **kwargs)
+                return await run_in_threadpool(func, *args, **kwargs)
+
+            return await _serve(request, sub_response, frozen_policy, call)
+
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
+        )
+        return wrapper
+
+    return decorator
+
+
+async def _serve(
+    request: Request,
+    sub_response: Response,
+    policy: CachePolicy,
+    call: Callable[[], Awaitable[Any]],
+) -> Response:
+    backend = FastAPICache._backend
+    headers = _request_headers(request)
+    route = request.scope.get("route")
+
+    async def fetch() -> Fetched:
+        response = await _to_response(await call(), route, sub_response)
+        body = getattr(response, "body", None)
+        if not isinstance(body, bytes):
+            raise _Unbuffered(response)
+        return Fetched(response.status_code, list(response.raw_headers), body)
+
+    key_extra = ""
+    if policy.key is not None:
+        try:
+            result = policy.key(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, str):
+                raise TypeError(f"it returned {result!r}, not a str")
+            key_extra = result
+        except Exception as exc:
+            name = getattr(policy.key, "__qualname__", repr(policy.key))
+            logger.error(
+                "cachegw: key function %s raised %s: %s on %s %s; serving uncached",
+                name,
+                type(exc).__name__,
+                exc,
+                request.method,
+                request.url.path,
+            )
+            backend = None
+    if backend is None:
+        return _bypass(await fetch_or_response(fetch))
+
+    engine = engine_for(backend)
+    template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
+    path_params = request.path_params
+    primary = hash_parts(
+        FastAPICache._prefix or "cachegw",
+        (
+            template,
+            *(f"{k}={path_params[k]}" for k in sorted(path_params)),
+            canonical_query(request.scope.get("query_string", b"")),
+            *vary_values(policy.vary, headers),
+            key_extra,
+        ),
+    )
+    info = RequestInfo(
+        method=request.method,
+        key=primary,
+        headers=headers,
+        per_principal=policy.key is not None,
+        tags=[_format_tag(t, path_params) for t in policy.tags],
+    )
+    try:
+        served = await engine.serve(info, policy, fetch)
+    except _Unbuffered as unbuffered:
+        unbuffered.response.headers[engine.status_header.decode()] = "BYPASS"
+        return unbuffered.response
+    return _RawResponse(served)
+
+
+async def fetch_or_response(fetch: Callable[[], Awaitable[Fetched]]) -> Fetched | Response:
+    try:
+        return await fetch()
+    except _Unbuffered as unbuffered:
+        return unbuffered.response
+
+
+def _bypass(result: Fetched | Response) -> Response:
+    if isinstance(result, Response):
+        result.headers["x-cache-status"] = "BYPASS"
+        return result
+    headers = [*result.headers, (b"x-cache-status", b"BYPASS")]
+    return _RawResponse(Served(result.status, headers, result.body or b"", cache_status="BYPASS"))
+
+
+class _Unbuffered(Exception):
+    """The handler returned a streaming response: it cannot be stored."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+class _RawResponse(Response):
+    """A response from ready status, raw headers and body: no header recomputation."""
+
+    def __init__(self, served: Served) -> None:
+        self.status_code = served.status
+        self.body = served.body
+        self.raw_headers = served.headers
+        self.background = None
+
+
+async def _to_response(result: Any, route: Any, sub_response: Response) -> Response:
+    """The response FastAPI would build from a handler's return value.
+
+    Mirrors ``fastapi.routing.get_request_handler`` so a hit replays exactly what a
+    miss sent: ``response_model`` filtering, ``status_code``, ``response_class`` and
+    headers set on an injected ``Response`` all apply.
+    """
+    if isinstance(result, Response):
+        return result
+    if not isinstance(route, APIRoute):
+        raise TypeError("@cached must decorate a FastAPI route handler (an APIRoute)")
+    use_dump_json = (
+        _SERIALIZE_HAS_DUMP_JSON
+        and route.response_field is not None
+        and isinstance(route.response_class, DefaultPlaceholder)
+    )
+    extra: dict[str, Any] = {"dump_json": True} if use_dump_json else {}
+    content = await serialize_response(
+        field=route.response_field,
+        response_content=result,
+        include=route.response_model_include,
+        exclude=route.response_model_exclude,
+        by_alias=route.response_model_by_alias,
+        exclude_unset=route.response_model_exclude_unset,
+        exclude_defaults=route.response_model_exclude_defaults,
+        exclude_none=route.response_model_exclude_none,
+        is_coroutine=True,
+        **extra,
+    )
+    kwargs: dict[str, Any] = {}
+    status_code = sub_response.status_code or route.status_code
+    if status_code:
+        kwargs["status_code"] = status_code
+    response: Response
+    if use_dump_json:
+        response = Response(content=content, media_type="application/json", **kwargs)
+    else:
+        response_class = route.response_class
+        if isinstance(response_class, DefaultPlaceholder):
+            response_class = response_class.value
+        response = response_class(content, **kwargs)
+    if not is_body_allowed_for_status_code(response.status_code):
+        response.body = b""
+    response.raw_headers.extend(sub_response.headers.raw)
+    return response
+
+
+def _format_tag(template: str, params: dict[str, Any]) -> str:
+    try:
+        return template.format_map(params)
+    except (KeyError, IndexError, ValueError):
+        return template
+
+
+def _request_headers(request: Request) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in request.scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def _find_param(signature: inspect.Signature, annotation: type) -> str | None:
+    for param in signature.parameters.values():
+        if param.annotation is annotation:
+            return param.name
+    return None
+
+
+def _without_var_kw(signature: inspect.Signature) -> list[inspect.Parameter]:
+    return [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _var_kw(signature: inspect.Signature) -> list[inspect.Parameter]:
+    return [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]

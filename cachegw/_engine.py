@@ -1,0 +1,575 @@
+"""The caching engine shared by `@cached` and the gateway router.
+
+key -> lookup -> (fresh hit | stale | miss) -> single-flight fetch -> storability -> store
+-> respond. The rules it applies live in `_policy` (pure); this module does the I/O
+around them: backend calls with deadlines that fail open, coalescing of concurrent
+misses, background refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi_cache.types import Backend
+
+from cachegw import _entry
+from cachegw._entry import Entry, Headers, VaryMarker
+from cachegw._keys import hash_parts, vary_values
+from cachegw._policy import (
+    CacheControl,
+    CachePolicy,
+    freshness,
+    parse_cache_control,
+    parse_http_date,
+    split_header_list,
+    storable_response,
+)
+
+__all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
+
+logger = logging.getLogger("cachegw")
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Headers kept on a 304 built from a stored response (RFC 9110 §15.4.5).
+_NOT_MODIFIED_KEEP = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
+)
+# Never stored: computed per hit, or belonging to one connection / one caller.
+_UNSTORED = frozenset({b"age", b"set-cookie", b"x-cache-status", b"cache-status"})
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the engine needs to know of a request."""
+
+    method: str
+    key: str  # primary key: method-independent (HEAD uses GET's entries)
+    headers: Mapping[str, str]  # lower-case names, repeated fields joined with ", "
+    per_principal: bool = False  # the key includes the caller's identity
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def authorized(self) -> bool:
+        return "authorization" in self.headers or "cookie" in self.headers
+
+
+@dataclass(slots=True)
+class Fetched:
+    """A response obtained from the handler or the upstream."""
+
+    status: int
+    headers: Headers  # end-to-end headers only, lower-case names
+    body: bytes | None  # None when the body is streamed (too large to store)
+    stream: AsyncIterator[bytes] | None = None
+    failed: bool = False  # the upstream could not be reached or timed out (502/504)
+    response_time: float = 0.0  # wall clock when the response arrived
+
+
+@dataclass(slots=True)
+class Served:
+    """What to send to the client."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stream: AsyncIterator[bytes] | None = None
+    cache_status: str = "MISS"
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One in-process fetch for a key that other requests may wait on."""
+
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    entry: Entry | None = None
+    vary: list[str] | None = None  # vary values of the leader's request, if it varied
+
+
+Fetch = Callable[[], Awaitable[Fetched]]
+
+
+class CacheEngine:
+    """Serves requests from a fastapi-cache2 `Backend`, fetching and storing on misses.
+
+    Every backend operation has a deadline (``op_timeout``) and fails open: on an
+    error the request is answered as if the cache were empty, and the failure counted.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        status_header: str = "X-Cache-Status",
+        cache_name: str = "cachegw",
+        op_timeout: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.status_header = status_header.lower().encode("latin-1")
+        self.cache_name = cache_name
+        self.op_timeout = op_timeout
+        self.clock = clock
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("HIT", "MISS", "STALE", "BYPASS", "EXPIRED", "coalesced", "backend_errors"), 0
+        )
+        self._inline = bool(getattr(backend, "inline", False))
+        self._flights: dict[str, _Flight] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- backend access: deadlines, fail open -------------------------------------
+
+    async def _get(self, key: str) -> Entry | VaryMarker | None:
+        try:
+            if self._inline:
+                data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
+            else:
+                async with asyncio.timeout(self.op_timeout):
+                    data = await self.backend.get(key)
+        except Exception as exc:
+            self._backend_failed("get", exc)
+            return None
+        if data is None:
+            return None
+        item = _entry.decode(data)
+        if item is None:
+            logger.warning("cachegw: dropping undecodable cache value at %s", key)
+            await self._delete(key)
+        return item
+
+    async def _set(self, key: str, item: Entry | VaryMarker, ttl: float) -> None:
+        data = _entry.encode(item)
+        try:
+            if self._inline:
+                self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]
+            else:
+                # fastapi-cache2's own backends take whole seconds, and treat 0 as
+                # "no expiry" or "expire now": never pass less than 1.
+                expire: Any = ttl if hasattr(self.backend, "delete") else max(1, math.ceil(ttl))
+                async with asyncio.timeout(self.op_timeout):
+                    await self.backend.set(key, data, expire)
+        except Exception as exc:
+            self._backend_failed("set", exc)
+
+    async def _delete(self, key: str) -> None:
+        try:
+            if self._inline:
+                self.backend.delete_nowait(key)  # type: ignore[attr-defined]
+                return
+            async with asyncio.timeout(self.op_timeout):
+                delete = getattr(self.backend, "delete", None)
+                if delete is not None:
+                    await delete(key)
+                else:
+                    await self.backend.clear(key=key)
+        except KeyError:
+            pass  # fastapi-cache2's InMemoryBackend.clear(key=) raises on a missing key
+        except Exception as exc:
+            self._backend_failed("delete", exc)
+
+    def _backend_failed(self, op: str, exc: BaseException) -> None:
+        self.stats["backend_errors"] += 1
+        logger.warning(
+            "cachegw: backend %s failed (%s: %s); serving uncached",
+            op,
+            type(exc).__name__,
+            exc,
+        )
+
+    async def invalidate(self, key: str) -> None:
+        """Drop the entry (and its Vary variants' marker) stored under a primary key."""
+        await self._delete(key)
+
+    # -- the request path -----------------------------------------------------------
+
+    async def serve(self, request: RequestInfo, policy: CachePolicy, fetch: Fetch) -> Served:
+        method = request.method
+        if method not in ("GET", "HEAD"):
+            fetched = await fetch()
+            if method not in _SAFE_METHODS and 200 <= fetched.status < 400:
+                # RFC 9111 §4.4: a non-error response to an unsafe method invalidates
+                # the target URI's stored responses.
+                await self.invalidate(request.key)
+            return self._passed(fetched, "BYPASS", "fwd=method")
+
+        request_cc = _request_cache_control(request.headers)
+        bypass_read = (
+            "no-cache" in request_cc
+            or request_cc.seconds("max-age") == 0
+            or (not request_cc and "no-cache" in request.headers.get("pragma", "").lower())
+        )
+        # Credentials make a request private unless the route keys on the principal.
+        shared_only = request.authorized and not request.per_principal
+
+        stale: Entry | None = None
+        key = request.key
+        if not bypass_read:
+            found, key = await self._lookup(request)
+            if found is not None and shared_only and not found.shared_auth:
+                found = None
+            if found is not None:
+                now = self.clock()
+                left = found.ttl_left(now)
+                if _fresh_enough(found, left, request_cc):
+                    self.stats["HIT"] += 1
+                    return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
+                stale = found
+                if (
+                    -left <= found.stale_while_revalidate
+                    and "max-age" not in request_cc
+                    and "min-fresh" not in request_cc
+                ):
+                    self._refresh_in_background(key, request, policy, fetch)
+                    self.stats["STALE"] += 1
+                    return self._from_entry(
+                        found,
+                        request,
+                        now,
+                        "STALE",
+                        f"hit; ttl={int(left)}; fwd=stale; fwd-status=0",
+                    )
+                if "only-if-cached" not in request_cc and _max_stale_ok(found, left, request_cc):
+                    self.stats["STALE"] += 1
+                    return self._from_entry(found, request, now, "STALE", f"hit; ttl={int(left)}")
+
+        if "only-if-cached" in request_cc:
+            # RFC 9111 §5.2.1.7: nothing usable in cache -> 504.
+            return Served(504, [(b"content-length", b"0")], b"", cache_status="MISS")
+
+        if method == "HEAD" or shared_only or bypass_read:
+            fetched = await fetch()
+            status = "BYPASS" if (shared_only or bypass_read) else "MISS"
+            detail = (
+                "fwd=bypass" if shared_only else "fwd=request" if bypass_read else "fwd=uri-miss"
+            )
+            if bypass_read and method == "GET":
+                entry = await self._store(key, request, policy, fetched, request_cc)
+                if entry is not None:
+                    self.stats[status] += 1
+                    return self._from_entry(
+                        entry, request, self.clock(), status, detail + "; stored"
+                    )
+            self.stats[status] += 1
+            return self._passed(fetched, status, detail)
+
+        return await self._miss(key, request, policy, fetch, request_cc, stale)
+
+    async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, str]:
+        """The entry for the request and the key it lives under (Vary resolved)."""
+        item = await self._get(request.key)
+        if isinstance(item, VaryMarker):
+            key = _variant_key(request.key, item.names, request.headers)
+            variant = await self._get(key)
+            return (variant if isinstance(variant, Entry) else None), key
+        return item, request.key
+
+    async def _miss(
+        self,
+        key: str,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetch: Fetch,
+        request_cc: CacheControl,
+        stale: Entry | None,
+    ) -> Served:
+        flight_key = request.key
+        flight = self._flights.get(flight_key)
+        if flight is not None:
+            await flight.done.wait()
+            entry = flight.entry
+            if entry is not None and (
+                flight.vary is None
+                or flight.vary == vary_values(_vary_names(entry), request.headers)
+            ):
+                self.stats["coalesced"] += 1
+                self.stats["HIT"] += 1
+                now = self.clock()
+                return self._from_entry(
+                    entry, request, now, "HIT", f"hit; ttl={int(entry.ttl_left(now))}; collapsed"
+                )
+            # The leader's answer was not storable or varies differently: fetch our own.
+            fetched = await fetch()
+            self.stats["MISS"] += 1
+            return self._passed(fetched, "MISS", "fwd=uri-miss")
+
+        flight = self._flights[flight_key] = _Flight()
+        try:
+            fetched = await fetch()
+            if stale is not None and _failed(fetched) and _stale_if_error_ok(stale, self.clock()):
+                self.stats["STALE"] += 1
+                now = self.clock()
+                left = stale.ttl_left(now)
+                await _discard(fetched)
+                return self._from_entry(
+                    stale,
+                    request,
+                    now,
+                    "STALE",
+                    f"hit; ttl={int(left)}; fwd=stale; fwd-status={fetched.status}",
+                )
+            entry = await self._store(key, request, policy, fetched, request_cc)
+            flight.entry = entry
+            if entry is not None:
+                names = _vary_names(entry)
+                flight.vary = vary_values(names, request.headers) if names else None
+        finally:
+            self._flights.pop(flight_key, None)
+            flight.done.set()
+        status = "EXPIRED" if stale is not None else "MISS"
+        self.stats[status] += 1
+        fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
+        if entry is None:
+            return self._passed(fetched, status, fwd)
+        return self._from_entry(entry, request, self.clock(), status, f"{fwd}; stored")
+
+    def _refresh_in_background(
+        self, key: str, request: RequestInfo, policy: CachePolicy, fetch: Fetch
+    ) -> None:
+        if request.key in self._flights:
+            return  # one refresh per key at a time
+        flight = self._flights[request.key] = _Flight()
+
+        async def refresh() -> None:
+            try:
+                fetched = await fetch()
+                if not _failed(fetched):
+                    flight.entry = await self._store(
+                        key, request, policy, fetched, CacheControl({})
+                    )
+                else:
+                    await _discard(fetched)
+            except Exception:
+                logger.exception("cachegw: background refresh of %s failed", key)
+            finally:
+                self._flights.pop(request.key, None)
+                flight.done.set()
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Wait (bounded) for background refreshes to finish, then cancel the rest."""
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=grace)
+            for task in pending:
+                task.cancel()
+
+    # -- storing ----------------------------------------------------------------------
+
+    async def _store(
+        self,
+        key: str,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetched: Fetched,
+        request_cc: CacheControl,
+    ) -> Entry | None:
+        """Store ``fetched`` if the rules allow; the stored entry, or None."""
+        if fetched.body is None or fetched.failed or len(fetched.body) > policy.max_body:
+            return None
+        headers = fetched.headers
+        cc_values: list[str] = []
+        vary: list[str] = []
+        set_cookie = False
+        expires = date = age = None
+        etag_present = False
+        for name, value in headers:
+            if name == b"cache-control":
+                cc_values.append(value.decode("latin-1"))
+            elif name == b"vary":
+                vary.extend(split_header_list(value.decode("latin-1")))
+            elif name == b"set-cookie":
+                set_cookie = True
+            elif name == b"expires":
+                expires = value.decode("latin-1")
+            elif name == b"date":
+                date = value.decode("latin-1")
+            elif name == b"age":
+                age = value.decode("latin-1")
+            elif name == b"etag":
+                etag_present = True
+        response_cc = parse_cache_control(cc_values)
+        reason = storable_response(
+            method="GET",
+            status=fetched.status,
+            response_cc=response_cc,
+            set_cookie=set_cookie,
+            vary=vary,
+            request_cc=request_cc,
+            authorized=request.authorized,
+            per_principal=request.per_principal,
+            policy=policy,
+        )
+        if reason is not None:
+            return None
+        fresh = freshness(response_cc, expires=expires, date=date, policy=policy)
+        if fresh.lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error) <= 0:
+            return None
+        now = self.clock()
+        response_time = fetched.response_time or now
+        age0 = _initial_age(age, date, response_time)
+        stored_headers = [(n, v) for n, v in headers if n not in _UNSTORED]
+        etag = None
+        if not etag_present and fetched.body is not None and fetched.status == 200:
+            etag = _entry.strong_etag(fetched.body)
+            stored_headers.append((b"etag", etag.encode("ascii")))
+        if policy.vary:
+            missing = [v for v in policy.vary if v not in {x.lower() for x in vary}]
+            if missing:
+                stored_headers.append((b"vary", ", ".join(missing).encode("latin-1")))
+        entry = Entry(
+            status=fetched.status,
+            headers=stored_headers,
+            body=fetched.body,
+            stored_at=response_time,
+            lifetime=fresh.lifetime,
+            age0=age0,
+            stale_while_revalidate=fresh.stale_while_revalidate,
+            stale_if_error=fresh.stale_if_error,
+            must_revalidate=fresh.must_revalidate,
+            shared_auth=request.per_principal
+            or "public" in response_cc
+            or "s-maxage" in response_cc
+            or "must-revalidate" in response_cc,
+            etag=etag,
+            tags=list(request.tags),
+        )
+        ttl = entry.storage_ttl(now)
+        if ttl <= 0:
+            return None
+        response_vary = sorted({v.lower() for v in vary})
+        if response_vary:
+            # Responses here vary on request headers: the primary key holds a marker
+            # naming them, the response lives under a key that includes their values.
+            await self._set(request.key, VaryMarker(names=response_vary, stored_at=now), ttl)
+            await self._set(_variant_key(request.key, response_vary, request.headers), entry, ttl)
+        else:
+            await self._set(request.key, entry, ttl)
+        return entry
+
+    # -- building responses -------------------------------------------------------------
+
+    def _cache_headers(self, cache_status: str, detail: str) -> Headers:
+        return [
+            (self.status_header, cache_status.encode("ascii")),
+            (b"cache-status", f"{self.cache_name}; {detail}".encode("latin-1")),
+        ]
+
+    def _from_entry(
+        self, entry: Entry, request: RequestInfo, now: float, cache_status: str, detail: str
+    ) -> Served:
+        extra = self._cache_headers(cache_status, detail)
+        if cache_status in ("HIT", "STALE"):
+            extra.insert(0, (b"age", str(int(entry.age(now))).encode("ascii")))
+        if _not_modified(entry, request.headers):
+            headers = [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_KEEP]
+            return Served(304, headers + extra, b"", cache_status=cache_status)
+        body = b"" if request.method == "HEAD" else entry.body
+        return Served(entry.status, entry.headers + extra, body, cache_status=cache_status)
+
+    def _passed(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
+        headers = [
+            (n, v) for n, v in fetched.headers if n not in (b"x-cache-status", b"cache-status")
+        ]
+        headers += self._cache_headers(cache_status, detail)
+        return Served(
+            fetched.status, headers, fetched.body or b"", fetched.stream, cache_status=cache_status
+        )
+
+
+# -- helpers (pure) -------------------------------------------------------------------
+
+
+def _request_cache_control(headers: Mapping[str, str]) -> CacheControl:
+    value = headers.get("cache-control")
+    return parse_cache_control((value,)) if value else CacheControl({})
+
+
+def _fresh_enough(entry: Entry, left: float, request_cc: CacheControl) -> bool:
+    """RFC 9111 §4.2 with the request's ``max-age`` / ``min-fresh`` constraints."""
+    if left <= 0:
+        return False
+    if request_cc:
+        max_age = request_cc.seconds("max-age")
+        if max_age is not None and entry.lifetime - left > max_age:
+            return False
+        min_fresh = request_cc.seconds("min-fresh")
+        if min_fresh is not None and left < min_fresh:
+            return False
+    return True
+
+
+def _max_stale_ok(entry: Entry, left: float, request_cc: CacheControl) -> bool:
+    """A request's ``max-stale`` lets it take a stale entry (RFC 9111 §5.2.1.2)."""
+    if entry.must_revalidate or "max-stale" not in request_cc:
+        return False
+    limit = request_cc.seconds("max-stale")
+    return limit is None or -left <= limit
+
+
+def _stale_if_error_ok(entry: Entry, now: float) -> bool:
+    return not entry.must_revalidate and -entry.ttl_left(now) <= entry.stale_if_error
+
+
+def _failed(fetched: Fetched) -> bool:
+    return fetched.failed or fetched.status >= 500
+
+
+async def _discard(fetched: Fetched) -> None:
+    if fetched.stream is not None:
+        aclose = getattr(fetched.stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _initial_age(age: str | None, date: str | None, response_time: float) -> float:
+    """RFC 9111 §4.2.3 corrected_initial_age, without request-delay correction."""
+    age_value = float(age) if age is not None and age.strip().isdigit() else 0.0
+    date_value = parse_http_date(date)
+    apparent = max(0.0, response_time - date_value) if date_value is not None else 0.0
+    return max(apparent, age_value)
+
+
+def _vary_names(entry: Entry) -> list[str]:
+    names: set[str] = set()
+    for name, value in entry.headers:
+        if name == b"vary":
+            names.update(v.lower() for v in split_header_list(value.decode("latin-1")))
+    return sorted(names)
+
+
+def _variant_key(primary: str, names: list[str], headers: Mapping[str, str]) -> str:
+    return hash_parts(primary, vary_values(names, headers))
+
+
+def _not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
+    """Whether the request's validators match the entry (RFC 9110 §13.1.2, §13.1.3)."""
+    if entry.status != 200:
+        return False
+    inm = headers.get("if-none-match")
+    if inm is not None:
+        etag = next((v for n, v in entry.headers if n == b"etag"), None)
+        if etag is None:
+            return False
+        if inm.strip() == "*":
+            return True
+        ours = _weak(etag.decode("latin-1"))
+        return any(_weak(tag) == ours for tag in split_header_list(inm))
+    ims = headers.get("if-modified-since")
+    if ims is not None:
+        since = parse_http_date(ims)
+        modified = next((v for n, v in entry.headers if n == b"last-modified"), None)
+        stamp = parse_http_date(modified.decode("latin-1")) if modified else None
+        return since is not None and stamp is not None and stamp <= since
+    return False
+
+
+def _weak(tag: str) -> str:
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag

@@ -1,0 +1,142 @@
+"""The stored entry: a final response plus what is needed to judge and replay it.
+
+On the wire an entry is a versioned, data-only envelope::
+
+    b"CGW" + version byte + 4-byte big-endian header length + JSON header + body bytes
+
+JSON carries only strings, numbers, booleans and lists, so decoding a value written by
+anyone who can reach the backend can at worst give a wrong response, never run code
+(no pickle anywhere). A value that does not decode is treated as a miss and deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+
+__all__ = ["Entry", "VaryMarker", "decode", "encode", "strong_etag"]
+
+MAGIC = b"CGW\x01"
+_LEN = struct.Struct(">I")
+_HEAD = len(MAGIC) + _LEN.size
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Entry:
+    """A stored response.
+
+    ``stored_at`` is wall-clock time (seconds since the epoch) because entries are shared
+    by processes; ``age0`` is the response's age when it was stored (RFC 9111 §4.2.3
+    ``corrected_initial_age``). Freshness fields are fixed at store time.
+    """
+
+    status: int
+    headers: Headers  # end-to-end headers, lower-case names, in order
+    body: bytes
+    stored_at: float
+    lifetime: float
+    age0: float = 0.0
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    must_revalidate: bool = False
+    shared_auth: bool = False  # may answer requests with credentials (RFC 9111 §3.5)
+    etag: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def age(self, now: float) -> float:
+        """Current age (RFC 9111 §4.2.3)."""
+        return self.age0 + max(0.0, now - self.stored_at)
+
+    def ttl_left(self, now: float) -> float:
+        """Seconds of freshness left; negative once stale."""
+        return self.lifetime - self.age(now)
+
+    def storage_ttl(self, now: float) -> float:
+        """How long the backend should keep it: freshness plus the longest stale window."""
+        return self.ttl_left(now) + max(self.stale_while_revalidate, self.stale_if_error)
+
+
+@dataclass(slots=True)
+class VaryMarker:
+    """Stored under a primary key when responses there vary on request headers."""
+
+    names: list[str]  # lower-case request header names
+    stored_at: float
+
+
+def encode(item: Entry | VaryMarker) -> bytes:
+    if isinstance(item, VaryMarker):
+        head: dict[str, object] = {"k": "v", "n": item.names, "t": item.stored_at}
+        body = b""
+    else:
+        head = {
+            "k": "r",
+            "s": item.status,
+            "h": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in item.headers],
+            "t": item.stored_at,
+            "l": item.lifetime,
+            "a": item.age0,
+            "w": item.stale_while_revalidate,
+            "e": item.stale_if_error,
+            "m": item.must_revalidate,
+            "p": item.shared_auth,
+            "g": item.etag,
+            "x": item.tags,
+        }
+        body = item.body
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return b"".join((MAGIC, _LEN.pack(len(raw)), raw, body))
+
+
+def decode(data: bytes) -> Entry | VaryMarker | None:
+    """The entry in ``data``, or None when it is not a well-formed envelope of this version."""
+    if not isinstance(data, bytes | bytearray | memoryview) or data[:4] != MAGIC:
+        return None
+    try:
+        (size,) = _LEN.unpack_from(data, 4)
+        end = _HEAD + size
+        if end > len(data):
+            return None
+        head = json.loads(bytes(data[_HEAD:end]))
+        if head["k"] == "v":
+            names = head["n"]
+            if not all(isinstance(n, str) for n in names):
+                return None
+            return VaryMarker(names=list(names), stored_at=float(head["t"]))
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["h"]]
+        status = head["s"]
+        etag = head["g"]
+        tags = head["x"]
+        if (
+            type(status) is not int
+            or not 100 <= status <= 599
+            or not (etag is None or isinstance(etag, str))
+            or not all(isinstance(t, str) for t in tags)
+        ):
+            return None
+        return Entry(
+            status=status,
+            headers=headers,
+            body=bytes(data[end:]),
+            stored_at=float(head["t"]),
+            lifetime=float(head["l"]),
+            age0=float(head["a"]),
+            stale_while_revalidate=float(head["w"]),
+            stale_if_error=float(head["e"]),
+            must_revalidate=bool(head["m"]),
+            shared_auth=bool(head["p"]),
+            etag=etag,
+            tags=list(tags),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
+        return None
+
+
+def strong_etag(body: bytes) -> str:
+    """A quoted strong validator from the body's content: equal bodies, equal ETags, in
+    every process (unlike fastapi-cache2's per-process ``hash()``)."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'

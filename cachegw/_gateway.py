@@ -1,0 +1,250 @@
+"""Gateway declarations: services, their routes and the policies those carry.
+
+Plain validated values; nothing here opens a socket. `create_app` turns a `Gateway`
+into an ASGI application, `Gateway.from_toml` reads the contract's TOML file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi_cache.types import Backend
+from starlette.convertors import Convertor
+from starlette.routing import compile_path
+
+from cachegw._errors import ConfigError
+from cachegw._policy import CachePolicy, parse_duration
+
+__all__ = ["Gateway", "Route", "Service"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One declared path of a service and the policy that applies to it."""
+
+    path: str
+    policy: CachePolicy
+    regex: re.Pattern[str] = field(repr=False, compare=False)
+    convertors: Mapping[str, Convertor[Any]] = field(repr=False, compare=False)
+
+    def match(self, path: str) -> dict[str, Any] | None:
+        """Path params when ``path`` (relative to the service prefix) matches, else None."""
+        found = self.regex.match(path)
+        if found is None:
+            return None
+        return {
+            name: self.convertors[name].convert(value) for name, value in found.groupdict().items()
+        }
+
+
+class Service:
+    """An upstream service exposed under a path prefix.
+
+    Usage::
+
+        catalog = Service("catalog", "http://127.0.0.1:9001", prefix="/catalog", ttl=30)
+        catalog.route("/items/{item_id}", ttl=60, tags=["item:{item_id}"])
+        catalog.route("/{rest:path}", ttl=0)  # explicit catch-all
+
+    Only declared routes are exposed; every other path under the prefix is a 404.
+    Knobs given to the service (``ttl=30``) are defaults its routes inherit.
+
+    Parameters:
+
+    * **name** - identifies the service in metrics, logs and purges.
+    * **upstream** - base URL, ``http://host:port`` with an optional base path.
+    * **prefix** - gateway path prefix stripped before forwarding (``""`` = root).
+    * **timeout** - seconds for the whole upstream exchange before a 504.
+    * **client** - an ``httpx.AsyncClient`` to use instead of the one cachegw opens.
+    * any `CachePolicy` knob - the default for this service's routes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        upstream: str,
+        *,
+        prefix: str = "",
+        timeout: float | str = 10.0,
+        client: httpx.AsyncClient | None = None,
+        **defaults: Any,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"service name must be letters, digits, '_', '.' or '-', got {name!r}"
+            )
+        self.name = name
+        self.upstream = _check_upstream(upstream, name)
+        self.prefix = _check_prefix(prefix, name)
+        self.timeout = parse_duration(timeout, what=f"timeout of service {name!r}")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout of service {name!r} must be > 0 seconds, got {timeout!r}")
+        self.client = client
+        self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
+        self._default_values = dict(defaults)
+        self.routes: list[Route] = []
+
+    def route(self, path: str, **knobs: Any) -> Service:
+        """Declare a route; knobs it does not set come from the service. Returns the service."""
+        where = f"route {path!r} of service {self.name!r}"
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError(f"path must start with '/', got {path!r} in {where}")
+        try:
+            regex, _, convertors = compile_path(path)
+        except (AssertionError, ValueError, KeyError) as exc:
+            raise ConfigError(f"path {path!r} is not a valid route template ({exc}) in {where}")
+        if any(route.path == path for route in self.routes):
+            raise ConfigError(f"route {path!r} is declared twice in service {self.name!r}")
+        policy = CachePolicy.from_mapping({**self._default_values, **knobs}, where=where)
+        self.routes.append(Route(path, policy, regex, convertors))
+        return self
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, {self.upstream!r}, prefix={self.prefix!r})"
+
+
+@dataclass(kw_only=True)
+class Gateway:
+    """Services plus gateway-wide cache settings.
+
+    Usage::
+
+        gateway = Gateway(services=[catalog], backend="memory", max_entries=10_000)
+        app = create_app(gateway)
+
+    Parameters:
+
+    * **services** - the `Service` declarations; prefixes must not overlap ambiguously.
+    * **backend** - ``"memory"``, a ``redis://``/``rediss://``/``redis+cluster://`` URL, or
+      a ready fastapi-cache2 ``Backend`` instance.
+    * **prefix** - namespace of every key cachegw writes.
+    * **max_entries**, **max_bytes** - bounds of the memory backend.
+    * **admin_token_env** - name of the environment variable holding the admin token;
+      the admin API is on only when that variable is set.
+    * **status_header** - name of the header carrying HIT / MISS / ...
+    """
+
+    services: list[Service] = field(default_factory=list)
+    backend: str | Backend = "memory"
+    prefix: str = "cachegw"
+    max_entries: int = 10_000
+    max_bytes: int | str = 64 * 1024 * 1024
+    admin_token_env: str | None = None
+    status_header: str = "X-Cache-Status"
+    source: str | None = None  # the file this came from, for messages
+
+    def __post_init__(self) -> None:
+        self.services = list(self.services)
+        names = [s.name for s in self.services]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"service name {name!r} is used twice{self._in()}")
+        prefixes = [s.prefix for s in self.services]
+        for prefix in prefixes:
+            if prefixes.count(prefix) > 1:
+                raise ConfigError(f"service prefix {prefix!r} is used twice{self._in()}")
+            if prefix == "/_cachegw" or prefix.startswith("/_cachegw/"):
+                raise ConfigError(f"service prefix {prefix!r} is reserved for the admin API")
+        if isinstance(self.backend, str) and not (
+            self.backend == "memory"
+            or self.backend.split("://", 1)[0] in ("redis", "rediss", "unix", "redis+cluster")
+        ):
+            raise ConfigError(
+                f"backend must be 'memory' or a redis://, rediss://, unix:// or "
+                f"redis+cluster:// URL, got {self.backend!r}{self._in()}"
+            )
+
+    def _in(self) -> str:
+        return f" in {self.source}" if self.source else ""
+
+    def add(self, service: Service) -> Gateway:
+        """Add a service; returns the gateway."""
+        self.services.append(service)
+        self.__post_init__()
+        return self
+
+    def match(self, path: str) -> tuple[Service, Route, str, dict[str, Any]] | None:
+        """The service and route for a (raw, already validated) request path.
+
+        Longest prefix wins; within a service the first declared route that matches.
+        Returns the service, the route, the path relative to the prefix, and path params.
+        """
+        for service in sorted(self.services, key=lambda s: len(s.prefix), reverse=True):
+            prefix = service.prefix
+            if prefix and not (path == prefix or path.startswith(prefix + "/")):
+                continue
+            rest = path[len(prefix) :] or "/"
+            for route in service.routes:
+                params = route.match(rest)
+                if params is not None:
+                    return service, route, rest, params
+        return None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Gateway:
+        """Read a gateway file (see the TOML reference in the docs).
+
+        Raises `ConfigError` naming the file, the key and the expected form.
+        """
+        from cachegw._config import load_gateway
+
+        return load_gateway(path)
+
+
+def _check_upstream(upstream: object, name: str) -> str:
+    where = f"upstream of service {name!r}"
+    if not isinstance(upstream, str):
+        raise ConfigError(f"{where} must be a URL like 'http://127.0.0.1:9001', got {upstream!r}")
+    parts = urlsplit(upstream)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.password is not None
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            f"{where} must be an http:// or https:// URL with a host and no user, query or "
+            f"fragment, like 'http://127.0.0.1:9001', got {upstream!r}"
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{where} has an invalid port: {upstream!r}") from None
+    return upstream.rstrip("/")
+
+
+def _check_prefix(prefix: object, name: str) -> str:
+    if prefix == "" or prefix == "/":
+        return ""
+    if (
+        not isinstance(prefix, str)
+        or not prefix.startswith("/")
+        or prefix.endswith("/")
+        or "//" in prefix
+        or any(seg in (".", "..") for seg in prefix.split("/"))
+        or not re.match(r"^[A-Za-z0-9/_.~-]+$", prefix)
+    ):
+        raise ConfigError(
+            f"prefix of service {name!r} must be '' or a path like '/catalog' (no trailing "
+            f"slash, no '..', unreserved characters only), got {prefix!r}"
+        )
+    return prefix
+
+
+def policy_table(gateway: Gateway) -> list[tuple[str, str, str, CachePolicy]]:
+    """(service, gateway path, upstream URL, effective policy) for every route."""
+    rows = []
+    for service in gateway.services:
+        for route in service.routes:
+            rows.append((service.name, service.prefix + route.path, service.upstream, route.policy))
+    return rows

@@ -1,0 +1,432 @@
+"""Caching rules as pure functions: policy knobs, Cache-Control parsing, freshness.
+
+Nothing here does I/O. The engine feeds plain data in and acts on what comes out,
+so every rule can be tested state by state (the hishel way).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from starlette.requests import Request
+
+from cachegw._errors import ConfigError
+
+__all__ = [
+    "DEFAULT_STATUSES",
+    "CacheControl",
+    "CachePolicy",
+    "KeyFunc",
+    "parse_cache_control",
+    "parse_duration",
+]
+
+#: Statuses a shared cache may store by default (RFC 9110 §15.1 "heuristically
+#: cacheable" plus 308, as nginx and Varnish do).
+DEFAULT_STATUSES: frozenset[int] = frozenset(
+    {200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501}
+)
+DEFAULT_MAX_BODY = 1024 * 1024
+
+KeyFunc = Callable[[Request], "str | Awaitable[str]"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_duration(value: object, *, what: str) -> float:
+    """Seconds from a number or a string like ``"90"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"``.
+
+    Raises `ConfigError` quoting the bad value when it is not a duration ≥ 0.
+    """
+    seconds: float | None = None
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            seconds = float(match.group(1)) * _UNIT[(match.group(2) or "s").lower()]
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(
+            f"{what} must be a number of seconds ≥ 0 (or a string like '90s', '5m', '1h'), "
+            f"got {value!r}"
+        )
+    return seconds
+
+
+def _header_names(value: object, *, what: str) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, Iterable):
+        raise ConfigError(f"{what} must be a list of header names, got {value!r}")
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ConfigError(f"{what} must be a list of header names, got {name!r} in {value!r}")
+        out.append(name.lower())
+    return tuple(sorted(set(out)))
+
+
+def _str_list(value: object, *, what: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Iterable) or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(f"{what} must be a list of non-empty strings, got {value!r}")
+    return tuple(items)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CachePolicy:
+    """Every per-route caching knob, validated at construction.
+
+    Usage::
+
+        policy = CachePolicy(ttl=60, vary=["Accept-Language"], tags=["item:{item_id}"])
+
+    Parameters:
+
+    * **ttl** - seconds of freshness when the response carries no explicit freshness
+      (`max-age`, `s-maxage`, `Expires`). `0` means such responses are not stored.
+      A number or a string like `"90s"`, `"5m"`, `"1h"`.
+    * **max_ttl** - ceiling on any freshness, the upstream's own included. Defaults to `ttl`.
+    * **stale_while_revalidate** - seconds past freshness during which a stale entry is
+      served while one background refresh runs.
+    * **stale_if_error** - seconds past freshness during which a stale entry is served when
+      the upstream fails (5xx, connect error, timeout).
+    * **vary** - request header names that are part of the key.
+    * **tags** - surrogate keys for purging; may use path params: `"item:{item_id}"`.
+    * **methods** - methods the route accepts (gateway routes); `None` means all.
+    * **statuses** - statuses that may be stored.
+    * **max_body** - largest body stored, in bytes; larger ones pass through uncached.
+    * **key** - `(request) -> str` (may be async) whose result is part of the key. Giving
+      one declares the entries per-principal: requests with `Authorization` or `Cookie`
+      may then use them.
+    """
+
+    ttl: float = 60.0
+    max_ttl: float | None = None
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    vary: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    methods: tuple[str, ...] | None = None
+    statuses: frozenset[int] = DEFAULT_STATUSES
+    max_body: int = DEFAULT_MAX_BODY
+    key: KeyFunc | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        setattr_ = object.__setattr__
+        ttl = parse_duration(self.ttl, what="ttl")
+        setattr_(self, "ttl", ttl)
+        max_ttl = ttl if self.max_ttl is None else parse_duration(self.max_ttl, what="max_ttl")
+        setattr_(self, "max_ttl", max_ttl)
+        if max_ttl < ttl:
+            raise ConfigError(f"max_ttl must be ≥ ttl ({ttl:g}), got {max_ttl:g}")
+        for name in ("stale_while_revalidate", "stale_if_error"):
+            setattr_(self, name, parse_duration(getattr(self, name), what=name))
+        setattr_(self, "vary", _header_names(self.vary, what="vary"))
+        setattr_(self, "tags", _str_list(self.tags, what="tags"))
+        if self.methods is not None:
+            methods = _str_list(self.methods, what="methods")
+            if not all(_TOKEN.match(m) for m in methods):
+                raise ConfigError(f"methods must be a list of HTTP methods, got {self.methods!r}")
+            setattr_(self, "methods", tuple(sorted({m.upper() for m in methods})))
+        statuses = self.statuses
+        if (
+            isinstance(statuses, str | bytes)
+            or not isinstance(statuses, Iterable)
+            or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in statuses
+            )
+        ):
+            raise ConfigError(
+                f"statuses must be a list of HTTP status codes (100-599), got {statuses!r}"
+            )
+        setattr_(self, "statuses", frozenset(statuses))
+        max_body = self.max_body
+        if isinstance(max_body, str):
+            # Imported here: the size parser lives with the memory backend's byte bounds.
+            from cachegw._backends._memory import parse_size
+
+            max_body = parse_size(max_body, what="max_body")
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
+            raise ConfigError(f"max_body must be a whole number of bytes ≥ 0, got {max_body!r}")
+        setattr_(self, "max_body", max_body)
+        if self.key is not None and not callable(self.key):
+            raise ConfigError(f"key must be a callable (request) -> str, got {self.key!r}")
+
+    def __repr__(self) -> str:
+        parts = [f"ttl={self.ttl:g}", f"max_ttl={self.max_ttl:g}"]
+        if self.stale_while_revalidate:
+            parts.append(f"stale_while_revalidate={self.stale_while_revalidate:g}")
+        if self.stale_if_error:
+            parts.append(f"stale_if_error={self.stale_if_error:g}")
+        if self.vary:
+            parts.append(f"vary={list(self.vary)!r}")
+        if self.tags:
+            parts.append(f"tags={list(self.tags)!r}")
+        if self.methods is not None:
+            parts.append(f"methods={list(self.methods)!r}")
+        if self.statuses != DEFAULT_STATUSES:
+            parts.append(f"statuses={sorted(self.statuses)!r}")
+        if self.max_body != DEFAULT_MAX_BODY:
+            parts.append(f"max_body={self.max_body}")
+        if self.key is not None:
+            parts.append(f"key={getattr(self.key, '__qualname__', repr(self.key))}")
+        return f"CachePolicy({', '.join(parts)})"
+
+    @property
+    def stale_window(self) -> float:
+        """How long past freshness an entry stays useful for stale serving."""
+        return max(self.stale_while_revalidate, self.stale_if_error)
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, where: str, base: CachePolicy | None = None
+    ) -> CachePolicy:
+        """Build a policy from config values, inheriting what they do not set from ``base``.
+
+        ``where`` names the place in the configuration (``services[0].routes[2] of
+        gateway.toml``) so errors point at it.
+        """
+        unknown = sorted(set(values) - KNOBS)
+        if unknown:
+            raise ConfigError(
+                f"unknown policy knob {unknown[0]!r} in {where}; expected one of "
+                f"{', '.join(sorted(KNOBS))}"
+            )
+        merged: dict[str, Any] = {}
+        if base is not None:
+            merged = {name: getattr(base, name) for name in KNOBS}
+            if base.max_ttl == base.ttl and "ttl" in values and "max_ttl" not in values:
+                # max_ttl follows ttl unless it was set on its own.
+                merged["max_ttl"] = None
+        merged.update(values)
+        try:
+            return cls(**merged)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} in {where}") from None
+
+
+KNOBS = frozenset(
+    {
+        "ttl",
+        "max_ttl",
+        "stale_while_revalidate",
+        "stale_if_error",
+        "vary",
+        "tags",
+        "methods",
+        "statuses",
+        "max_body",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """Parsed ``Cache-Control`` directives (RFC 9111 §5.2).
+
+    Names are lower-cased; a directive without an argument maps to ``None``.
+    An argument that should be a number but is not makes the directive count as
+    absent for arithmetic (`seconds` returns ``None``), which errs towards not caching.
+    """
+
+    directives: Mapping[str, str | None] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.directives
+
+    def seconds(self, name: str) -> int | None:
+        """The delta-seconds argument of ``name`` (RFC 9111 §1.2.2), or None."""
+        value = self.directives.get(name)
+        if value is None or not value.isdigit():
+            return None
+        return min(int(value), 2**31)
+
+    def __bool__(self) -> bool:
+        return bool(self.directives)
+
+
+_EMPTY_CC = CacheControl({})
+
+
+def parse_cache_control(values: Iterable[str]) -> CacheControl:
+    """Parse every ``Cache-Control`` field value of a message into one `CacheControl`.
+
+    Directives are comma-separated and case-insensitive; arguments may be tokens or
+    quoted strings (``no-cache="Set-Cookie, Foo"``). When a directive repeats, the
+    first occurrence wins, except that a *malformed* number never wins.
+    """
+    directives: dict[str, str | None] = {}
+    for value in values:
+        for item in _split_list(value):
+            name, sep, arg = item.partition("=")
+            name = name.strip().lower()
+            if not name:
+                continue
+            argument: str | None = None
+            if sep:
+                argument = arg.strip()
+                if len(argument) >= 2 and argument[0] == argument[-1] == '"':
+                    argument = argument[1:-1].replace('\\"', '"')
+            directives.setdefault(name, argument)
+    return CacheControl(directives) if directives else _EMPTY_CC
+
+
+def _split_list(value: str) -> list[str]:
+    """Split a comma-separated header value, keeping commas inside quoted strings."""
+    if '"' not in value:
+        return [part for part in (p.strip() for p in value.split(",")) if part]
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return [part for part in parts if part]
+
+
+def split_header_list(value: str) -> list[str]:
+    """Items of a comma-separated header value (``Vary``, ``Connection``, ``If-None-Match``)."""
+    return _split_list(value)
+
+
+def parse_http_date(value: str | None) -> float | None:
+    """Seconds since the epoch from an HTTP-date (RFC 9110 §5.6.7), or None if invalid."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """How long a response may be served from cache, decided at store time."""
+
+    lifetime: float  # seconds fresh from the response's birth (RFC 9111 §4.2.1)
+    explicit: bool  # the upstream said how long (s-maxage / max-age / Expires)
+    stale_while_revalidate: float
+    stale_if_error: float
+    must_revalidate: bool  # must-revalidate / proxy-revalidate / s-maxage: never serve stale
+
+
+def freshness(
+    response_cc: CacheControl,
+    *,
+    expires: str | None,
+    date: str | None,
+    policy: CachePolicy,
+) -> Freshness:
+    """Freshness lifetime of a response for a shared cache (RFC 9111 §4.2.1).
+
+    ``s-maxage`` beats ``max-age`` beats ``Expires - Date``; any of them is capped at
+    ``policy.max_ttl``. Without explicit freshness the route's ``ttl`` applies.
+    Stale windows come from the policy, or from the response's RFC 5861 directives when
+    those are longer, and are dropped when the response forbids serving stale.
+    """
+    lifetime: float | None = response_cc.seconds("s-maxage")
+    if lifetime is None:
+        lifetime = response_cc.seconds("max-age")
+    if lifetime is None and expires is not None:
+        expires_at = parse_http_date(expires)
+        # An invalid Expires (e.g. "0") means "already expired" (RFC 9111 §5.3).
+        if expires_at is None:
+            lifetime = 0
+        else:
+            date_at = parse_http_date(date)
+            lifetime = max(0.0, expires_at - date_at) if date_at is not None else None
+    explicit = lifetime is not None
+    if lifetime is None:
+        lifetime = policy.ttl
+    assert policy.max_ttl is not None
+    lifetime = min(float(lifetime), policy.max_ttl)
+    must_revalidate = (
+        "must-revalidate" in response_cc
+        or "proxy-revalidate" in response_cc
+        or "s-maxage" in response_cc
+        or "no-cache" in response_cc
+    )
+    if must_revalidate:
+        swr = sie = 0.0
+    else:
+        swr = max(
+            policy.stale_while_revalidate, float(response_cc.seconds("stale-while-revalidate") or 0)
+        )
+        sie = max(policy.stale_if_error, float(response_cc.seconds("stale-if-error") or 0))
+    return Freshness(lifetime, explicit, swr, sie, must_revalidate)
+
+
+def storable_response(
+    *,
+    method: str,
+    status: int,
+    response_cc: CacheControl,
+    set_cookie: bool,
+    vary: Iterable[str],
+    request_cc: CacheControl,
+    authorized: bool,
+    per_principal: bool,
+    policy: CachePolicy,
+) -> str | None:
+    """Why a response must not be stored in a shared cache, or None when it may be.
+
+    Implements RFC 9111 §3 and §3.5 plus the contract's safety rules: ``no-store``,
+    ``private`` and ``Set-Cookie`` responses and ``Vary: *`` are never stored; responses
+    to requests with ``Authorization``/``Cookie`` only when the entry is per-principal or
+    the response says ``public``, ``s-maxage`` or ``must-revalidate``.
+    """
+    if method not in ("GET", "HEAD"):
+        return "method"
+    if status not in policy.statuses:
+        return "status"
+    if "no-store" in request_cc:
+        return "request no-store"
+    if "no-store" in response_cc:
+        return "no-store"
+    if "private" in response_cc:
+        return "private"
+    if "no-cache" in response_cc:
+        # Storing a no-cache response is only useful with revalidation; until the engine
+        # revalidates with validators it is not stored.
+        return "no-cache"
+    if set_cookie:
+        return "set-cookie"
+    if any(v.strip() == "*" for v in vary):
+        return "vary-star"
+    if (
+        authorized
+        and not per_principal
+        and not (
+            "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
+        )
+    ):
+        return "authorization"
+    return None
+
+
+def shareable_for_authorized(response_cc: CacheControl) -> bool:
+    """Whether a stored response may answer a request carrying credentials (RFC 9111 §3.5)."""
+    return "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
