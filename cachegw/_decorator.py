@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
-from cachegw._keys import canonical_query, hash_parts, vary_values
+from cachegw._keys import canonical_query, format_tag, hash_parts, vary_values
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 
 __all__ = ["DECORATOR_STATUSES", "cached", "engine_for"]
@@ -206,7 +206,7 @@ async def _serve(
         key=primary,
         headers=headers,
         per_principal=policy.key is not None,
-        tags=[_format_tag(t, path_params) for t in policy.tags],
+        tags=[format_tag(t, path_params) for t in policy.tags],
     )
     try:
         served = await engine.serve(info, policy, fetch)
@@ -293,13 +293,6 @@ async def _to_response(result: Any, route: Any, sub_response: Response) -> Respo
         response.body = b""
     response.raw_headers.extend(sub_response.headers.raw)
     return response
-
-
-def _format_tag(template: str, params: dict[str, Any]) -> str:
-    try:
-        return template.format_map(params)
-    except (KeyError, IndexError, ValueError):
-        return template
 
 
 def _request_headers(request: Request) -> dict[str, str]:

@@ -181,6 +181,11 @@ class CacheEngine:
             exc,
         )
 
+    def bypass(self, fetched: Fetched) -> Served:
+        """Answer with ``fetched`` without reading or writing the cache."""
+        self.stats["BYPASS"] += 1
+        return self._passed(fetched, "BYPASS", "fwd=bypass")
+
     async def invalidate(self, key: str) -> None:
         """Drop the entry (and its Vary variants' marker) stored under a primary key."""
         await self._delete(key)
@@ -195,6 +200,7 @@ class CacheEngine:
                 # RFC 9111 §4.4: a non-error response to an unsafe method invalidates
                 # the target URI's stored responses.
                 await self.invalidate(request.key)
+            self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
         request_cc = _request_cache_control(request.headers)
@@ -207,9 +213,8 @@ class CacheEngine:
         shared_only = request.authorized and not request.per_principal
 
         stale: Entry | None = None
-        key = request.key
         if not bypass_read:
-            found, key = await self._lookup(request)
+            found = await self._lookup(request)
             if found is not None and shared_only and not found.shared_auth:
                 found = None
             if found is not None:
@@ -224,7 +229,7 @@ class CacheEngine:
                     and "max-age" not in request_cc
                     and "min-fresh" not in request_cc
                 ):
-                    self._refresh_in_background(key, request, policy, fetch)
+                    self._refresh_in_background(request, policy, fetch)
                     self.stats["STALE"] += 1
                     return self._from_entry(
                         found,
@@ -248,7 +253,7 @@ class CacheEngine:
                 "fwd=bypass" if shared_only else "fwd=request" if bypass_read else "fwd=uri-miss"
             )
             if bypass_read and method == "GET":
-                entry = await self._store(key, request, policy, fetched, request_cc)
+                entry = await self._store(request, policy, fetched, request_cc)
                 if entry is not None:
                     self.stats[status] += 1
                     return self._from_entry(
@@ -257,20 +262,18 @@ class CacheEngine:
             self.stats[status] += 1
             return self._passed(fetched, status, detail)
 
-        return await self._miss(key, request, policy, fetch, request_cc, stale)
+        return await self._miss(request, policy, fetch, request_cc, stale)
 
-    async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, str]:
-        """The entry for the request and the key it lives under (Vary resolved)."""
+    async def _lookup(self, request: RequestInfo) -> Entry | None:
+        """The entry for the request, Vary resolved."""
         item = await self._get(request.key)
         if isinstance(item, VaryMarker):
-            key = _variant_key(request.key, item.names, request.headers)
-            variant = await self._get(key)
-            return (variant if isinstance(variant, Entry) else None), key
-        return item, request.key
+            variant = await self._get(_variant_key(request.key, item.names, request.headers))
+            return variant if isinstance(variant, Entry) else None
+        return item
 
     async def _miss(
         self,
-        key: str,
         request: RequestInfo,
         policy: CachePolicy,
         fetch: Fetch,
@@ -312,7 +315,7 @@ class CacheEngine:
                     "STALE",
                     f"hit; ttl={int(left)}; fwd=stale; fwd-status={fetched.status}",
                 )
-            entry = await self._store(key, request, policy, fetched, request_cc)
+            entry = await self._store(request, policy, fetched, request_cc)
             flight.entry = entry
             if entry is not None:
                 names = _vary_names(entry)
@@ -328,7 +331,7 @@ class CacheEngine:
         return self._from_entry(entry, request, self.clock(), status, f"{fwd}; stored")
 
     def _refresh_in_background(
-        self, key: str, request: RequestInfo, policy: CachePolicy, fetch: Fetch
+        self, request: RequestInfo, policy: CachePolicy, fetch: Fetch
     ) -> None:
         if request.key in self._flights:
             return  # one refresh per key at a time
@@ -338,13 +341,11 @@ class CacheEngine:
             try:
                 fetched = await fetch()
                 if not _failed(fetched):
-                    flight.entry = await self._store(
-                        key, request, policy, fetched, CacheControl({})
-                    )
+                    flight.entry = await self._store(request, policy, fetched, CacheControl({}))
                 else:
                     await _discard(fetched)
             except Exception:
-                logger.exception("cachegw: background refresh of %s failed", key)
+                logger.exception("cachegw: background refresh of %s failed", request.key)
             finally:
                 self._flights.pop(request.key, None)
                 flight.done.set()
@@ -364,7 +365,6 @@ class CacheEngine:
 
     async def _store(
         self,
-        key: str,
         request: RequestInfo,
         policy: CachePolicy,
         fetched: Fetched,

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote_plus
 
-__all__ = ["canonical_query", "hash_parts", "vary_values"]
+__all__ = ["canonical_query", "format_tag", "hash_parts", "vary_values"]
 
 
 def hash_parts(prefix: str, parts: Iterable[str]) -> str:
@@ -68,3 +68,14 @@ def vary_values(names: Iterable[str], headers: Mapping[str, str]) -> list[str]:
         else:
             out.append(f"{name}={','.join(p.strip() for p in value.split(','))}")
     return out
+
+
+def format_tag(template: str, params: Mapping[str, object]) -> str:
+    """A tag template filled from path params: ``"item:{item_id}"`` -> ``"item:42"``.
+
+    A template naming a param the route does not have is kept literally.
+    """
+    try:
+        return template.format_map(params)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return template

@@ -195,7 +195,7 @@ class CachePolicy:
         ``where`` names the place in the configuration (``services[0].routes[2] of
         gateway.toml``) so errors point at it.
         """
-        unknown = sorted(set(values) - KNOBS)
+        unknown = sorted(set(values) - KNOBS - {"key"})
         if unknown:
             raise ConfigError(
                 f"unknown policy knob {unknown[0]!r} in {where}; expected one of "
@@ -203,7 +203,7 @@ class CachePolicy:
             )
         merged: dict[str, Any] = {}
         if base is not None:
-            merged = {name: getattr(base, name) for name in KNOBS}
+            merged = {name: getattr(base, name) for name in (*KNOBS, "key")}
             if base.max_ttl == base.ttl and "ttl" in values and "max_ttl" not in values:
                 # max_ttl follows ttl unless it was set on its own.
                 merged["max_ttl"] = None
@@ -246,7 +246,9 @@ class CacheControl:
     def seconds(self, name: str) -> int | None:
         """The delta-seconds argument of ``name`` (RFC 9111 §1.2.2), or None."""
         value = self.directives.get(name)
-        if value is None or not value.isdigit():
+        # isascii(): str.isdigit() also accepts e.g. "\xb2" (superscript two, valid latin-1
+        # in a header), which int() rejects.
+        if value is None or not (value.isascii() and value.isdigit()):
             return None
         return min(int(value), 2**31)
 

@@ -1,0 +1,172 @@
+"""A Redis (or Redis Cluster) cache backend on redis-py's asyncio client."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, cast
+
+from fastapi_cache.types import Backend
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .._errors import ConfigError
+
+__all__ = ["RedisBackend"]
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+_CLEAR_BATCH = 1000
+
+
+def _positive(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{what} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+class RedisBackend(Backend):
+    """A cache backend on Redis or Redis Cluster, shared by every gateway process.
+
+    Usage::
+
+        from fastapi_cache import FastAPICache
+        from cachegw import RedisBackend
+
+        backend = RedisBackend.from_url("redis://127.0.0.1:6379/0")
+        FastAPICache.init(backend)
+        ...
+        await backend.aclose()
+
+    Every key it writes has a TTL (``default_ttl`` when the caller gives none),
+    values are bytes in and bytes out (nothing is pickled), and ``clear`` walks
+    the keyspace with ``SCAN``, never ``KEYS``. Errors propagate: the engine
+    catches them and fails open, so a client built by :meth:`from_url` bounds
+    every operation by ``op_timeout`` instead of retrying.
+
+    Parameters:
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` (``decode_responses``
+            must be off). Its timeouts and retries are the caller's business:
+            note that ``Redis(host=..., ...)`` retries 10 times with backoff by
+            default (seconds against a stalled or stopped server) unless given
+            ``retry=Retry(NoBackoff(), 0)``; :meth:`from_url` does that for you.
+        default_ttl: seconds a key lives when ``set`` is given no ``expire``.
+        op_timeout: the per-operation bound :meth:`from_url` configured (informative
+            here; the engine may use it for its own deadline).
+    """
+
+    #: Operations do network I/O: the engine awaits them under its own deadline.
+    inline = False
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        default_ttl: float = 3600,
+        op_timeout: float = 0.05,
+    ) -> None:
+        self.client = client
+        self.default_ttl = _positive(default_ttl, "default_ttl")
+        self.op_timeout = _positive(op_timeout, "op_timeout")
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self.client!r}, default_ttl={self.default_ttl})"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        op_timeout: float = 0.05,
+        default_ttl: float = 3600,
+        **client_kwargs: Any,
+    ) -> RedisBackend:
+        """Build a backend from ``redis://``, ``rediss://``, ``unix://`` or
+        ``redis+cluster://host:port`` (``rediss+cluster://`` for TLS).
+
+        Every operation is bounded by ``op_timeout`` seconds: connect and socket
+        timeouts are set to it and retries are off. redis-py 8 retries failed
+        commands by default, which would multiply a stalled server's cost;
+        a cache must fail open fast instead. ``client_kwargs`` override these.
+        """
+        op_timeout = _positive(op_timeout, "op_timeout")
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        options: dict[str, Any] = {
+            "socket_timeout": op_timeout,
+            "socket_connect_timeout": op_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+            **client_kwargs,
+        }
+        client: Redis | RedisCluster
+        if sep and scheme in ("redis", "rediss", "unix"):
+            client = Redis.from_url(url, **options)
+        elif sep and scheme in ("redis+cluster", "rediss+cluster"):
+            plain = scheme.removesuffix("+cluster")
+            client = RedisCluster.from_url(f"{plain}://{rest}", **options)
+        else:
+            raise ConfigError(
+                f"Redis URL must start with redis://, rediss://, unix://, redis+cluster:// "
+                f"or rediss+cluster://, got {url!r}"
+            )
+        return cls(client, default_ttl=default_ttl, op_timeout=op_timeout)
+
+    async def get(self, key: str) -> bytes | None:
+        # bytes, not str: the client must not decode responses (documented above).
+        return cast("bytes | None", await self.client.get(key))
+
+    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
+        """Return ``(seconds left, rounded up, value)``; ``-1`` for a key without a TTL,
+        ``(0, None)`` on a miss."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.pttl(key)
+            pipe.get(key)
+            pttl, value = await pipe.execute()
+        if value is None:
+            return 0, None
+        if pttl == -1:
+            return -1, value
+        return math.ceil(max(pttl, 0) / 1000), value
+
+    async def set(self, key: str, value: bytes, expire: float | None = None) -> None:
+        """Store ``value`` for ``expire`` seconds (``default_ttl`` when ``None``);
+        ``expire <= 0`` deletes the key instead."""
+        if expire is None:
+            expire = self.default_ttl
+        elif expire <= 0:
+            await self.client.unlink(key)
+            return
+        await self.client.set(key, value, px=max(1, round(expire * 1000)))
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.client.unlink(key))
+
+    async def clear(self, namespace: str | None = None, key: str | None = None) -> int:
+        """Delete ``key``, or else every key starting with ``namespace``; return how many.
+
+        ``key`` wins when both are given (``FastAPICache.clear(key=...)`` passes its
+        prefix as ``namespace`` too). ``namespace=""`` matches every key in the
+        database. Uses ``SCAN`` (on every primary of a cluster) and batched
+        ``UNLINK``, so Redis is never blocked by a large keyspace.
+        """
+        client = self.client
+        if key is not None:
+            return int(await client.unlink(key))
+        if namespace is None:
+            return 0
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", namespace) + "*"
+        removed = 0
+        batch: list[bytes] = []
+        async for found in client.scan_iter(match=pattern, count=_CLEAR_BATCH):
+            batch.append(found)
+            if len(batch) >= _CLEAR_BATCH:
+                removed += int(await client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(await client.unlink(*batch))
+        return removed
+
+    async def aclose(self) -> None:
+        """Close the client and its connections."""
+        await self.client.aclose()

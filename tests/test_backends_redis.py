@@ -1,0 +1,242 @@
+"""RedisBackend against a real redis-server started by the test suite."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from fastapi_cache.types import Backend
+from redis.asyncio import Redis, RedisCluster
+from redis_process import RedisProcess
+
+from cachegw._backends import RedisBackend
+from cachegw._errors import ConfigError
+
+OP_TIMEOUT = 0.05
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend.from_url(redis_url, op_timeout=OP_TIMEOUT)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain synchronous client to inspect the server behind the backend's back."""
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+def command_calls(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats")
+    entry = stats.get(f"cmdstat_{command}")
+    return int(entry["calls"]) if entry else 0
+
+
+def test_truthy_and_flags() -> None:
+    backend = RedisBackend(Redis())
+    assert bool(backend)
+    assert isinstance(backend, Backend)
+    assert backend.inline is False
+    assert not hasattr(RedisBackend, "__len__")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"\x80\x00", bytes(range(256)), pickle.dumps({"a": 1}), b"x" * 100_000],
+)
+async def test_round_trip_raw_bytes(backend: RedisBackend, value: bytes) -> None:
+    await backend.set("k", value)
+    got = await backend.get("k")
+    assert type(got) is bytes
+    assert got == value  # pickle-looking bytes come back raw, never unpickled
+
+
+async def test_every_key_has_a_ttl(backend: RedisBackend, raw: redis.Redis) -> None:
+    await backend.set("default", b"v")
+    await backend.set("five", b"v", expire=5)
+    await backend.set("tiny", b"v", expire=0.0001)
+    assert 3_590_000 < raw.pttl("default") <= 3_600_000
+    assert 4_900 < raw.pttl("five") <= 5_000
+    assert raw.pttl("tiny") in (1, -2)  # at least 1 ms, never "no expiry" (-1)
+
+
+async def test_default_ttl_is_configurable(redis_url: str, raw: redis.Redis) -> None:
+    backend = RedisBackend.from_url(redis_url, default_ttl=7)
+    try:
+        await backend.set("k", b"v")
+        assert 6_900 < raw.pttl("k") <= 7_000
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("expire", [0, -1, -0.5])
+async def test_expire_not_positive_deletes(
+    backend: RedisBackend, raw: redis.Redis, expire: float
+) -> None:
+    raw.set("k", b"old")
+    await backend.set("k", b"new", expire=expire)
+    assert raw.exists("k") == 0
+    await backend.set("fresh", b"new", expire=expire)
+    assert raw.exists("fresh") == 0
+
+
+async def test_get_with_ttl(backend: RedisBackend, raw: redis.Redis) -> None:
+    await backend.set("k", b"v", expire=4.2)
+    assert await backend.get_with_ttl("k") == (5, b"v")  # rounded up
+    assert await backend.get_with_ttl("missing") == (0, None)
+    raw.set("forever", b"f")  # written by someone else, without TTL
+    assert await backend.get_with_ttl("forever") == (-1, b"f")
+
+
+async def test_delete(backend: RedisBackend, raw: redis.Redis) -> None:
+    await backend.set("k", b"v")
+    assert await backend.delete("k") is True
+    assert await backend.delete("k") is False
+    assert raw.exists("k") == 0
+
+
+@pytest.mark.parametrize(
+    ("namespace", "glob_lookalikes"),
+    [
+        # Read as glob patterns, these namespaces would match the look-alikes and
+        # miss the real keys.
+        ("app:*[x]:", ["app:ANYx:0", "app:x:1"]),
+        ("a?\\b:", ["aZb:0", "a?b:1"]),
+    ],
+)
+async def test_clear_namespace_is_literal_and_uses_scan(
+    backend: RedisBackend, raw: redis.Redis, namespace: str, glob_lookalikes: list[str]
+) -> None:
+    mine = [f"{namespace}{i}" for i in range(3)]
+    theirs = [*glob_lookalikes, "other", namespace[:-1]]
+    for key in mine + theirs:
+        raw.set(key, b"v")
+    raw.config_resetstat()
+    assert await backend.clear(namespace=namespace) == 3
+    assert command_calls(raw, "keys") == 0
+    assert command_calls(raw, "scan") > 0
+    assert command_calls(raw, "unlink") > 0
+    assert sorted(raw.scan_iter()) == sorted(k.encode() for k in theirs)
+
+
+async def test_clear_many_keys_in_batches(backend: RedisBackend, raw: redis.Redis) -> None:
+    with raw.pipeline(transaction=False) as pipe:
+        for i in range(5000):
+            pipe.set(f"ns:{i}", b"v", ex=60)
+        pipe.set("keep:1", b"v")
+        pipe.execute()
+    raw.config_resetstat()
+    assert await backend.clear(namespace="ns:") == 5000
+    assert raw.dbsize() == 1
+    assert command_calls(raw, "keys") == 0
+    assert command_calls(raw, "scan") > 1
+    assert command_calls(raw, "unlink") >= 5  # batched, one UNLINK per <= 1000 keys
+
+
+async def test_clear_key(backend: RedisBackend, raw: redis.Redis) -> None:
+    raw.set("ns:a", b"v")
+    raw.set("ns:b", b"v")
+    assert await backend.clear(key="ns:a") == 1
+    assert await backend.clear(key="ns:a") == 0
+    # FastAPICache.clear(key=...) passes its prefix as namespace too: the key wins.
+    assert await backend.clear(namespace="ns:", key="nope") == 0
+    assert raw.exists("ns:b") == 1
+    assert await backend.clear() == 0
+
+
+async def test_stopped_server_fails_fast_then_reconnects(
+    redis_proc_private: RedisProcess,
+) -> None:
+    backend = RedisBackend.from_url(redis_proc_private.url, op_timeout=OP_TIMEOUT)
+    try:
+        await backend.set("k", b"v", expire=60)
+        redis_proc_private.stop()
+        for operation in (
+            backend.get("k"),
+            backend.set("k", b"w"),
+            backend.get_with_ttl("k"),
+            backend.delete("k"),
+            backend.clear(namespace="k"),
+        ):
+            started = time.monotonic()
+            with pytest.raises((redis.exceptions.RedisError, OSError)):
+                await operation
+            assert time.monotonic() - started < 0.5
+        redis_proc_private.start()  # same port, empty (nothing persisted)
+        await backend.set("k", b"again")  # same backend object: it reconnects
+        assert await backend.get("k") == b"again"
+    finally:
+        await backend.aclose()
+
+
+async def test_stalled_server_times_out_within_op_timeout(
+    redis_proc_private: RedisProcess,
+) -> None:
+    backend = RedisBackend.from_url(redis_proc_private.url, op_timeout=OP_TIMEOUT)
+    try:
+        await backend.set("k1", b"one")
+        await backend.set("k2", b"two")  # the pool's connection is now open
+
+        def stall() -> None:
+            with redis_proc_private.client() as client:
+                client.execute_command("DEBUG", "SLEEP", "1")
+
+        sleeper = threading.Thread(target=stall)
+        sleeper.start()
+        await asyncio.sleep(0.1)  # let DEBUG SLEEP reach the server
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await backend.get("k1")
+        elapsed = time.monotonic() - started
+        assert elapsed < OP_TIMEOUT * 4, elapsed  # not 1 s: no retries
+        sleeper.join()
+        # The late reply to GET k1 must not be read as the answer to GET k2.
+        assert await backend.get("k2") == b"two"
+    finally:
+        await backend.aclose()
+
+
+def test_from_url_bounds_every_operation(redis_url: str) -> None:
+    backend = RedisBackend.from_url(redis_url, op_timeout=0.2)
+    assert isinstance(backend.client, Redis)
+    kwargs = backend.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 0.2
+    assert kwargs["socket_connect_timeout"] == 0.2
+    assert kwargs["retry"].get_retries() == 0
+    assert kwargs["health_check_interval"] == 0
+    assert backend.op_timeout == 0.2
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/none.sock"]
+)
+def test_from_url_schemes(url: str) -> None:
+    assert isinstance(RedisBackend.from_url(url).client, Redis)
+
+
+def test_from_url_cluster_constructs() -> None:
+    backend = RedisBackend.from_url("redis+cluster://127.0.0.1:1")
+    assert isinstance(backend.client, RedisCluster)
+    assert backend.client.retry.get_retries() == 0
+
+
+@pytest.mark.parametrize("url", ["http://x", "127.0.0.1:6379", "memory"])
+def test_from_url_rejects_other_schemes(url: str) -> None:
+    with pytest.raises(ConfigError, match=repr(url)):
+        RedisBackend.from_url(url)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5", True])
+def test_rejects_bad_timeouts(bad: object) -> None:
+    with pytest.raises(ConfigError, match="op_timeout must be a number of seconds > 0"):
+        RedisBackend(Redis(), op_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="default_ttl must be a number of seconds > 0"):
+        RedisBackend(Redis(), default_ttl=bad)  # type: ignore[arg-type]
