@@ -4,9 +4,11 @@ Two faces, one engine: the `cached` decorator for route handlers (on fastapi-cac
 backend) and a caching reverse-proxy router (`Gateway`, `Service`, `create_app`).
 """
 
+from cachegw._app import create_app
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._decorator import cached
 from cachegw._errors import BackendError, CacheGWError, ConfigError
+from cachegw._gateway import Gateway, Service
 from cachegw._policy import CachePolicy
 
 __version__ = "0.1.0"
@@ -16,8 +18,11 @@ __all__ = [
     "CacheGWError",
     "CachePolicy",
     "ConfigError",
+    "Gateway",
     "MemoryBackend",
     "RedisBackend",
+    "Service",
     "__version__",
     "cached",
+    "create_app",
 ]

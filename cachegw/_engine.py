@@ -247,19 +247,21 @@ class CacheEngine:
             return Served(504, [(b"content-length", b"0")], b"", cache_status="MISS")
 
         if method == "HEAD" or shared_only or bypass_read:
+            # Not coalesced: HEAD has no body to store, a request with credentials may get
+            # a private answer, and a client asking to bypass wants its own fetch.
             fetched = await fetch()
-            status = "BYPASS" if (shared_only or bypass_read) else "MISS"
-            detail = (
-                "fwd=bypass" if shared_only else "fwd=request" if bypass_read else "fwd=uri-miss"
-            )
-            if bypass_read and method == "GET":
+            status = "BYPASS" if bypass_read else "MISS"
+            detail = "fwd=request" if bypass_read else "fwd=uri-miss"
+            entry = None
+            if method == "GET":
+                # Stored only when the rules allow: a response to credentials must say
+                # public, s-maxage or must-revalidate (RFC 9111 §3.5).
                 entry = await self._store(request, policy, fetched, request_cc)
-                if entry is not None:
-                    self.stats[status] += 1
-                    return self._from_entry(
-                        entry, request, self.clock(), status, detail + "; stored"
-                    )
+            if entry is None and shared_only:
+                status, detail = "BYPASS", "fwd=bypass"
             self.stats[status] += 1
+            if entry is not None:
+                return self._from_entry(entry, request, self.clock(), status, detail + "; stored")
             return self._passed(fetched, status, detail)
 
         return await self._miss(request, policy, fetch, request_cc, stale)

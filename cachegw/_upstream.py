@@ -1,0 +1,346 @@
+"""Forwarding to an upstream service through httpx: header hygiene, streaming, 502/504.
+
+The URL is built from parts, never by joining strings: `URL.join("//evil/x")` and
+`base + "@evil/x"` reach other hosts (REFERENCE.md, "Attacks").
+
+Transport: httpx stays the client API (a caller may pass its own `httpx.AsyncClient`), but
+the default client runs on `_AiohttpTransport`, a small httpx transport over an aiohttp
+pool: measured by `tests/bench/upstream_transport.py`, 50 concurrent requests, httpcore's
+pool does ~175 req/s on this machine and aiohttp ~2.6k. It is our own rather than
+`httpx-aiohttp`'s because that one passes the URL to aiohttp as a string, and yarl then
+re-quotes it (`?a=%2F` becomes `?a=/`, `%ZZ` becomes `%25ZZ`); the query must reach the
+upstream byte for byte. aiohttp is configured to never decompress, follow redirects, read
+proxy variables, keep cookies or add `Accept`/`Accept-Encoding`/`User-Agent` headers.
+
+Origins that send a `Content-Length` shorter than the body: aiohttp's parser refuses the
+whole response and drops the connection; httpcore serves the declared bytes and then fails
+the *next* request on that connection. Either way a safe request is retried once, on a
+fresh unpooled httpcore connection (which serves the declared bytes and closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
+import yarl
+from multidict import CIMultiDict
+
+from cachegw._engine import Fetched
+from cachegw._errors import ConfigError
+from cachegw._target import problem
+
+__all__ = ["Upstream", "request_headers", "response_headers", "upstream_url"]
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1, plus the non-standard Proxy-Connection and HTTP2-Settings (RFC 7540 §3.2.1).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"http2-settings",
+    }
+)
+# Set by the gateway itself; a client's values are not trusted. Host is set by httpx.
+_GATEWAY_SET = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"via",
+        b"x-real-ip",
+        b"host",
+    }
+)
+_VIA = b"1.1 cachegw"
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=15.0)
+
+
+def upstream_url(base: str, path: str, raw_query: bytes) -> httpx.URL:
+    """The upstream URL for `path` (still encoded, starting with "/") below `base`."""
+    if not path.startswith("/"):
+        raise ValueError(f"path must start with '/', got {path!r}")
+    root = httpx.URL(base)
+    raw_path = root.raw_path.partition(b"?")[0].rstrip(b"/") + path.encode("ascii")
+    if raw_query:
+        raw_path += b"?" + raw_query
+    return httpx.URL(scheme=root.scheme, host=root.host, port=root.port, raw_path=raw_path)
+
+
+def _connection_named(headers: Headers) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+
+
+def request_headers(
+    scope: dict[str, Any], *, client_ip: str, proto: str, host: str | None
+) -> Headers:
+    """Client headers to forward, minus hop-by-hop and spoofable ones, plus X-Forwarded-*/Via."""
+    raw: Headers = scope["headers"]
+    drop = _HOP_BY_HOP | _GATEWAY_SET | _connection_named(raw)
+    out = [(name, value) for name, value in raw if name.lower() not in drop]
+    out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
+    if host is not None:
+        out.append((b"x-forwarded-host", host.encode("latin-1")))
+    out.append((b"via", _VIA))
+    return out
+
+
+def response_headers(raw: Headers) -> Headers:
+    """Upstream headers to send on: lower-case, end-to-end only, our `Via` appended."""
+    drop = _HOP_BY_HOP | _connection_named(raw)
+    out: Headers = []
+    via: list[bytes] = []
+    for name, value in raw:
+        name = name.lower()
+        if name == b"via":
+            via.append(value)
+        elif name not in drop:
+            out.append((name, value))
+    out.append((b"via", b", ".join([*via, _VIA])))
+    return out
+
+
+def _mapped(exc: BaseException) -> httpx.TransportError:
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message)
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError family
+        return httpx.ReadTimeout(message)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message)
+    if isinstance(exc, aiohttp.ClientOSError):
+        return httpx.ReadError(message)
+    return httpx.RemoteProtocolError(message)  # bad status line, disconnect, payload error
+
+
+class _AiohttpBody(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _mapped(exc) from exc
+
+    async def aclose(self) -> None:
+        self._response.release()  # closes the connection instead when the body is unread
+
+
+class _AiohttpTransport(httpx.AsyncBaseTransport):
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        self._session: aiohttp.ClientSession | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._session is None:  # created lazily: aiohttp wants a running loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._limits.max_connections or 0,
+                    keepalive_timeout=self._limits.keepalive_expiry or 15.0,
+                ),
+                auto_decompress=False,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        path, _, query = request.url.raw_path.decode("ascii").partition("?")
+        url = yarl.URL.build(
+            scheme=request.url.scheme,
+            host=request.url.host,
+            port=request.url.port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        headers = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in request.headers.raw
+            if name.lower() != b"transfer-encoding"  # aiohttp frames the body itself
+        )
+        data: Any
+        try:
+            data = request.content or None
+        except httpx.RequestNotRead:
+            data = request.stream
+        timeout = request.extensions.get("timeout", {})
+        try:
+            response = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    connect=timeout.get("pool"),
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                ),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _mapped(exc) from exc
+        return httpx.Response(
+            response.status,
+            headers=list(response.raw_headers),
+            stream=_AiohttpBody(response),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _Stream:
+    """The rest of a body too large to store: the chunks already read, then the remainder."""
+
+    def __init__(
+        self, response: httpx.Response, head: list[bytes], rest: AsyncIterator[bytes]
+    ) -> None:
+        self._response = response
+        self._head = deque(head)
+        self._rest = rest
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._head:
+            return self._head.popleft()
+        try:
+            return await self._rest.__anext__()
+        except BaseException:  # end of body, read error or cancellation: release the connection
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class Upstream:
+    """One pooled HTTP client for one upstream service.
+
+    ```
+    upstream = Upstream("http://127.0.0.1:9001/api", timeout=10)
+    fetched = await upstream.fetch("GET", "/items/42", b"a=1", headers, None, max_body=2**20)
+    await upstream.aclose()
+    ```
+
+    `timeout` bounds connecting, each read, waiting for a pooled connection, and the whole
+    exchange up to the end of a storable body. A `client` passed in is used as is (its
+    transport, its limits) and is not closed by `aclose()`.
+    """
+
+    def __init__(self, base: str, *, timeout: float, client: httpx.AsyncClient | None = None):
+        root = httpx.URL(base)
+        if root.scheme not in ("http", "https") or not root.host or root.query:
+            raise ConfigError(
+                f"upstream must be an http(s) URL like 'http://host:port/base', got {base!r}"
+            )
+        self.base = base
+        self._timeout = timeout
+        self._owned = client is None
+        self._client = client or httpx.AsyncClient(
+            transport=_AiohttpTransport(_LIMITS), trust_env=False, timeout=timeout
+        )
+        self._fresh: httpx.AsyncClient | None = None  # unpooled, for the one retry
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._client.aclose()
+        if self._fresh is not None:
+            await self._fresh.aclose()
+
+    async def fetch(
+        self,
+        method: str,
+        path: str,
+        raw_query: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | bytes | None,
+        *,
+        max_body: int,
+    ) -> Fetched:
+        """Forward one request; never raises for upstream failures (they become 502/504)."""
+        url = upstream_url(self.base, path, raw_query)
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._send(method, url, headers, body)
+                arrived = time.time()
+                declared = response.headers.get("content-length", "")
+                rest = response.aiter_raw()
+                chunks: list[bytes] = []
+                size = 0
+                streamed = declared.isdigit() and int(declared) > max_body
+                if not streamed:
+                    async for chunk in rest:
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > max_body:
+                            streamed = True
+                            break
+        except (httpx.TransportError, TimeoutError) as exc:
+            if response is not None:
+                await response.aclose()
+            timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
+            status, title = (504, "Gateway Timeout") if timed_out else (502, "Bad Gateway")
+            detail = f"The upstream {self.base} failed: {type(exc).__name__}."
+            status, out, payload = problem(status, title, detail)
+            return Fetched(status, out, payload, failed=True, response_time=time.time())
+        out = response_headers(response.headers.raw)
+        if streamed:
+            stream = _Stream(response, chunks, rest)
+            return Fetched(response.status_code, out, None, stream, response_time=arrived)
+        await response.aclose()
+        data = b"".join(chunks)
+        if method != "HEAD" and response.status_code not in (204, 304):
+            # The body is exactly what we send on: say so, whatever the upstream declared.
+            out = [h for h in out if h[0] != b"content-length"]
+            out.append((b"content-length", str(len(data)).encode()))
+        return Fetched(response.status_code, out, data, response_time=arrived)
+
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Headers,
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> httpx.Response:
+        request = httpx.Request(method, url, headers=headers, content=body)
+        try:
+            return await self._client.send(request, stream=True, follow_redirects=False)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            if method not in _RETRYABLE or not (body is None or isinstance(body, bytes)):
+                raise
+        if self._fresh is None:
+            self._fresh = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(
+                    limits=httpx.Limits(max_keepalive_connections=0)
+                ),
+                trust_env=False,
+                timeout=self._timeout,
+            )
+        request = httpx.Request(method, url, headers=headers, content=body)
+        return await self._fresh.send(request, stream=True, follow_redirects=False)
