@@ -109,7 +109,7 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        middleware=[Middleware(_GatewayMiddleware, runtime=runtime)],  # type: ignore[arg-type]
+        middleware=[Middleware(_GatewayMiddleware, runtime=runtime)],
     )
     app.state.cachegw = runtime
 

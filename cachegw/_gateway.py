@@ -100,7 +100,9 @@ class Service:
         try:
             regex, _, convertors = compile_path(path)
         except (AssertionError, ValueError, KeyError) as exc:
-            raise ConfigError(f"path {path!r} is not a valid route template ({exc}) in {where}")
+            raise ConfigError(
+                f"path {path!r} is not a valid route template ({exc}) in {where}"
+            ) from None
         if any(route.path == path for route in self.routes):
             raise ConfigError(f"route {path!r} is declared twice in service {self.name!r}")
         policy = CachePolicy.from_mapping({**self._default_values, **knobs}, where=where)
@@ -155,7 +157,8 @@ class Gateway:
                 raise ConfigError(f"service prefix {prefix!r} is reserved for the admin API")
         if isinstance(self.backend, str) and not (
             self.backend == "memory"
-            or self.backend.split("://", 1)[0] in ("redis", "rediss", "unix", "redis+cluster")
+            or self.backend.split("://", 1)[0]
+            in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
         ):
             raise ConfigError(
                 f"backend must be 'memory' or a redis://, rediss://, unix:// or "

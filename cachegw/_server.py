@@ -18,7 +18,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """
 
     def on_headers_complete(self) -> None:
-        self.scope.setdefault("extensions", {})["cachegw.request_target"] = self.url  # type: ignore[typeddict-unknown-key]
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions["cachegw.request_target"] = self.url
         super().on_headers_complete()
 
 

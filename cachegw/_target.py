@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import string
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -50,7 +51,7 @@ class BadTarget(Exception):
         self.detail = detail
 
 
-def check_target(scope: dict[str, Any]) -> str:
+def check_target(scope: Mapping[str, Any]) -> str:
     """Return the still-encoded request path to route on and forward, or raise `BadTarget`."""
     target = scope.get("extensions", {}).get("cachegw.request_target")
     if target is not None and not target.startswith(b"/"):
@@ -78,7 +79,7 @@ def check_target(scope: dict[str, Any]) -> str:
     return str(raw.decode("ascii"))
 
 
-def check_headers(scope: dict[str, Any], *, max_header_bytes: int = 16384) -> None:
+def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = 16384) -> None:
     """Raise `BadTarget` (400 or 431) for ambiguous framing, bad `Host` or oversized headers."""
     line_limit = min(MAX_HEADER_LINE, max_header_bytes)
     total = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -91,7 +91,7 @@ def _connection_named(headers: Headers) -> set[bytes]:
 
 
 def request_headers(
-    scope: dict[str, Any], *, client_ip: str, proto: str, host: str | None
+    scope: Mapping[str, Any], *, client_ip: str, proto: str, host: str | None
 ) -> Headers:
     """Client headers to forward, minus hop-by-hop and spoofable ones, plus X-Forwarded-*/Via."""
     raw: Headers = scope["headers"]

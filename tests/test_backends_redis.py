@@ -65,7 +65,11 @@ async def test_every_key_has_a_ttl(backend: RedisBackend, raw: redis.Redis) -> N
     await backend.set("tiny", b"v", expire=0.0001)
     assert 3_590_000 < raw.pttl("default") <= 3_600_000
     assert 4_900 < raw.pttl("five") <= 5_000
-    assert raw.pttl("tiny") in (0, 1, -2)  # at least 1 ms (0 or gone by now), never "no expiry" (-1)
+    assert raw.pttl("tiny") in (
+        0,
+        1,
+        -2,
+    )  # at least 1 ms (0 or gone by now), never "no expiry" (-1)
 
 
 async def test_default_ttl_is_configurable(redis_url: str, raw: redis.Redis) -> None:

@@ -21,7 +21,10 @@ from tests.servers import StubUpstream, free_port, run_uvicorn
 
 @contextmanager
 def gateway_for(
-    stub: StubUpstream | None, *routes: tuple[str, dict[str, Any]], backend: Any = None, **service: Any
+    stub: StubUpstream | None,
+    *routes: tuple[str, dict[str, Any]],
+    backend: Any = None,
+    **service: Any,
 ) -> Iterator[tuple[httpx.Client, str]]:
     """A gateway with one service ``svc`` at ``/svc`` in front of ``stub``."""
     with run_uvicorn(stub or StubUpstream()) as upstream:
@@ -29,9 +32,11 @@ def gateway_for(
         for path, knobs in routes or (("/{rest:path}", {"ttl": 60}),):
             svc.route(path, **knobs)
         gateway = Gateway(services=[svc], backend=backend or MemoryBackend())
-        with run_uvicorn(create_app(gateway), **uvicorn_options(lifespan="on")) as base:
-            with httpx.Client(base_url=base, timeout=10) as client:
-                yield client, base
+        with (
+            run_uvicorn(create_app(gateway), **uvicorn_options(lifespan="on")) as base,
+            httpx.Client(base_url=base, timeout=10) as client,
+        ):
+            yield client, base
 
 
 def raw_request(base: str, data: bytes) -> bytes:
@@ -96,7 +101,8 @@ def test_prefix_stripped_and_raw_query_forwarded_byte_for_byte() -> None:
     stub = StubUpstream()
     with gateway_for(stub) as (_, base):
         answer = raw_request(
-            base, b"GET /svc/echo?b=2;a=%2F&x=%zz&&y HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+            base,
+            b"GET /svc/echo?b=2;a=%2F&x=%zz&&y HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
         )
     assert status_of(answer) == 200
     seen = json.loads(answer.partition(b"\r\n\r\n")[2])
@@ -203,7 +209,12 @@ def test_upstream_vary_is_part_of_the_key() -> None:
         fr = client.get("/svc/v", headers={"accept-language": "fr"})
         en2 = client.get("/svc/v", headers={"accept-language": "en"})
         fr2 = client.get("/svc/v", headers={"accept-language": "fr"})
-    assert [r.headers["x-cache-status"] for r in (en, fr, en2, fr2)] == ["MISS", "MISS", "HIT", "HIT"]
+    assert [r.headers["x-cache-status"] for r in (en, fr, en2, fr2)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
     assert stub.hits["/v"] == 2
 
 
@@ -462,7 +473,8 @@ ATTACKS = [
     b"GET //evil.example/svc/x HTTP/1.1\r\nHost: gw\r\n\r\n",
     b"GET http://evil.example/svc/x HTTP/1.1\r\nHost: gw\r\n\r\n",
     b"GET /svc/x%00 HTTP/1.1\r\nHost: gw\r\n\r\n",
-    b"POST /svc/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /svc/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
 ]
 

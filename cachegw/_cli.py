@@ -1,0 +1,348 @@
+"""The ``cachegw`` command: a thin layer over the public API.
+
+User errors (a bad gateway file, a port in use, an unreachable gateway) end with a
+one-line message on stderr and a non-zero exit code, never a traceback: 2 for a bad
+file or bad arguments, 1 for a failure at run time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+import uvicorn
+
+from cachegw import __version__
+from cachegw._errors import ConfigError
+from cachegw._gateway import Gateway, policy_table
+from cachegw._policy import DEFAULT_STATUSES, CachePolicy
+from cachegw._server import uvicorn_options
+
+__all__ = ["main"]
+
+_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "-V", "--version", prog_name="cachegw", message="%(prog)s %(version)s"
+)
+def main() -> None:
+    """Per-route response caching for FastAPI API gateways.
+
+    Start with `cachegw demo`, then write a gateway file and `cachegw check` it.
+    """
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes; more than one needs a shared (Redis) backend to share the cache.",
+)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
+def serve(file: Path, host: str, port: int, workers: int, log_level: str) -> None:
+    """Serve the gateway declared in FILE."""
+    gateway = _load(file)
+    _check_port(host, port)
+    # No Date/Server header of uvicorn's own, no trusted proxy headers, the raw request
+    # target kept: see uvicorn_options.
+    options = uvicorn_options(host=host, port=port, log_level=log_level)
+    if workers == 1:
+        from cachegw._app import create_app
+
+        uvicorn.run(create_app(gateway), **options)
+        return
+    if gateway.backend == "memory":
+        click.echo(
+            f"warning: {workers} workers on the memory backend each keep their own cache; "
+            f"use a redis:// backend to share one",
+            err=True,
+        )
+    # Workers are separate processes: each builds its app from the file, found here.
+    os.environ["CACHEGW_CONFIG"] = str(file.resolve())
+    uvicorn.run("cachegw._app:app_from_env", factory=True, workers=workers, **options)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check(file: Path) -> None:
+    """Validate FILE and print every route with its effective policy."""
+    gateway = _load(file)
+    click.echo(_route_table(gateway))
+    routes = sum(len(service.routes) for service in gateway.services)
+    click.echo(f"OK: {_plural(len(gateway.services), 'service')}, {_plural(routes, 'route')}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tag", "tags", multiple=True, help="Purge entries carrying this tag (repeatable).")
+@click.option("--path", "paths", multiple=True, help="Purge this gateway path (repeatable).")
+@click.option("--service", help="Purge every entry of this service.")
+@click.option("--all", "purge_all", is_flag=True, help="Purge everything.")
+@click.option("--soft", is_flag=True, help="Mark entries stale instead of deleting them.")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="Base URL of the running gateway.",
+)
+def purge(
+    file: Path,
+    tags: tuple[str, ...],
+    paths: tuple[str, ...],
+    service: str | None,
+    purge_all: bool,
+    soft: bool,
+    url: str,
+) -> None:
+    """Purge entries from the running gateway declared in FILE.
+
+    Give exactly one of --tag, --path, --service or --all. The admin token is read from
+    the environment variable named by [admin] token_env in FILE.
+    """
+    given = {"--tag": tags, "--path": paths, "--service": service is not None, "--all": purge_all}
+    chosen = [name for name, value in given.items() if value]
+    if len(chosen) != 1:
+        raise click.UsageError(
+            "give exactly one of --tag, --path, --service or --all"
+            + (f" (got {', '.join(chosen)})" if chosen else "")
+        )
+    gateway = _load(file)
+    body: dict[str, Any]
+    if tags:
+        body = {"tags": list(tags)}
+    elif paths:
+        body = {"paths": list(paths)}
+    elif service is not None:
+        names = [s.name for s in gateway.services]
+        if service not in names:
+            raise click.UsageError(
+                f"{file} declares no service {service!r}; its services are: {', '.join(names)}"
+            )
+        body = {"service": service}
+    else:
+        body = {"all": True}
+    if soft:
+        body["soft"] = True
+    token = _admin_token(gateway, file)
+    endpoint = url.rstrip("/") + "/_cachegw/purge"
+    try:
+        # trust_env=False: the token must not go through a proxy taken from HTTP_PROXY.
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            response = client.post(
+                endpoint, json=body, headers={"Authorization": f"Bearer {token}"}
+            )
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the gateway at {endpoint}: {exc}", code=1)
+    if response.status_code == 401:
+        _fail(f"the gateway at {url} refused the admin token (401): is it the same token?", 1)
+    if response.status_code == 404:
+        _fail(
+            f"the gateway at {url} has no admin API (404): start it with "
+            f"{gateway.admin_token_env} set in its environment",
+            code=1,
+        )
+    if response.is_error:
+        _fail(f"the gateway at {url} answered {response.status_code}: {response.text}", code=1)
+    try:
+        answer = response.json()
+    except ValueError:
+        click.echo(response.text)
+    else:
+        click.echo(json.dumps(answer, indent=2))
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--upstream-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the demo upstream (0 = any free port).",
+)
+def demo(port: int, upstream_port: int) -> None:
+    """Run a demo upstream and a caching gateway in front of it."""
+    from cachegw._app import create_app
+    from cachegw._demo import demo_gateway, demo_upstream
+
+    upstream_sock = _bind("127.0.0.1", upstream_port)
+    gateway_sock = _bind("127.0.0.1", port)
+    upstream_url = f"http://127.0.0.1:{upstream_sock.getsockname()[1]}"
+    gateway_url = f"http://127.0.0.1:{gateway_sock.getsockname()[1]}"
+    # The upstream runs in a thread with its own loop (uvicorn leaves signals to the main
+    # thread, where the gateway takes Ctrl-C). Both log through uvicorn's global loggers:
+    # the upstream configures none and starts before the gateway does, so its startup is
+    # silent and its access lines show which requests reached it.
+    upstream = uvicorn.Server(
+        uvicorn.Config(demo_upstream(), log_config=None, log_level=None, server_header=False)
+    )
+    thread = threading.Thread(target=upstream.run, kwargs={"sockets": [upstream_sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not upstream.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not upstream.started:
+        _fail("the demo upstream did not start", code=1)
+    gateway = uvicorn.Server(
+        uvicorn.Config(create_app(demo_gateway(upstream_url)), **uvicorn_options(log_level="info"))
+    )
+    click.echo(_demo_intro(gateway_url, upstream_url))
+    try:
+        gateway.run(sockets=[gateway_sock])
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it handled once it has shut down.
+        pass
+    finally:
+        # The upstream's shutdown is not news.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        upstream.should_exit = True
+        thread.join(timeout=5)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _load(file: Path) -> Gateway:
+    try:
+        return Gateway.from_toml(file)
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so a port in use is a clear message rather than a log line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn does: a restarted server may reuse a port in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            _fail(f"port {port} on {host} is already in use; choose another with --port", 1)
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", code=1)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_port(host: str, port: int) -> None:
+    # uvicorn binds the socket itself (its workers share it); fail early and clearly.
+    _bind(host, port).close()
+
+
+def _admin_token(gateway: Gateway, file: Path) -> str:
+    if gateway.admin_token_env is None:
+        _fail(
+            f'{file} has no admin API: add [admin] token_env = "CACHEGW_ADMIN_TOKEN" '
+            f"and set that variable for the gateway and for this command",
+            code=2,
+        )
+    token = os.environ.get(gateway.admin_token_env)
+    if not token:
+        _fail(
+            f"the environment variable {gateway.admin_token_env} (named by [admin] token_env "
+            f"in {file}) is not set; set it to the gateway's admin token",
+            code=2,
+        )
+    return token
+
+
+_COLUMNS = (
+    "SERVICE",
+    "PATH",
+    "UPSTREAM",
+    "TTL",
+    "MAX_TTL",
+    "SWR",
+    "SIE",
+    "VARY",
+    "TAGS",
+    "METHODS",
+    "MAX_BODY",
+    "STATUSES",
+)
+
+
+def _route_table(gateway: Gateway) -> str:
+    rows = [list(_COLUMNS)]
+    for service, path, upstream, policy in policy_table(gateway):
+        rows.append([service, path, upstream, *_policy_cells(policy)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _policy_cells(policy: CachePolicy) -> list[str]:
+    assert policy.max_ttl is not None  # CachePolicy resolves it at construction
+    return [
+        _seconds(policy.ttl),
+        _seconds(policy.max_ttl),
+        _seconds(policy.stale_while_revalidate),
+        _seconds(policy.stale_if_error),
+        ",".join(policy.vary) or "-",
+        ",".join(policy.tags) or "-",
+        ",".join(policy.methods) if policy.methods is not None else "*",
+        _size(policy.max_body),
+        "default"
+        if policy.statuses == DEFAULT_STATUSES
+        else ",".join(str(s) for s in sorted(policy.statuses)),
+    ]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _size(value: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value}B"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _demo_intro(gateway: str, upstream: str) -> str:
+    return f"""\
+cachegw demo: a caching gateway on {gateway} in front of a demo upstream on {upstream}
+
+Try these twice each and watch X-Cache-Status (and the upstream's "generated_at"):
+
+  curl -i {gateway}/catalog/items/42     # MISS (~100 ms upstream), then HIT for 30 s
+  curl -i {gateway}/catalog/slow         # MISS takes 1 s; then HIT, then STALE while it refreshes
+  curl -i {gateway}/catalog/fresh        # upstream says max-age=5: HIT for 5 s, then MISS again
+  curl -i {gateway}/catalog/private      # upstream says private: never stored
+  curl -i {gateway}/catalog/nowhere/else # the catch-all stores only what the upstream marks fresh
+  curl -i {gateway}/_cachegw/health      # backend state and counters
+
+In the log below, "/catalog/..." lines are requests to the gateway; the other lines are
+requests that reached the upstream. Press Ctrl-C to stop.
+"""

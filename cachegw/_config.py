@@ -1,0 +1,250 @@
+"""TOML gateway file → `Gateway`.
+
+This module checks the *shape* of the file (tables, key names, required keys) and
+leaves every value rule to `Service`, `Gateway`, `CachePolicy` and `MemoryBackend`.
+Their messages start with the name of the bad value ("ttl must be ..."); here that
+name becomes the dotted key of the file, so ``ttl must be ..., got -5`` reads::
+
+    gateway.toml: services[0].routes[2].ttl must be a number of seconds ≥ 0 ..., got -5
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio.connection import parse_url
+
+from cachegw._backends._memory import MemoryBackend, parse_size
+from cachegw._errors import ConfigError
+from cachegw._gateway import Gateway, Service
+from cachegw._policy import KNOBS
+
+__all__ = ["load_gateway"]
+
+_TABLES = frozenset({"cache", "admin", "services"})
+_CACHE_KEYS = frozenset({"backend", "prefix", "max_entries", "max_bytes", "status_header"})
+_ADMIN_KEYS = frozenset({"token_env"})
+_SERVICE_KEYS = frozenset({"name", "upstream", "prefix", "timeout", "routes"}) | KNOBS
+_ROUTE_KEYS = frozenset({"path"}) | KNOBS
+_REQUIRED = {
+    "name": "a name like 'catalog'",
+    "upstream": "the base URL of the service, like 'http://127.0.0.1:9001'",
+    "path": "a route template like '/items/{item_id}'",
+}
+# An HTTP field name (RFC 9110 §5.1) and a POSIX environment variable name.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Braces would turn into Redis Cluster hash tags.
+_KEY_PREFIX = re.compile(r"^[^\s{}]+$")
+
+
+def load_gateway(path: str | Path) -> Gateway:
+    """Read a gateway TOML file (schema in the docs) into a validated `Gateway`.
+
+    Raises `ConfigError` whose message names the file, the key (``services[0].routes[2].ttl``)
+    and the expected form.
+    """
+    return _Loader(str(path)).load()
+
+
+class _Loader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def load(self) -> Gateway:
+        data = self._read()
+        self._check_keys(data, _TABLES, "", what="table")
+        cache = self._table(data, "cache")
+        admin = self._table(data, "admin")
+        self._check_keys(cache, _CACHE_KEYS, "cache")
+        self._check_keys(admin, _ADMIN_KEYS, "admin")
+        settings: dict[str, Any] = {}
+        with self._at("cache", _CACHE_KEYS):
+            if "max_bytes" in cache:
+                settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")
+            if "max_entries" in cache:
+                # The memory backend owns the rule for its bounds; building one costs nothing.
+                MemoryBackend(max_entries=cache["max_entries"])
+                settings["max_entries"] = cache["max_entries"]
+        if "prefix" in cache:
+            settings["prefix"] = self._string(
+                cache, "prefix", "cache", _KEY_PREFIX, "a non-empty string without spaces or braces"
+            )
+        if "status_header" in cache:
+            settings["status_header"] = self._string(
+                cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
+            )
+        if "token_env" in admin:
+            settings["admin_token_env"] = self._string(
+                admin, "token_env", "admin", _ENV_NAME, "an environment variable name"
+            )
+        backend = cache.get("backend", "memory")
+        if not isinstance(backend, str):
+            raise self._error(
+                f"cache.backend must be 'memory' or a redis:// URL as a string, got {backend!r}"
+            )
+        with self._at("cache", _CACHE_KEYS):
+            gateway = Gateway(backend=backend, source=self.source, **settings)
+        if backend != "memory":
+            self._check_redis_url(backend)
+        services = data.get("services", [])
+        if services == []:
+            raise self._error(
+                "declares no services; add a [[services]] table with name, upstream and "
+                "[[services.routes]]"
+            )
+        if not _is_array_of_tables(services):
+            raise self._error(
+                f"services must be an array of tables: write each service as [[services]], "
+                f"got {services!r}"
+            )
+        for index, values in enumerate(services):
+            service = self._service(values, f"services[{index}]")
+            # Added one by one so a duplicate name or prefix is blamed on the later service.
+            with self._at(f"services[{index}]", ("name", "prefix")):
+                gateway.add(service)
+        return gateway
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.source, "rb") as file:
+                return tomllib.load(file)
+        except OSError as exc:
+            raise self._error(f"cannot read the file: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise self._error(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except tomllib.TOMLDecodeError as exc:
+            # The message carries "(at line L, column C)".
+            raise self._error(f"invalid TOML: {exc}") from None
+
+    def _service(self, values: Mapping[str, Any], where: str) -> Service:
+        self._check_keys(values, _SERVICE_KEYS, where)
+        self._require(values, ("name", "upstream"), where)
+        routes = values.get("routes")
+        name = values["name"]
+        # The declarations add "of service 'x'" / "in route ..." to their messages;
+        # the key path already says where.
+        strip = [f" of service {name!r}", f" in service {name!r}"]
+        with self._at(where, _SERVICE_KEYS, strip):
+            service = Service(
+                name,
+                values["upstream"],
+                **{k: v for k, v in values.items() if k not in ("name", "upstream", "routes")},
+            )
+        if routes is None or routes == []:
+            raise self._error(
+                f"{where} (service {name!r}) declares no routes; add [[services.routes]] — "
+                f'e.g. path = "/{{rest:path}}" for a catch-all'
+            )
+        if not _is_array_of_tables(routes):
+            raise self._error(
+                f"{where}.routes must be an array of tables: write each route as "
+                f"[[services.routes]], got {routes!r}"
+            )
+        for index, route in enumerate(routes):
+            route_where = f"{where}.routes[{index}]"
+            self._check_keys(route, _ROUTE_KEYS, route_where)
+            self._require(route, ("path",), route_where)
+            path = route["path"]
+            # An error about a knob the route inherits is blamed on the route (the
+            # combination is wrong) and says where the inherited value is set.
+            inherited = {k: where for k in values if k in KNOBS and k not in route}
+            with self._at(route_where, route.keys(), [f" in route {path!r}", *strip], inherited):
+                service.route(path, **{k: v for k, v in route.items() if k != "path"})
+        return service
+
+    def _check_redis_url(self, url: str) -> None:
+        # redis-py's own URL parser, without connecting; the Gateway checked the scheme.
+        scheme, _, rest = url.partition("://")
+        try:
+            parse_url(f"{scheme.removesuffix('+cluster')}://{rest}")
+        except ValueError as exc:
+            raise self._error(
+                f"cache.backend is not a valid Redis URL ({exc}); expected a URL like "
+                f"'redis://127.0.0.1:6379/0', got {url!r}"
+            ) from None
+
+    # --- shape checks -------------------------------------------------------------
+
+    def _table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        table = data.get(name, {})
+        if not isinstance(table, Mapping):
+            raise self._error(
+                f"{name} must be a table: write [{name}] on its own line, got {table!r}"
+            )
+        return table
+
+    def _check_keys(
+        self, table: Mapping[str, Any], allowed: Collection[str], where: str, what: str = "key"
+    ) -> None:
+        for key in table:
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            place = f"{what} {key!r} in {where}" if where else f"top-level {what} {key!r}"
+            raise self._error(
+                f"unknown {place}; {hint}expected one of: {', '.join(sorted(allowed))}"
+            )
+
+    def _require(self, table: Mapping[str, Any], keys: Collection[str], where: str) -> None:
+        for key in keys:
+            if key not in table:
+                raise self._error(
+                    f"{where} is missing the required key {key!r}: {key} = {_REQUIRED[key]}"
+                )
+
+    def _string(
+        self, table: Mapping[str, Any], key: str, where: str, pattern: re.Pattern[str], form: str
+    ) -> str:
+        value = table[key]
+        if not isinstance(value, str) or not pattern.match(value):
+            raise self._error(f"{where}.{key} must be {form}, got {value!r}")
+        return value
+
+    # --- messages ---------------------------------------------------------------------
+
+    def _error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {message}")
+
+    @contextmanager
+    def _at(
+        self,
+        where: str,
+        keys: Collection[str],
+        strip: Collection[str] = (),
+        inherited: Mapping[str, str] | None = None,
+    ) -> Iterator[None]:
+        """Re-raise a declaration's `ConfigError` with the file and the key path."""
+        try:
+            yield
+        except ConfigError as exc:
+            message = str(exc)
+            for suffix in (*strip, f" in {self.source}"):
+                message = message.replace(suffix, "")
+            raise self._error(_locate(message, where, keys, inherited or {})) from None
+
+
+def _locate(message: str, where: str, keys: Collection[str], inherited: Mapping[str, str]) -> str:
+    """``ttl must be ...`` → ``services[0].ttl must be ...`` when ``ttl`` is one of ``keys``.
+
+    A message about a knob the table inherits says where that knob is set.
+    """
+    for lead in ("", "service "):
+        for key in sorted(keys, key=len, reverse=True):
+            if message.startswith(f"{lead}{key} "):
+                return f"{where}.{key}{message[len(lead) + len(key) :]}"
+    for key, origin in inherited.items():
+        if message.startswith(f"{key} "):
+            return f"{where}: {message} ({key} is inherited from {origin}.{key})"
+    return f"{where}: {message}"
+
+
+def _is_array_of_tables(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, Mapping) for item in value)
