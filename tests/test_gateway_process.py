@@ -1,0 +1,138 @@
+"""The gateway as a real process started from a TOML file, on both backends."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway_process import gateway_processes
+from tests.redis_process import RedisProcess
+from tests.servers import StubUpstream, run_uvicorn
+
+TOML = """
+[cache]
+backend = "{backend}"
+prefix = "{prefix}"
+
+[[services]]
+name = "catalog"
+upstream = "{upstream}"
+prefix = "/catalog"
+ttl = 30
+
+  [[services.routes]]
+  path = "/items/{{item_id}}"
+  ttl = 60
+  tags = ["item:{{item_id}}"]
+
+  [[services.routes]]
+  path = "/{{rest:path}}"
+  ttl = 0
+"""
+
+
+def write_config(tmp_path: Path, upstream: str, backend: str, prefix: str = "t") -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(TOML.format(upstream=upstream, backend=backend, prefix=prefix))
+    return path
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def test_served_from_toml_miss_then_hit(tmp_path: Path, backend: str) -> None:
+    stub = StubUpstream()
+    stub.route("/items/42", body=b'{"id": 42}', headers=[(b"content-type", b"application/json")])
+    with (
+        run_uvicorn(stub) as upstream,
+        gateway_processes(write_config(tmp_path, upstream, backend)) as [gw],
+    ):
+        first = httpx.get(f"{gw.base}/catalog/items/42")
+        second = httpx.get(f"{gw.base}/catalog/items/42")
+        other = httpx.get(f"{gw.base}/catalog/anything")
+        other2 = httpx.get(f"{gw.base}/catalog/anything")
+        missing = httpx.get(f"{gw.base}/nowhere")
+    assert (first.headers["x-cache-status"], second.headers["x-cache-status"]) == ("MISS", "HIT")
+    assert second.content == b'{"id": 42}'
+    assert "date" not in second.headers or second.headers.get_list(
+        "date"
+    ) == first.headers.get_list("date")
+    assert other.headers["x-cache-status"] == other2.headers["x-cache-status"] == "MISS"  # ttl = 0
+    assert missing.status_code == 404
+    assert stub.hits["/items/42"] == 1
+    assert stub.hits["/anything"] == 2
+
+
+def test_single_date_header(tmp_path: Path) -> None:
+    stub = StubUpstream()
+    stub.route("/d", headers=[(b"date", b"Fri, 27 Nov 2026 10:00:00 GMT")], body=b"d")
+    with (
+        run_uvicorn(stub) as upstream,
+        gateway_processes(write_config(tmp_path, upstream, "memory")) as [gw],
+    ):
+        response = httpx.get(f"{gw.base}/catalog/d")
+    assert response.headers.get_list("date") == ["Fri, 27 Nov 2026 10:00:00 GMT"]
+
+
+def test_two_processes_share_redis_entries_and_invalidation(tmp_path: Path, redis_url: str) -> None:
+    stub = StubUpstream()
+    stub.route("/items/7", body=b"seven")
+    config = write_config(tmp_path, "{upstream}", redis_url)
+    with run_uvicorn(stub) as upstream:
+        config.write_text(config.read_text().replace("{upstream}", upstream))
+        with gateway_processes(config, count=2) as [a, b]:
+            first = httpx.get(f"{a.base}/catalog/items/7")
+            from_b = httpx.get(f"{b.base}/catalog/items/7")
+            httpx.post(f"{b.base}/catalog/items/7", content=b"update")
+            after = httpx.get(f"{a.base}/catalog/items/7")
+    assert first.headers["x-cache-status"] == "MISS"
+    assert from_b.headers["x-cache-status"] == "HIT"
+    assert after.headers["x-cache-status"] == "MISS"
+    assert stub.hits["/items/7"] == 3  # two GET misses and the POST
+
+
+def test_redis_outage_degrades_to_uncached_proxying(tmp_path: Path) -> None:
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"one")
+    with RedisProcess() as redis, run_uvicorn(stub) as upstream:
+        config = write_config(tmp_path, upstream, redis.url)
+        with gateway_processes(config) as [gw]:
+            url = f"{gw.base}/catalog/items/1"
+            assert httpx.get(url).headers["x-cache-status"] == "MISS"
+            assert httpx.get(url).headers["x-cache-status"] == "HIT"
+            redis.stop()
+            during = [httpx.get(url, timeout=5) for _ in range(5)]
+            redis.start()
+            after = [httpx.get(url, timeout=5) for _ in range(3)]
+    assert [r.status_code for r in during] == [200] * 5
+    assert all(r.content == b"one" for r in during)
+    assert after[-1].headers["x-cache-status"] == "HIT"
+
+
+def test_coalescing_through_a_real_process(tmp_path: Path) -> None:
+    stub = StubUpstream()
+    stub.route("/items/9", body=b"nine", delay=0.3)
+    with (
+        run_uvicorn(stub) as upstream,
+        gateway_processes(write_config(tmp_path, upstream, "memory")) as [gw],
+    ):
+        results: list[int] = []
+
+        def get() -> None:
+            results.append(httpx.get(f"{gw.base}/catalog/items/9", timeout=10).status_code)
+
+        threads = [threading.Thread(target=get) for _ in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert results == [200] * 30
+    assert stub.hits["/items/9"] == 1
