@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ from typing import Any
 
 from fastapi_cache.types import Backend
 
-from cachegw import _entry
-from cachegw._entry import Entry, Headers, VaryMarker
+from cachegw._entry import Entry, Headers, VaryMarker, strong_etag
 from cachegw._keys import hash_parts, vary_values
 from cachegw._policy import (
     CacheControl,
@@ -30,6 +28,7 @@ from cachegw._policy import (
     split_header_list,
     storable_response,
 )
+from cachegw._store import Store
 
 __all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
 
@@ -118,68 +117,12 @@ class CacheEngine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("HIT", "MISS", "STALE", "BYPASS", "EXPIRED", "coalesced", "backend_errors"), 0
         )
-        self._inline = bool(getattr(backend, "inline", False))
+        self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed)
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
-    # -- backend access: deadlines, fail open -------------------------------------
-
-    async def _get(self, key: str) -> Entry | VaryMarker | None:
-        try:
-            if self._inline:
-                data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
-            else:
-                async with asyncio.timeout(self.op_timeout):
-                    data = await self.backend.get(key)
-        except Exception as exc:
-            self._backend_failed("get", exc)
-            return None
-        if data is None:
-            return None
-        item = _entry.decode(data)
-        if item is None:
-            logger.warning("cachegw: dropping undecodable cache value at %s", key)
-            await self._delete(key)
-        return item
-
-    async def _set(self, key: str, item: Entry | VaryMarker, ttl: float) -> None:
-        data = _entry.encode(item)
-        try:
-            if self._inline:
-                self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]
-            else:
-                # fastapi-cache2's own backends take whole seconds, and treat 0 as
-                # "no expiry" or "expire now": never pass less than 1.
-                expire: Any = ttl if hasattr(self.backend, "delete") else max(1, math.ceil(ttl))
-                async with asyncio.timeout(self.op_timeout):
-                    await self.backend.set(key, data, expire)
-        except Exception as exc:
-            self._backend_failed("set", exc)
-
-    async def _delete(self, key: str) -> None:
-        try:
-            if self._inline:
-                self.backend.delete_nowait(key)  # type: ignore[attr-defined]
-                return
-            async with asyncio.timeout(self.op_timeout):
-                delete = getattr(self.backend, "delete", None)
-                if delete is not None:
-                    await delete(key)
-                else:
-                    await self.backend.clear(key=key)
-        except KeyError:
-            pass  # fastapi-cache2's InMemoryBackend.clear(key=) raises on a missing key
-        except Exception as exc:
-            self._backend_failed("delete", exc)
-
     def _backend_failed(self, op: str, exc: BaseException) -> None:
         self.stats["backend_errors"] += 1
-        logger.warning(
-            "cachegw: backend %s failed (%s: %s); serving uncached",
-            op,
-            type(exc).__name__,
-            exc,
-        )
 
     def bypass(self, fetched: Fetched) -> Served:
         """Answer with ``fetched`` without reading or writing the cache."""
@@ -188,7 +131,7 @@ class CacheEngine:
 
     async def invalidate(self, key: str) -> None:
         """Drop the entry (and its Vary variants' marker) stored under a primary key."""
-        await self._delete(key)
+        await self.store.delete(key)
 
     # -- the request path -----------------------------------------------------------
 
@@ -268,9 +211,9 @@ class CacheEngine:
 
     async def _lookup(self, request: RequestInfo) -> Entry | None:
         """The entry for the request, Vary resolved."""
-        item = await self._get(request.key)
+        item = await self.store.get(request.key)
         if isinstance(item, VaryMarker):
-            variant = await self._get(_variant_key(request.key, item.names, request.headers))
+            variant = await self.store.get(_variant_key(request.key, item.names, request.headers))
             return variant if isinstance(variant, Entry) else None
         return item
 
@@ -343,7 +286,10 @@ class CacheEngine:
             try:
                 fetched = await fetch()
                 if not _failed(fetched):
-                    flight.entry = await self._store(request, policy, fetched, CacheControl({}))
+                    entry = await self._store(request, policy, fetched, CacheControl({}))
+                    flight.entry = entry
+                    names = _vary_names(entry) if entry is not None else []
+                    flight.vary = vary_values(names, request.headers) if names else None
                 else:
                     await _discard(fetched)
             except Exception:
@@ -410,7 +356,13 @@ class CacheEngine:
         )
         if reason is not None:
             return None
-        fresh = freshness(response_cc, expires=expires, date=date, policy=policy)
+        fresh = freshness(
+            response_cc,
+            expires=expires,
+            date=date,
+            policy=policy,
+            received=fetched.response_time or self.clock(),
+        )
         if fresh.lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error) <= 0:
             return None
         now = self.clock()
@@ -419,7 +371,7 @@ class CacheEngine:
         stored_headers = [(n, v) for n, v in headers if n not in _UNSTORED]
         etag = None
         if not etag_present and fetched.body is not None and fetched.status == 200:
-            etag = _entry.strong_etag(fetched.body)
+            etag = strong_etag(fetched.body)
             stored_headers.append((b"etag", etag.encode("ascii")))
         if policy.vary:
             missing = [v for v in policy.vary if v not in {x.lower() for x in vary}]
@@ -449,10 +401,12 @@ class CacheEngine:
         if response_vary:
             # Responses here vary on request headers: the primary key holds a marker
             # naming them, the response lives under a key that includes their values.
-            await self._set(request.key, VaryMarker(names=response_vary, stored_at=now), ttl)
-            await self._set(_variant_key(request.key, response_vary, request.headers), entry, ttl)
+            await self.store.set(request.key, VaryMarker(names=response_vary, stored_at=now), ttl)
+            await self.store.set(
+                _variant_key(request.key, response_vary, request.headers), entry, ttl
+            )
         else:
-            await self._set(request.key, entry, ttl)
+            await self.store.set(request.key, entry, ttl)
         return entry
 
     # -- building responses -------------------------------------------------------------
@@ -532,7 +486,9 @@ async def _discard(fetched: Fetched) -> None:
 
 def _initial_age(age: str | None, date: str | None, response_time: float) -> float:
     """RFC 9111 §4.2.3 corrected_initial_age, without request-delay correction."""
-    age_value = float(age) if age is not None and age.strip().isdigit() else 0.0
+    age = age.strip() if age is not None else None
+    # Invalid Age values are ignored (RFC 9111 §5.1); isascii() because "²".isdigit().
+    age_value = float(age) if age and age.isascii() and age.isdigit() else 0.0
     date_value = parse_http_date(date)
     apparent = max(0.0, response_time - date_value) if date_value is not None else 0.0
     return max(apparent, age_value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -93,7 +94,12 @@ def encode(item: Entry | VaryMarker) -> bytes:
 
 
 def decode(data: bytes) -> Entry | VaryMarker | None:
-    """The entry in ``data``, or None when it is not a well-formed envelope of this version."""
+    """The entry in ``data``, or None when it is not a well-formed envelope of this version.
+
+    Every field is type-checked: a value that is not exactly what `encode` writes (a
+    string where a number goes, ``NaN``, ``"false"`` for a flag) is rejected rather than
+    coerced into a different meaning.
+    """
     if not isinstance(data, bytes | bytearray | memoryview) or data[:4] != MAGIC:
         return None
     try:
@@ -104,9 +110,11 @@ def decode(data: bytes) -> Entry | VaryMarker | None:
         head = json.loads(bytes(data[_HEAD:end]))
         if head["k"] == "v":
             names = head["n"]
-            if not all(isinstance(n, str) for n in names):
+            if not _str_list(names):
                 return None
-            return VaryMarker(names=list(names), stored_at=float(head["t"]))
+            return VaryMarker(names=list(names), stored_at=_num(head["t"]))
+        if head["k"] != "r":
+            return None
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["h"]]
         status = head["s"]
         etag = head["g"]
@@ -115,25 +123,41 @@ def decode(data: bytes) -> Entry | VaryMarker | None:
             type(status) is not int
             or not 100 <= status <= 599
             or not (etag is None or isinstance(etag, str))
-            or not all(isinstance(t, str) for t in tags)
+            or not _str_list(tags)
         ):
             return None
         return Entry(
             status=status,
             headers=headers,
             body=bytes(data[end:]),
-            stored_at=float(head["t"]),
-            lifetime=float(head["l"]),
-            age0=float(head["a"]),
-            stale_while_revalidate=float(head["w"]),
-            stale_if_error=float(head["e"]),
-            must_revalidate=bool(head["m"]),
-            shared_auth=bool(head["p"]),
+            stored_at=_num(head["t"]),
+            lifetime=_num(head["l"]),
+            age0=_num(head["a"]),
+            stale_while_revalidate=_num(head["w"]),
+            stale_if_error=_num(head["e"]),
+            must_revalidate=_flag(head["m"]),
+            shared_auth=_flag(head["p"]),
             etag=etag,
             tags=list(tags),
         )
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
         return None
+
+
+def _num(value: object) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise ValueError(value)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _flag(value: object) -> bool:
+    if type(value) is not bool:
+        raise ValueError(value)
+    return value
+
+
+def _str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def strong_etag(body: bytes) -> str:

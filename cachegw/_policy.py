@@ -341,6 +341,7 @@ def freshness(
     expires: str | None,
     date: str | None,
     policy: CachePolicy,
+    received: float | None = None,
 ) -> Freshness:
     """Freshness lifetime of a response for a shared cache (RFC 9111 §4.2.1).
 
@@ -348,10 +349,17 @@ def freshness(
     ``policy.max_ttl``. Without explicit freshness the route's ``ttl`` applies.
     Stale windows come from the policy, or from the response's RFC 5861 directives when
     those are longer, and are dropped when the response forbids serving stale.
+    A ``max-age``/``s-maxage`` that is not a number makes the response stale, as does an
+    invalid ``Expires`` (RFC 9111 §4.2.1, §5.3); without ``Date``, ``Expires`` counts from
+    ``received``, the time the response arrived.
     """
-    lifetime: float | None = response_cc.seconds("s-maxage")
-    if lifetime is None:
-        lifetime = response_cc.seconds("max-age")
+    lifetime: float | None = None
+    for name in ("s-maxage", "max-age"):
+        if name in response_cc:
+            lifetime = response_cc.seconds(name)
+            if lifetime is None:
+                lifetime = 0  # present but invalid: stale
+            break
     if lifetime is None and expires is not None:
         expires_at = parse_http_date(expires)
         # An invalid Expires (e.g. "0") means "already expired" (RFC 9111 §5.3).
@@ -359,6 +367,8 @@ def freshness(
             lifetime = 0
         else:
             date_at = parse_http_date(date)
+            if date_at is None:
+                date_at = received
             lifetime = max(0.0, expires_at - date_at) if date_at is not None else None
     explicit = lifetime is not None
     if lifetime is None:
