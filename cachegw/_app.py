@@ -8,8 +8,6 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -25,14 +23,12 @@ from starlette.requests import Request
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._gateway import Gateway, Service
-from cachegw._keys import format_tag, hash_parts, vary_values
-from cachegw._policy import KeyFunc
+from cachegw._keys import format_tag, hash_parts, principal, vary_values
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
 
 __all__ = ["app_from_env", "create_app"]
 
-logger = logging.getLogger("cachegw")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -231,7 +227,7 @@ class _GatewayMiddleware:
 
         key_extra: str | None = ""
         if cacheable and policy.key is not None:
-            key_extra = await _principal(policy.key, scope)
+            key_extra = await principal(policy.key, Request(scope))
             cacheable = key_extra is not None
         if not cacheable:
             served = engine.bypass(await fetch())
@@ -255,27 +251,6 @@ class _GatewayMiddleware:
             )
             served = await engine.serve(info, policy, fetch)
         await _send_served(send, served)
-
-
-async def _principal(key: KeyFunc, scope: Scope) -> str | None:
-    """The route's key function result, or None (logged) when it fails: bypass the cache."""
-    try:
-        result = key(Request(scope))
-        if inspect.isawaitable(result):
-            result = await result
-        if not isinstance(result, str):
-            raise TypeError(f"it returned {result!r}, not a str")
-        return result
-    except Exception as exc:
-        logger.error(
-            "cachegw: key function %s raised %s: %s on %s %s; serving uncached",
-            getattr(key, "__qualname__", repr(key)),
-            type(exc).__name__,
-            exc,
-            scope["method"],
-            scope["path"],
-        )
-        return None
 
 
 _TITLES = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}

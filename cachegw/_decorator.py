@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
@@ -20,12 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
-from cachegw._keys import canonical_query, format_tag, hash_parts, vary_values
+from cachegw._keys import canonical_query, format_tag, hash_parts, principal, vary_values
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 
 __all__ = ["DECORATOR_STATUSES", "cached", "engine_for"]
 
-logger = logging.getLogger("cachegw")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -165,25 +163,10 @@ async def _serve(
             raise _Unbuffered(response)
         return Fetched(response.status_code, list(response.raw_headers), body)
 
-    key_extra = ""
+    key_extra: str | None = ""
     if policy.key is not None:
-        try:
-            result = policy.key(request)
-            if inspect.isawaitable(result):
-                result = await result
-            if not isinstance(result, str):
-                raise TypeError(f"it returned {result!r}, not a str")
-            key_extra = result
-        except Exception as exc:
-            name = getattr(policy.key, "__qualname__", repr(policy.key))
-            logger.error(
-                "cachegw: key function %s raised %s: %s on %s %s; serving uncached",
-                name,
-                type(exc).__name__,
-                exc,
-                request.method,
-                request.url.path,
-            )
+        key_extra = await principal(policy.key, request)
+        if key_extra is None:
             backend = None
     if backend is None:
         return _bypass(await fetch_or_response(fetch))
@@ -198,7 +181,7 @@ async def _serve(
             *(f"{k}={path_params[k]}" for k in sorted(path_params)),
             canonical_query(request.scope.get("query_string", b"")),
             *vary_values(policy.vary, headers),
-            key_extra,
+            key_extra or "",
         ),
     )
     info = RequestInfo(

@@ -1,17 +1,25 @@
-"""Cache keys from request parts (pure).
+"""Cache keys from request parts.
 
 A key is a stable hash (sha256) of length-prefixed parts, so no choice of part values
 can make two different requests collide by concatenation, and every process computes
-the same key for the same request.
+the same key for the same request. `principal` runs a route's own key function safely.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import logging
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote_plus
 
-__all__ = ["canonical_query", "format_tag", "hash_parts", "vary_values"]
+from starlette.requests import Request
+
+from cachegw._policy import KeyFunc
+
+logger = logging.getLogger("cachegw")
+
+__all__ = ["canonical_query", "format_tag", "hash_parts", "principal", "vary_values"]
 
 
 def hash_parts(prefix: str, parts: Iterable[str]) -> str:
@@ -79,3 +87,28 @@ def format_tag(template: str, params: Mapping[str, object]) -> str:
         return template.format_map(params)
     except (KeyError, IndexError, ValueError, AttributeError):
         return template
+
+
+async def principal(key: KeyFunc, request: Request) -> str | None:
+    """The result of a route's ``key`` function, or None when it fails.
+
+    A failing key function must not turn into a 500, nor into a shared entry: the
+    request is served uncached, and the error logged naming the function.
+    """
+    try:
+        result = key(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, str):
+            raise TypeError(f"it returned {result!r}, not a str")
+        return result
+    except Exception as exc:
+        logger.error(
+            "cachegw: key function %s raised %s: %s on %s %s; serving uncached",
+            getattr(key, "__qualname__", repr(key)),
+            type(exc).__name__,
+            exc,
+            request.method,
+            request.url.path,
+        )
+        return None
