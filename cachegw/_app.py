@@ -9,21 +9,24 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_cache.types import Backend
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
+from cachegw._accesslog import log_access
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
-from cachegw._gateway import Gateway, Service
+from cachegw._gateway import Gateway
 from cachegw._keys import format_tag, hash_parts, principal, vary_values
+from cachegw._metrics import Metrics
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
 
@@ -49,6 +52,9 @@ class _Runtime:
         self.backend: Backend | None = None
         self.engine: CacheEngine | None = None
         self.upstreams: dict[str, Upstream] = {}
+        from cachegw import __version__  # the package imports this module first
+
+        self.metrics = Metrics(version=__version__)
 
     async def open(self) -> None:
         gateway = self.gateway
@@ -60,13 +66,18 @@ class _Runtime:
         else:
             backend = RedisBackend.from_url(gateway.backend)
         self.backend = backend
-        self.engine = CacheEngine(backend, status_header=gateway.status_header)
+        if isinstance(backend, MemoryBackend):
+            self.metrics.watch_memory(backend.stats)
+        self.engine = CacheEngine(
+            backend, status_header=gateway.status_header, metrics=self.metrics
+        )
         for service in gateway.services:
             self.upstreams[service.name] = Upstream(
                 service.upstream, timeout=service.timeout, client=service.client
             )
 
     async def close(self) -> None:
+        self.metrics.close()
         if self.engine is not None:
             await self.engine.aclose()
         for upstream in self.upstreams.values():
@@ -124,6 +135,11 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
             info["memory"] = backend.stats()
         return JSONResponse(info)
 
+    @app.get("/_cachegw/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = runtime.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
     return app
 
 
@@ -141,49 +157,47 @@ class _GatewayMiddleware:
         if scope["type"] != "http" or scope["path"].startswith("/_cachegw/"):
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        trace = _Trace()
+        served = await self._handle(scope, receive, trace)
+        sent = await _send_served(send, served)
+        self.runtime.metrics.request(trace.service, trace.route, served.cache_status)
+        log_access(
+            scope,
+            status=served.status,
+            bytes_sent=sent,
+            duration=time.perf_counter() - started,
+            service=trace.service,
+            route=trace.route,
+            cache_status=served.cache_status,
+            upstream=trace.upstream,
+            key=trace.key,
+        )
+
+    async def _handle(self, scope: Scope, receive: Receive, trace: _Trace) -> Served:
         try:
             check_headers(scope)
             path = check_target(scope)
         except BadTarget as bad:
-            await _send(
-                send, *problem(bad.status, _TITLES.get(bad.status, "Bad Request"), bad.detail)
-            )
-            return
+            return _refusal(bad.status, _TITLES.get(bad.status, "Bad Request"), bad.detail)
         matched = self.runtime.gateway.match(path)
         if matched is None:
-            await _send(send, *problem(404, "Not Found", f"no route is declared for {path}"))
-            return
+            return _refusal(404, "Not Found", f"no route is declared for {path}")
         service, route, rest, params = matched
+        trace.service, trace.route = service.name, route.path
         policy = route.policy
         method: str = scope["method"]
         if policy.methods is not None and method not in policy.methods:
-            status, headers, body = problem(
+            refused = _refusal(
                 405, "Method Not Allowed", f"{method} is not allowed on {route.path}"
             )
-            headers.append((b"allow", ", ".join(policy.methods).encode("latin-1")))
-            await _send(send, status, headers, body)
-            return
+            refused.headers.append((b"allow", ", ".join(policy.methods).encode("latin-1")))
+            return refused
         engine = self.runtime.engine
         upstream = self.runtime.upstreams.get(service.name)
         if engine is None or upstream is None:
-            await _send(send, *problem(503, "Service Unavailable", "the gateway is starting"))
-            return
-        await self._proxy(scope, receive, send, service, rest, params, engine, upstream, route)
+            return _refusal(503, "Service Unavailable", "the gateway is starting")
 
-    async def _proxy(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        service: Service,
-        rest: str,
-        params: dict[str, Any],
-        engine: CacheEngine,
-        upstream: Upstream,
-        route: Any,
-    ) -> None:
-        policy = route.policy
-        method: str = scope["method"]
         raw_query: bytes = scope.get("query_string", b"")
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
@@ -203,6 +217,7 @@ class _GatewayMiddleware:
         )
         if cacheable and method in ("GET", "HEAD"):
             forward_headers = [(n, v) for n, v in forward_headers if n not in _CONDITIONAL]
+        metrics = self.runtime.metrics
 
         async def body() -> AsyncIterator[bytes]:
             while True:
@@ -215,8 +230,9 @@ class _GatewayMiddleware:
                 if not message.get("more_body", False):
                     return
 
-        def fetch() -> Awaitable[Fetched]:
-            return upstream.fetch(
+        async def fetch() -> Fetched:
+            began = time.perf_counter()
+            fetched = await upstream.fetch(
                 method,
                 rest,
                 raw_query,
@@ -224,56 +240,77 @@ class _GatewayMiddleware:
                 body() if has_body else None,
                 max_body=policy.max_body,
             )
+            took = time.perf_counter() - began
+            trace.upstream = took
+            error = fetched.error or ("status_5xx" if fetched.status >= 500 else None)
+            metrics.upstream(service.name, took, error)
+            return fetched
 
         key_extra: str | None = ""
         if cacheable and policy.key is not None:
             key_extra = await principal(policy.key, Request(scope))
             cacheable = key_extra is not None
         if not cacheable:
-            served = engine.bypass(await fetch())
-        else:
-            key = hash_parts(
-                self.runtime.gateway.prefix,
-                (
-                    service.name,
-                    rest,
-                    raw_query.decode("latin-1"),
-                    *vary_values(policy.vary, headers),
-                    key_extra or "",
-                ),
-            )
-            info = RequestInfo(
-                method=method,
-                key=key,
-                headers=headers,
-                per_principal=policy.key is not None,
-                tags=[format_tag(t, params) for t in policy.tags],
-            )
-            served = await engine.serve(info, policy, fetch)
-        await _send_served(send, served)
+            return engine.bypass(await fetch())
+        trace.key = hash_parts(
+            self.runtime.gateway.prefix,
+            (
+                service.name,
+                rest,
+                raw_query.decode("latin-1"),
+                *vary_values(policy.vary, headers),
+                key_extra or "",
+            ),
+        )
+        info = RequestInfo(
+            method=method,
+            key=trace.key,
+            headers=headers,
+            per_principal=policy.key is not None,
+            tags=[format_tag(t, params) for t in policy.tags],
+            service=service.name,
+        )
+        return await engine.serve(info, policy, fetch)
+
+
+class _Trace:
+    """What one request's metrics and access-log line need to know."""
+
+    __slots__ = ("key", "route", "service", "upstream")
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.route = ""
+        self.upstream: float | None = None
+        self.key: str | None = None
+
+
+def _refusal(status: int, title: str, detail: str) -> Served:
+    status, headers, body = problem(status, title, detail)
+    return Served(status, headers, body, cache_status="ERROR")
 
 
 _TITLES = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}
 
 
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_served(send: Send, served: Served) -> None:
+async def _send_served(send: Send, served: Served) -> int:
+    """Send ``served``; the number of body bytes sent."""
     await send({"type": "http.response.start", "status": served.status, "headers": served.headers})
     stream = served.stream
     if stream is None:
         await send({"type": "http.response.body", "body": served.body})
-        return
+        return len(served.body)
+    sent = 0
     try:
         if served.body:
             await send({"type": "http.response.body", "body": served.body, "more_body": True})
+            sent += len(served.body)
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
         await send({"type": "http.response.body", "body": b""})
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
+    return sent

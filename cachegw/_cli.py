@@ -23,8 +23,10 @@ import httpx
 import uvicorn
 
 from cachegw import __version__
+from cachegw._accesslog import log_config
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, policy_table
+from cachegw._metrics import multiprocess_dir
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy
 from cachegw._server import uvicorn_options
 
@@ -56,13 +58,25 @@ def main() -> None:
     help="Worker processes; more than one needs a shared (Redis) backend to share the cache.",
 )
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
-def serve(file: Path, host: str, port: int, workers: int, log_level: str) -> None:
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="One JSON line per request on stdout, with its cache status.",
+)
+def serve(file: Path, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
     """Serve the gateway declared in FILE."""
     gateway = _load(file)
     _check_port(host, port)
     # No Date/Server header of uvicorn's own, no trusted proxy headers, the raw request
-    # target kept: see uvicorn_options.
-    options = uvicorn_options(host=host, port=port, log_level=log_level)
+    # target kept: see uvicorn_options. uvicorn's own access lines are replaced by ours.
+    options = uvicorn_options(
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config(access_log),
+        access_log=False,
+    )
     if workers == 1:
         from cachegw._app import create_app
 
@@ -76,7 +90,9 @@ def serve(file: Path, host: str, port: int, workers: int, log_level: str) -> Non
         )
     # Workers are separate processes: each builds its app from the file, found here.
     os.environ["CACHEGW_CONFIG"] = str(file.resolve())
-    uvicorn.run("cachegw._app:app_from_env", factory=True, workers=workers, **options)
+    # Metrics of all workers are merged through prometheus-client's multi-process files.
+    with multiprocess_dir():
+        uvicorn.run("cachegw._app:app_from_env", factory=True, workers=workers, **options)
 
 
 @main.command()

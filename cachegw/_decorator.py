@@ -60,7 +60,7 @@ def cached(
     statuses: Iterable[int] | None = None,
     max_body: int | str = 1024 * 1024,
     policy: CachePolicy | None = None,
-) -> Callable[[Callable[P, Awaitable[R]] | Callable[P, R]], Callable[P, Awaitable[Any]]]:
+) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]:
     """Cache a FastAPI route handler's final response in the fastapi-cache2 backend.
 
     Usage::
@@ -105,7 +105,7 @@ def cached(
         raise TypeError(f"policy must be a CachePolicy, got {policy!r}")
     frozen_policy = policy
 
-    def decorator(func: Callable[P, Awaitable[R]] | Callable[P, R]) -> Callable[P, Awaitable[Any]]:
+    def decorator(func: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
         signature = get_typed_signature(func)
         request_param = _find_param(signature, Request)
         response_param = _find_param(signature, Response)
@@ -194,7 +194,7 @@ async def _serve(
     try:
         served = await engine.serve(info, policy, fetch)
     except _Unbuffered as unbuffered:
-        unbuffered.response.headers[engine.status_header.decode()] = "BYPASS"
+        _mark_bypass(unbuffered.response, "detail=streaming")
         return unbuffered.response
     return _RawResponse(served)
 
@@ -207,11 +207,17 @@ async def fetch_or_response(fetch: Callable[[], Awaitable[Fetched]]) -> Fetched 
 
 
 def _bypass(result: Fetched | Response) -> Response:
-    if isinstance(result, Response):
-        result.headers["x-cache-status"] = "BYPASS"
-        return result
-    headers = [*result.headers, (b"x-cache-status", b"BYPASS")]
-    return _RawResponse(Served(result.status, headers, result.body or b"", cache_status="BYPASS"))
+    """A response served without the cache (no backend, or the key function failed)."""
+    if isinstance(result, Fetched):
+        served = Served(result.status, result.headers, result.body or b"", cache_status="BYPASS")
+        result = _RawResponse(served)
+    return _mark_bypass(result, "fwd=bypass")
+
+
+def _mark_bypass(response: Response, detail: str) -> Response:
+    response.raw_headers.append((b"x-cache-status", b"BYPASS"))
+    response.raw_headers.append((b"cache-status", f"cachegw; {detail}".encode()))
+    return response
 
 
 class _Unbuffered(Exception):

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi_cache.types import Backend
 
@@ -30,7 +30,12 @@ from cachegw._policy import (
 )
 from cachegw._store import Store
 
+if TYPE_CHECKING:
+    from cachegw._metrics import Metrics
+
 __all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
+
+StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
 
 logger = logging.getLogger("cachegw")
 
@@ -52,6 +57,7 @@ class RequestInfo:
     headers: Mapping[str, str]  # lower-case names, repeated fields joined with ", "
     per_principal: bool = False  # the key includes the caller's identity
     tags: list[str] = field(default_factory=list)
+    service: str = ""  # for metrics
 
     @property
     def authorized(self) -> bool:
@@ -68,6 +74,7 @@ class Fetched:
     stream: AsyncIterator[bytes] | None = None
     failed: bool = False  # the upstream could not be reached or timed out (502/504)
     response_time: float = 0.0  # wall clock when the response arrived
+    error: str | None = None  # why it failed: "connect", "timeout" or "protocol"
 
 
 @dataclass(slots=True)
@@ -108,6 +115,7 @@ class CacheEngine:
         cache_name: str = "cachegw",
         op_timeout: float = 0.05,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.backend = backend
         self.status_header = status_header.lower().encode("latin-1")
@@ -117,12 +125,22 @@ class CacheEngine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("HIT", "MISS", "STALE", "BYPASS", "EXPIRED", "coalesced", "backend_errors"), 0
         )
+        self.metrics = metrics
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed)
+        if metrics is not None:
+            self.store.breaker.on_change = metrics.circuit
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
     def _backend_failed(self, op: str, exc: BaseException) -> None:
         self.stats["backend_errors"] += 1
+        if self.metrics is not None:
+            self.metrics.backend_error(op)
+
+    def _stale(self, request: RequestInfo, reason: StaleReason) -> None:
+        self.stats["STALE"] += 1
+        if self.metrics is not None:
+            self.metrics.stale(request.service, reason)
 
     def bypass(self, fetched: Fetched) -> Served:
         """Answer with ``fetched`` without reading or writing the cache."""
@@ -173,7 +191,7 @@ class CacheEngine:
                     and "min-fresh" not in request_cc
                 ):
                     self._refresh_in_background(request, policy, fetch)
-                    self.stats["STALE"] += 1
+                    self._stale(request, "stale-while-revalidate")
                     return self._from_entry(
                         found,
                         request,
@@ -182,12 +200,13 @@ class CacheEngine:
                         f"hit; ttl={int(left)}; fwd=stale; fwd-status=0",
                     )
                 if "only-if-cached" not in request_cc and _max_stale_ok(found, left, request_cc):
-                    self.stats["STALE"] += 1
+                    self._stale(request, "max-stale")
                     return self._from_entry(found, request, now, "STALE", f"hit; ttl={int(left)}")
 
         if "only-if-cached" in request_cc:
             # RFC 9111 §5.2.1.7: nothing usable in cache -> 504.
-            return Served(504, [(b"content-length", b"0")], b"", cache_status="MISS")
+            headers = [(b"content-length", b"0"), *self._cache_headers("MISS", "fwd=miss")]
+            return Served(504, headers, b"", cache_status="MISS")
 
         if method == "HEAD" or shared_only or bypass_read:
             # Not coalesced: HEAD has no body to store, a request with credentials may get
@@ -236,6 +255,8 @@ class CacheEngine:
             ):
                 self.stats["coalesced"] += 1
                 self.stats["HIT"] += 1
+                if self.metrics is not None:
+                    self.metrics.coalesced(request.service)
                 now = self.clock()
                 return self._from_entry(
                     entry, request, now, "HIT", f"hit; ttl={int(entry.ttl_left(now))}; collapsed"
@@ -249,7 +270,7 @@ class CacheEngine:
         try:
             fetched = await fetch()
             if stale is not None and _failed(fetched) and _stale_if_error_ok(stale, self.clock()):
-                self.stats["STALE"] += 1
+                self._stale(request, "stale-if-error")
                 now = self.clock()
                 left = stale.ttl_left(now)
                 await _discard(fetched)

@@ -308,7 +308,14 @@ class Upstream:
             status, title = (504, "Gateway Timeout") if timed_out else (502, "Bad Gateway")
             detail = f"The upstream {self.base} failed: {type(exc).__name__}."
             status, out, payload = problem(status, title, detail)
-            return Fetched(status, out, payload, failed=True, response_time=time.time())
+            kind = (
+                "timeout"
+                if timed_out
+                else "connect"
+                if isinstance(exc, httpx.ConnectError)
+                else "protocol"
+            )
+            return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
         out = response_headers(response.headers.raw)
         if streamed:
             stream = _Stream(response, chunks, rest)

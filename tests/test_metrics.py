@@ -1,0 +1,518 @@
+"""Metrics: per-instance registries, exposition values, multi-process aggregation; the access log.
+
+The multi-process tests run prometheus-client in subprocesses only: it picks its mode
+once per process, from ``PROMETHEUS_MULTIPROC_DIR``, when first imported, so setting the
+variable here would not take effect (and must not leak into other tests).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cachegw import MemoryBackend
+from cachegw._accesslog import (
+    ACCESS_LOGGER,
+    access_record,
+    enable_access_log,
+    log_access,
+    log_config,
+)
+from cachegw._errors import ConfigError
+from cachegw._metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(body: bytes) -> Samples:
+    found: Samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found: Samples, name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+
+
+# -- single process --------------------------------------------------------------------
+
+
+def test_known_sequence_gives_expected_values() -> None:
+    metrics = Metrics(version="1.2.3")
+    for status in ("MISS", "HIT", "HIT", "STALE"):
+        metrics.request("catalog", "/items/{item_id}", status)
+    metrics.request("users", "/{rest:path}", "BYPASS")
+    metrics.request("", "", "ERROR")
+    metrics.upstream("catalog", 0.004)
+    metrics.upstream("catalog", 0.2)
+    metrics.upstream("catalog", 10.5, "timeout")
+    metrics.upstream("users", 0.0, "connect")
+    metrics.backend_error("get")
+    metrics.backend_error("get")
+    metrics.backend_error("set")
+    metrics.circuit(True)
+    metrics.stale("catalog", "stale-while-revalidate")
+    metrics.stale("catalog", "stale-if-error")
+    metrics.coalesced("catalog")
+    metrics.coalesced("catalog")
+    metrics.purge("tags")
+    metrics.purge("all")
+
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    found = samples(body)
+    item = {"service": "catalog", "route": "/items/{item_id}"}
+    assert value(found, "cachegw_requests_total", cache_status="HIT", **item) == 2
+    assert value(found, "cachegw_requests_total", cache_status="MISS", **item) == 1
+    assert value(found, "cachegw_requests_total", cache_status="STALE", **item) == 1
+    assert value(found, "cachegw_requests_total", cache_status="EXPIRED", **item) is None
+    assert (
+        value(
+            found,
+            "cachegw_requests_total",
+            service="users",
+            route="/{rest:path}",
+            cache_status="BYPASS",
+        )
+        == 1
+    )
+    assert value(found, "cachegw_requests_total", service="", route="", cache_status="ERROR") == 1
+
+    hist = "cachegw_upstream_request_duration_seconds"
+    assert value(found, f"{hist}_count", service="catalog") == 3
+    assert value(found, f"{hist}_sum", service="catalog") == pytest.approx(10.704)
+    assert value(found, f"{hist}_bucket", service="catalog", le="0.005") == 1
+    assert value(found, f"{hist}_bucket", service="catalog", le="0.25") == 2
+    assert value(found, f"{hist}_bucket", service="catalog", le="10.0") == 2
+    assert value(found, f"{hist}_bucket", service="catalog", le="30.0") == 3
+    assert value(found, f"{hist}_bucket", service="catalog", le="+Inf") == 3
+    assert value(found, f"{hist}_bucket", service="users", le="0.001") == 1
+
+    errors = "cachegw_upstream_errors_total"
+    assert value(found, errors, service="catalog", kind="timeout") == 1
+    assert value(found, errors, service="users", kind="connect") == 1
+    assert value(found, "cachegw_backend_errors_total", operation="get") == 2
+    assert value(found, "cachegw_backend_errors_total", operation="set") == 1
+    assert value(found, "cachegw_backend_circuit_open") == 1
+    stale = "cachegw_stale_served_total"
+    assert value(found, stale, service="catalog", reason="stale-while-revalidate") == 1
+    assert value(found, stale, service="catalog", reason="stale-if-error") == 1
+    assert value(found, "cachegw_coalesced_waiters_total", service="catalog") == 2
+    assert value(found, "cachegw_purges_total", kind="tags") == 1
+    assert value(found, "cachegw_purges_total", kind="all") == 1
+    assert value(found, "cachegw_info", version="1.2.3") == 1
+
+    metrics.circuit(False)
+    assert value(samples(metrics.render()[0]), "cachegw_backend_circuit_open") == 0
+
+
+def test_every_documented_metric_is_exposed() -> None:
+    backend = MemoryBackend()
+    metrics = Metrics(memory_stats=backend.stats)
+    metrics.request("s", "/", "HIT")
+    metrics.upstream("s", 0.1, "status_5xx")
+    metrics.backend_error("get")
+    metrics.stale("s", "max-stale")
+    metrics.coalesced("s")
+    metrics.purge("service")
+    families = text_string_to_metric_families(metrics.render()[0].decode())
+    names = {f.name for f in families if not f.name.endswith("_created")}
+    assert names == {
+        "cachegw_requests",
+        "cachegw_upstream_request_duration_seconds",
+        "cachegw_upstream_errors",
+        "cachegw_backend_errors",
+        "cachegw_backend_circuit_open",
+        "cachegw_stale_served",
+        "cachegw_coalesced_waiters",
+        "cachegw_purges",
+        "cachegw_info",
+        "cachegw_memory_entries",
+        "cachegw_memory_bytes",
+        "cachegw_memory_max_entries",
+        "cachegw_memory_max_bytes",
+        "cachegw_memory_evictions",
+    }
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    for name in names - {"cachegw_info"}:
+        assert f"`{name}" in docs, f"{name} is not documented in docs/operations.md"
+
+
+def test_instances_do_not_share_values() -> None:
+    first, second = Metrics(), Metrics()
+    first.request("catalog", "/a", "HIT")
+    first.request("catalog", "/a", "HIT")
+    second.request("catalog", "/a", "HIT")
+    second.circuit(True)
+    one, two = samples(first.render()[0]), samples(second.render()[0])
+    labels = {"service": "catalog", "route": "/a", "cache_status": "HIT"}
+    assert value(one, "cachegw_requests_total", **labels) == 2
+    assert value(two, "cachegw_requests_total", **labels) == 1
+    assert value(one, "cachegw_backend_circuit_open") == 0
+    assert value(two, "cachegw_backend_circuit_open") == 1
+
+
+def test_memory_gauges_follow_a_real_backend_at_scrape_time() -> None:
+    backend = MemoryBackend(max_entries=2, max_bytes="1MiB")
+    metrics = Metrics()
+    assert value(samples(metrics.render()[0]), "cachegw_memory_entries") is None
+    metrics.watch_memory(backend.stats)
+    assert value(samples(metrics.render()[0]), "cachegw_memory_entries") == 0
+
+    backend.set_nowait("a", b"x" * 100, 60)
+    found = samples(metrics.render()[0])
+    assert value(found, "cachegw_memory_entries") == 1
+    assert value(found, "cachegw_memory_bytes") == backend.stats()["bytes"] > 100
+    assert value(found, "cachegw_memory_max_entries") == 2
+    assert value(found, "cachegw_memory_max_bytes") == 1024 * 1024
+
+    backend.set_nowait("b", b"y", 60)
+    backend.set_nowait("c", b"z", 60)  # evicts "a"
+    found = samples(metrics.render()[0])
+    assert value(found, "cachegw_memory_entries") == 2
+    assert value(found, "cachegw_memory_bytes") == backend.stats()["bytes"]
+    assert value(found, "cachegw_memory_evictions_total") == 1
+
+
+def test_a_failing_memory_source_does_not_break_the_scrape() -> None:
+    def broken() -> dict[str, int]:
+        raise RuntimeError("backend gone")
+
+    metrics = Metrics(memory_stats=broken)
+    metrics.request("s", "/", "HIT")
+    found = samples(metrics.render()[0])
+    assert value(found, "cachegw_memory_entries") is None
+    assert value(found, "cachegw_requests_total", service="s", route="/", cache_status="HIT") == 1
+
+
+def test_openmetrics_when_asked() -> None:
+    metrics = Metrics()
+    body, content_type = metrics.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+def test_multiproc_variable_set_too_late_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # prometheus_client is already imported here, in single-process mode.
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    with pytest.raises(ConfigError, match="before the process starts"):
+        Metrics()
+
+
+def test_multiprocess_dir_sets_and_removes_a_fresh_directory() -> None:
+    with multiprocess_dir() as path:
+        assert os.environ[MULTIPROC_ENV] == path
+        assert os.path.isdir(path)
+        assert os.listdir(path) == []
+    assert MULTIPROC_ENV not in os.environ
+    assert not os.path.exists(path)
+
+
+def test_multiprocess_dir_keeps_a_directory_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    with multiprocess_dir() as path:
+        assert path == str(tmp_path)
+    assert os.environ[MULTIPROC_ENV] == str(tmp_path)
+    assert tmp_path.is_dir()
+
+
+# -- several processes -----------------------------------------------------------------
+
+# A worker: counts, reports its memory backend, says "ready", then waits for a line on
+# stdin before closing (as the app's lifespan does on shutdown) and exiting.
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    from cachegw import MemoryBackend
+    from cachegw._metrics import Metrics
+
+    hits, entries, circuit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "open"
+    backend = MemoryBackend()
+    for i in range(entries):
+        backend.set_nowait(f"k{i}", b"v", 60)
+    metrics = Metrics(version="9.9", memory_stats=backend.stats)
+    assert metrics.multiprocess_dir
+    for _ in range(hits):
+        metrics.request("catalog", "/items/{item_id}", "HIT")
+    metrics.request("catalog", "/items/{item_id}", "MISS")
+    metrics.upstream("catalog", 0.003, None)
+    metrics.upstream("catalog", 1.5, "status_5xx")
+    metrics.circuit(circuit)
+    metrics.render()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    metrics.close()
+    """
+)
+
+_RENDER = textwrap.dedent(
+    """
+    import sys
+    from cachegw._metrics import Metrics
+
+    sys.stdout.buffer.write(Metrics().render()[0])
+    """
+)
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, *args],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line == "ready\n", f"worker failed (exit {self.proc.poll()})"
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=30) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def multiproc_env(tmp_path: Path) -> dict[str, str]:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    return {**os.environ, MULTIPROC_ENV: str(directory)}
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+def render_in_subprocess(env: dict[str, str]) -> Samples:
+    done = subprocess.run(
+        [sys.executable, "-c", _RENDER], env=env, capture_output=True, check=True, timeout=30
+    )
+    return samples(done.stdout)
+
+
+def test_multiprocess_rendering_sums_all_workers(
+    multiproc_env: dict[str, str], workers: list[Worker]
+) -> None:
+    workers.append(Worker(multiproc_env, "3", "2", "open"))
+    workers.append(Worker(multiproc_env, "4", "5", "closed"))
+
+    found = render_in_subprocess(multiproc_env)
+    item = {"service": "catalog", "route": "/items/{item_id}"}
+    assert value(found, "cachegw_requests_total", cache_status="HIT", **item) == 7
+    assert value(found, "cachegw_requests_total", cache_status="MISS", **item) == 2
+    hist = "cachegw_upstream_request_duration_seconds"
+    assert value(found, f"{hist}_count", service="catalog") == 4
+    assert value(found, f"{hist}_sum", service="catalog") == pytest.approx(3.006)
+    assert value(found, f"{hist}_bucket", service="catalog", le="0.005") == 2
+    assert value(found, f"{hist}_bucket", service="catalog", le="+Inf") == 4
+    errors = "cachegw_upstream_errors_total"
+    assert value(found, errors, service="catalog", kind="status_5xx") == 2
+    assert value(found, "cachegw_backend_circuit_open") == 1  # any live worker open
+    assert value(found, "cachegw_memory_entries") == 7  # 2 + 5: each worker's own store
+    assert value(found, "cachegw_info", version="9.9") == 1
+
+    # A worker that shut down leaves the live gauges; its counts stay in the totals.
+    workers[0].stop()
+    found = render_in_subprocess(multiproc_env)
+    assert value(found, "cachegw_backend_circuit_open") == 0
+    assert value(found, "cachegw_memory_entries") == 5
+    assert value(found, "cachegw_requests_total", cache_status="HIT", **item) == 7
+    workers[1].stop()
+
+
+# -- access log ------------------------------------------------------------------------
+
+
+def scope(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/catalog/items/42",
+        "raw_path": b"/catalog/items/42",
+        "query_string": b"lang=en&b=1",
+        "client": ("203.0.113.7", 51234),
+        "headers": [
+            (b"host", b"gw.example"),
+            (b"user-agent", b"curl/8.5"),
+            (b"authorization", b"Bearer s3cr3t-token"),
+            (b"cookie", b"session=c00kie-value"),
+        ],
+    }
+    base.update(overrides)
+    return base
+
+
+KEY = "cachegw:" + "0123456789abcdef" * 4
+
+
+def test_access_line_is_json_with_the_fields(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    log_access(
+        scope(),
+        status=200,
+        bytes_sent=1024,
+        duration=0.0123456,
+        service="catalog",
+        route="/items/{item_id}",
+        cache_status="MISS",
+        upstream=0.01,
+        key=KEY,
+    )
+    [record] = [r for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert record.levelno == logging.INFO
+    line = record.getMessage()
+    assert "\n" not in line
+    fields = json.loads(line)
+    assert fields.pop("time").endswith("Z")
+    assert fields == {
+        "client": "203.0.113.7",
+        "method": "GET",
+        "path": "/catalog/items/42",
+        "query": "lang=en&b=1",
+        "status": 200,
+        "bytes": 1024,
+        "duration_ms": 12.346,
+        "service": "catalog",
+        "route": "/items/{item_id}",
+        "cache_status": "MISS",
+        "upstream_ms": 10.0,
+        "key": "0123456789ab",
+        "user_agent": "curl/8.5",
+    }
+    assert "s3cr3t" not in line
+    assert "c00kie" not in line
+
+
+def test_access_line_time_is_rfc3339_utc() -> None:
+    record = access_record(scope(), status=200, bytes_sent=0, duration=0)
+    assert datetime.fromisoformat(record["time"]).utcoffset() == timedelta(0)
+
+
+def test_access_line_of_a_refusal_has_no_upstream_or_key() -> None:
+    record = access_record(
+        scope(client=None, headers=[]), status=404, bytes_sent=80, duration=0.0001
+    )
+    assert record["client"] is None
+    assert record["user_agent"] == ""
+    assert "upstream_ms" not in record
+    assert "key" not in record
+
+
+def test_hostile_values_are_truncated_and_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    long_path = b"/x" + b"a" * 5000
+    log_access(
+        scope(
+            raw_path=long_path + b'\n{"forged":1}',
+            query_string=b"q=" + b"b" * 5000,
+            headers=[(b"user-agent", b"u" * 5000 + b"\r\n")],
+        ),
+        status=200,
+        bytes_sent=0,
+        duration=0,
+    )
+    line = caplog.records[-1].getMessage()
+    assert "\n" not in line and "\r" not in line
+    fields = json.loads(line)
+    assert len(fields["path"]) == 2048
+    assert len(fields["query"]) == 2048
+    assert len(fields["user_agent"]) == 512
+
+
+def test_log_access_is_a_no_op_when_the_logger_is_off(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger=ACCESS_LOGGER)
+
+    def not_called(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise AssertionError("the record was built although the logger is off")
+
+    monkeypatch.setattr("cachegw._accesslog.access_record", not_called)
+    log_access(scope(), status=200, bytes_sent=0, duration=0)
+    assert not [r for r in caplog.records if r.name == ACCESS_LOGGER]
+
+
+def test_enable_access_log_writes_bare_json_lines() -> None:
+    logger = logging.getLogger(ACCESS_LOGGER)
+    stream = io.StringIO()
+    handler = enable_access_log(stream)
+    try:
+        log_access(scope(), status=304, bytes_sent=0, duration=0.001, cache_status="HIT")
+        log_access(scope(method="HEAD"), status=200, bytes_sent=0, duration=0.001)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["GET", "HEAD"]
+    assert json.loads(lines[0])["cache_status"] == "HIT"
+
+
+_UNDER_UVICORN_CONFIG = textwrap.dedent(
+    """
+    import logging.config, sys
+    from cachegw._accesslog import log_access, log_config
+
+    logging.config.dictConfig(log_config(sys.argv[1] == "on"))
+    scope = {"method": "GET", "path": "/x", "headers": [(b"cookie", b"c00kie")]}
+    log_access(scope, status=200, bytes_sent=3, duration=0.001, cache_status="HIT")
+    """
+)
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_log_config_turns_the_access_log_on_and_off(switch: str) -> None:
+    # In a subprocess: dictConfig reconfigures the process's loggers.
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_UVICORN_CONFIG, switch],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert done.stderr == ""
+    if switch == "off":
+        assert done.stdout == ""
+        return
+    [line] = done.stdout.splitlines()
+    assert json.loads(line)["cache_status"] == "HIT"
+    assert "c00kie" not in line
+    assert log_config(True)["loggers"]["uvicorn.access"]  # uvicorn's own config is kept
