@@ -6,7 +6,7 @@ backend) and a caching reverse-proxy router (`Gateway`, `Service`, `create_app`)
 
 from cachegw._app import create_app
 from cachegw._backends import MemoryBackend, RedisBackend
-from cachegw._decorator import cached
+from cachegw._decorator import cached, purge
 from cachegw._errors import BackendError, CacheGWError, ConfigError
 from cachegw._gateway import Gateway, Service
 from cachegw._policy import CachePolicy
@@ -25,4 +25,5 @@ __all__ = [
     "__version__",
     "cached",
     "create_app",
+    "purge",
 ]

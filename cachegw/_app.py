@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
 from fastapi_cache.types import Backend
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
 from cachegw._accesslog import log_access
+from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._gateway import Gateway
 from cachegw._keys import format_tag, hash_parts, principal, vary_values
 from cachegw._metrics import Metrics
+from cachegw._purge import purges_for, scopes_for
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
 
@@ -69,7 +70,11 @@ class _Runtime:
         if isinstance(backend, MemoryBackend):
             self.metrics.watch_memory(backend.stats)
         self.engine = CacheEngine(
-            backend, status_header=gateway.status_header, metrics=self.metrics
+            backend,
+            status_header=gateway.status_header,
+            metrics=self.metrics,
+            purges=purges_for(backend, gateway.prefix),
+            expose_tag_headers=gateway.expose_tag_headers,
         )
         for service in gateway.services:
             self.upstreams[service.name] = Upstream(
@@ -120,26 +125,7 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
     )
     app.state.cachegw = runtime
 
-    @app.get("/_cachegw/health")
-    async def health() -> JSONResponse:
-        engine = runtime.engine
-        backend = runtime.backend
-        info: dict[str, Any] = {
-            "status": "ok",
-            "backend": type(backend).__name__ if backend is not None else None,
-            "services": [s.name for s in gateway.services],
-        }
-        if engine is not None:
-            info["stats"] = dict(engine.stats)
-        if isinstance(backend, MemoryBackend):
-            info["memory"] = backend.stats()
-        return JSONResponse(info)
-
-    @app.get("/_cachegw/metrics")
-    async def metrics(request: Request) -> Response:
-        body, content_type = runtime.metrics.render(request.headers.get("accept", ""))
-        return Response(body, media_type=content_type)
-
+    app.include_router(admin_router(runtime))
     return app
 
 
@@ -267,7 +253,7 @@ class _GatewayMiddleware:
             key=trace.key,
             headers=headers,
             per_principal=policy.key is not None,
-            tags=[format_tag(t, params) for t in policy.tags],
+            scopes=scopes_for(service.name, rest, (format_tag(t, params) for t in policy.tags)),
             service=service.name,
         )
         return await engine.serve(info, policy, fetch)

@@ -28,7 +28,9 @@ from cachegw._policy import KNOBS
 __all__ = ["load_gateway"]
 
 _TABLES = frozenset({"cache", "admin", "services"})
-_CACHE_KEYS = frozenset({"backend", "prefix", "max_entries", "max_bytes", "status_header"})
+_CACHE_KEYS = frozenset(
+    {"backend", "prefix", "max_entries", "max_bytes", "status_header", "expose_tag_headers"}
+)
 _ADMIN_KEYS = frozenset({"token_env"})
 _SERVICE_KEYS = frozenset({"name", "upstream", "prefix", "timeout", "routes"}) | KNOBS
 _ROUTE_KEYS = frozenset({"path"}) | KNOBS
@@ -80,6 +82,11 @@ class _Loader:
             settings["status_header"] = self._string(
                 cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
             )
+        if "expose_tag_headers" in cache:
+            value = cache["expose_tag_headers"]
+            if not isinstance(value, bool):
+                raise self._error(f"cache.expose_tag_headers must be true or false, got {value!r}")
+            settings["expose_tag_headers"] = value
         if "token_env" in admin:
             settings["admin_token_env"] = self._string(
                 admin, "token_env", "admin", _ENV_NAME, "an environment variable name"

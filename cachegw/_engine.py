@@ -28,12 +28,15 @@ from cachegw._policy import (
     split_header_list,
     storable_response,
 )
+from cachegw._purge import RECORD_TTL, LocalPurges, Purges, Verdict
 from cachegw._store import Store
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
 
 __all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
+
+MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
 
 StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
 
@@ -46,6 +49,8 @@ _NOT_MODIFIED_KEEP = frozenset(
 )
 # Never stored: computed per hit, or belonging to one connection / one caller.
 _UNSTORED = frozenset({b"age", b"set-cookie", b"x-cache-status", b"cache-status"})
+# Tags an upstream gives its response for purging (Fastly / Varnish xkey, Cloudflare).
+_TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
 
 
 @dataclass(slots=True)
@@ -56,8 +61,9 @@ class RequestInfo:
     key: str  # primary key: method-independent (HEAD uses GET's entries)
     headers: Mapping[str, str]  # lower-case names, repeated fields joined with ", "
     per_principal: bool = False  # the key includes the caller's identity
-    tags: list[str] = field(default_factory=list)
+    scopes: list[str] = field(default_factory=list)  # purge scopes: see _purge.scopes_for
     service: str = ""  # for metrics
+    started: float = 0.0  # when the engine began serving it (wall clock)
 
     @property
     def authorized(self) -> bool:
@@ -116,6 +122,8 @@ class CacheEngine:
         op_timeout: float = 0.05,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        purges: Purges | None = None,
+        expose_tag_headers: bool = False,
     ) -> None:
         self.backend = backend
         self.status_header = status_header.lower().encode("latin-1")
@@ -126,6 +134,11 @@ class CacheEngine:
             ("HIT", "MISS", "STALE", "BYPASS", "EXPIRED", "coalesced", "backend_errors"), 0
         )
         self.metrics = metrics
+        # Surrogate-Key / Cache-Tag are for this cache: stripped unless asked otherwise.
+        hidden = frozenset() if expose_tag_headers else _TAG_HEADERS
+        self._unstored = _UNSTORED | hidden
+        self._unpassed = frozenset({b"x-cache-status", b"cache-status"}) | hidden
+        self.purges = purges or LocalPurges(clock)
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed)
         if metrics is not None:
             self.store.breaker.on_change = metrics.circuit
@@ -153,7 +166,14 @@ class CacheEngine:
 
     # -- the request path -----------------------------------------------------------
 
+    async def purge(self, scopes: list[str], *, soft: bool = False) -> None:
+        """Purge every entry answering to one of ``scopes`` (see `_purge`)."""
+        await self.purges.purge(scopes, soft=soft)
+
     async def serve(self, request: RequestInfo, policy: CachePolicy, fetch: Fetch) -> Served:
+        if self.purges.due():
+            await self.purges.refresh()
+        request.started = self.clock()
         method = request.method
         if method not in ("GET", "HEAD"):
             fetched = await fetch()
@@ -178,9 +198,16 @@ class CacheEngine:
             found = await self._lookup(request)
             if found is not None and shared_only and not found.shared_auth:
                 found = None
+            purged: Verdict = None
+            if found is not None:
+                purged = self.purges.verdict(found.tags, found.fetched_at)
+                if purged is not None and purged[0] == "hard":
+                    found = None
             if found is not None:
                 now = self.clock()
                 left = found.ttl_left(now)
+                if purged is not None:  # soft-purged: stale since the purge
+                    left = min(left, purged[1] - now)
                 if _fresh_enough(found, left, request_cc):
                     self.stats["HIT"] += 1
                     return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
@@ -348,8 +375,13 @@ class CacheEngine:
         set_cookie = False
         expires = date = age = None
         etag_present = False
+        upstream_tags: list[str] = []
         for name, value in headers:
-            if name == b"cache-control":
+            if name == b"surrogate-key":
+                upstream_tags += value.decode("latin-1").split()
+            elif name == b"cache-tag":
+                upstream_tags += [t.strip() for t in value.decode("latin-1").split(",")]
+            elif name == b"cache-control":
                 cc_values.append(value.decode("latin-1"))
             elif name == b"vary":
                 vary.extend(split_header_list(value.decode("latin-1")))
@@ -389,7 +421,7 @@ class CacheEngine:
         now = self.clock()
         response_time = fetched.response_time or now
         age0 = _initial_age(age, date, response_time)
-        stored_headers = [(n, v) for n, v in headers if n not in _UNSTORED]
+        stored_headers = [(n, v) for n, v in headers if n not in self._unstored]
         etag = None
         if not etag_present and fetched.body is not None and fetched.status == 200:
             etag = strong_etag(fetched.body)
@@ -413,9 +445,11 @@ class CacheEngine:
             or "s-maxage" in response_cc
             or "must-revalidate" in response_cc,
             etag=etag,
-            tags=list(request.tags),
+            tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
+            fetched_at=request.started,
         )
-        ttl = entry.storage_ttl(now)
+        # Never kept longer than purges are remembered (see _purge.RECORD_TTL).
+        ttl = min(entry.storage_ttl(now), MAX_STORAGE_TTL)
         if ttl <= 0:
             return None
         response_vary = sorted({v.lower() for v in vary})
@@ -451,9 +485,7 @@ class CacheEngine:
         return Served(entry.status, entry.headers + extra, body, cache_status=cache_status)
 
     def _passed(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
-        headers = [
-            (n, v) for n, v in fetched.headers if n not in (b"x-cache-status", b"cache-status")
-        ]
+        headers = [(n, v) for n, v in fetched.headers if n not in self._unpassed]
         headers += self._cache_headers(cache_status, detail)
         return Served(
             fetched.status, headers, fetched.body or b"", fetched.stream, cache_status=cache_status

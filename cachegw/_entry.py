@@ -32,7 +32,9 @@ class Entry:
 
     ``stored_at`` is wall-clock time (seconds since the epoch) because entries are shared
     by processes; ``age0`` is the response's age when it was stored (RFC 9111 §4.2.3
-    ``corrected_initial_age``). Freshness fields are fixed at store time.
+    ``corrected_initial_age``). Freshness fields are fixed at store time. ``tags`` holds
+    the entry's purge scopes (its tags, path, service: see `_purge`) and ``fetched_at``
+    when the fetch that produced it started, which purges are compared against.
     """
 
     status: int
@@ -47,6 +49,7 @@ class Entry:
     shared_auth: bool = False  # may answer requests with credentials (RFC 9111 §3.5)
     etag: str | None = None
     tags: list[str] = field(default_factory=list)
+    fetched_at: float = 0.0
 
     def age(self, now: float) -> float:
         """Current age (RFC 9111 §4.2.3)."""
@@ -87,6 +90,7 @@ def encode(item: Entry | VaryMarker) -> bytes:
             "p": item.shared_auth,
             "g": item.etag,
             "x": item.tags,
+            "f": item.fetched_at,
         }
         body = item.body
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -139,6 +143,7 @@ def decode(data: bytes) -> Entry | VaryMarker | None:
             shared_auth=_flag(head["p"]),
             etag=etag,
             tags=list(tags),
+            fetched_at=_num(head["f"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
         return None

@@ -132,6 +132,8 @@ class Gateway:
     * **admin_token_env** - name of the environment variable holding the admin token;
       the admin API is on only when that variable is set.
     * **status_header** - name of the header carrying HIT / MISS / ...
+    * **expose_tag_headers** - pass the upstream's ``Surrogate-Key`` / ``Cache-Tag``
+      headers on to clients (by default they are read as tags and stripped).
     """
 
     services: list[Service] = field(default_factory=list)
@@ -141,6 +143,7 @@ class Gateway:
     max_bytes: int | str = 64 * 1024 * 1024
     admin_token_env: str | None = None
     status_header: str = "X-Cache-Status"
+    expose_tag_headers: bool = False
     source: str | None = None  # the file this came from, for messages
 
     def __post_init__(self) -> None:

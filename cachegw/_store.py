@@ -102,6 +102,7 @@ class Store:
         self.breaker = breaker or Breaker()
         self.on_error = on_error
         self.errors = 0
+        self._quiet_until = 0.0
         # Our MemoryBackend never blocks: call it synchronously, no deadline needed.
         self.inline = bool(getattr(backend, "inline", False))
         # fastapi-cache2's own backends take whole seconds and read 0 as "no expiry"
@@ -129,12 +130,17 @@ class Store:
         self.errors += 1
         if self.on_error is not None:
             self.on_error(op, exc)
-        logger.warning(
-            "cachegw: backend %s failed (%s: %s); serving uncached",
-            op,
-            type(exc).__name__,
-            exc or "timed out",
-        )
+        # At most one line a second: an outage must not flood the log (the metrics count
+        # every failure, and the breaker logs when it opens and closes).
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + 1.0
+            logger.warning(
+                "cachegw: backend %s failed (%s: %s); serving uncached",
+                op,
+                type(exc).__name__,
+                exc or "timed out",
+            )
 
     async def get(self, key: str) -> Entry | VaryMarker | None:
         if self.inline:

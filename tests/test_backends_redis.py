@@ -244,3 +244,14 @@ def test_rejects_bad_timeouts(bad: object) -> None:
         RedisBackend(Redis(), op_timeout=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="default_ttl must be a number of seconds > 0"):
         RedisBackend(Redis(), default_ttl=bad)  # type: ignore[arg-type]
+
+
+async def test_more_concurrent_operations_than_pooled_connections(redis_url: str) -> None:
+    """Past the pool's 100 connections operations wait for one instead of failing."""
+    backend = RedisBackend.from_url(redis_url, op_timeout=1.0)
+    try:
+        await backend.set("k", b"v")
+        results = await asyncio.gather(*(backend.get("k") for _ in range(300)))
+        assert results == [b"v"] * 300
+    finally:
+        await backend.aclose()

@@ -27,11 +27,14 @@ def gateway_for(
     **service: Any,
 ) -> Iterator[tuple[httpx.Client, str]]:
     """A gateway with one service ``svc`` at ``/svc`` in front of ``stub``."""
+    token_env = service.pop("admin_token_env", None)
     with run_uvicorn(stub or StubUpstream()) as upstream:
         svc = Service("svc", service.pop("upstream", upstream), prefix="/svc", **service)
         for path, knobs in routes or (("/{rest:path}", {"ttl": 60}),):
             svc.route(path, **knobs)
-        gateway = Gateway(services=[svc], backend=backend or MemoryBackend())
+        gateway = Gateway(
+            services=[svc], backend=backend or MemoryBackend(), admin_token_env=token_env
+        )
         with (
             run_uvicorn(create_app(gateway), **uvicorn_options(lifespan="on")) as base,
             httpx.Client(base_url=base, timeout=10) as client,

@@ -7,7 +7,7 @@ import re
 from typing import Any, cast
 
 from fastapi_cache.types import Backend
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -101,7 +101,10 @@ class RedisBackend(Backend):
         }
         client: Redis | RedisCluster
         if sep and scheme in ("redis", "rediss", "unix"):
-            client = Redis.from_url(url, **options)
+            # A blocking pool: past max_connections (100) an operation waits for a free
+            # connection, up to op_timeout, where the default pool raises at once.
+            options.setdefault("timeout", op_timeout)
+            client = Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
         elif sep and scheme in ("redis+cluster", "rediss+cluster"):
             plain = scheme.removesuffix("+cluster")
             client = RedisCluster.from_url(f"{plain}://{rest}", **options)

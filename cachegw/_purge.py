@@ -1,0 +1,218 @@
+"""Purging: take entries back before they expire, by tag, path, service or all.
+
+Every entry carries *scopes*: ``*`` (everything), ``svc:NAME``, ``path:NAME:/path`` and
+``tag:T`` for each of its tags, and the time its fetch started. A purge records, per
+scope, the time it happened; an entry is purged when one of its scopes was purged after
+its fetch started. So a purge is one write whatever the number of entries it covers —
+O(1) for a service with 100,000 entries — and reads compare a few numbers.
+
+A *hard* purge makes entries absent; a *soft* purge makes them stale, so they can still
+be served under ``stale-while-revalidate`` / ``stale-if-error`` while one request
+refreshes them (Fastly's soft purge, Cloudflare's "mark stale").
+
+With the memory backend the purge record lives in the process. With Redis it lives in
+Redis, in one hash slot (cluster-safe): a hash of scope times, an epoch counter and a
+sorted-set log of recent purges. A process serving requests reads the epoch when its
+last read is older than ``interval`` (100 ms) and applies the new log entries, so a
+purge is seen everywhere within that bound; the admin endpoint answers only after it
+has passed. Reading on the request path (one small GET per interval, not per request)
+needs no background task, so `@cached` apps, which have no lifecycle hooks, work too.
+
+Times are wall-clock seconds of the purging host: hosts are assumed to
+be NTP-synchronised (a skew of *s* seconds lets a response fetched within *s* of a
+purge survive it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+__all__ = ["LocalPurges", "PurgeState", "Purges", "RedisPurges", "purges_for", "scopes_for"]
+
+logger = logging.getLogger("cachegw")
+
+#: ("hard" | "soft", time of that purge), or None when an entry is untouched.
+Verdict = tuple[Literal["hard", "soft"], float] | None
+
+#: How long Redis keeps the purge record. Entries are never stored longer (see Entry).
+RECORD_TTL = 31 * 86400
+#: Purges kept in the log for processes catching up; a process further behind reloads.
+LOG_LENGTH = 10_000
+
+
+def scopes_for(service: str, path: str, tags: Iterable[str]) -> list[str]:
+    """The scopes an entry answers to."""
+    return ["*", f"svc:{service}", f"path:{service}:{path}", *(f"tag:{t}" for t in tags)]
+
+
+def purges_for(backend: object, prefix: str) -> Purges:
+    """Purges shared through Redis when ``backend`` is a Redis one, else per process.
+
+    Works for cachegw's `RedisBackend` (``.client``) and fastapi-cache2's (``.redis``).
+    """
+    from redis.asyncio import Redis, RedisCluster
+
+    for attribute in ("client", "redis"):
+        client = getattr(backend, attribute, None)
+        if isinstance(client, Redis | RedisCluster):
+            return RedisPurges(client, prefix)
+    return LocalPurges()
+
+
+class PurgeState:
+    """Per scope, the time of the last hard and of the last soft purge (pure)."""
+
+    def __init__(self) -> None:
+        self.hard: dict[str, float] = {}
+        self.soft: dict[str, float] = {}
+
+    def apply(self, scope: str, at: float, soft: bool) -> None:
+        table = self.soft if soft else self.hard
+        if at > table.get(scope, 0.0):
+            table[scope] = at
+
+    def verdict(self, scopes: Iterable[str], fetched_at: float) -> Verdict:
+        """Whether an entry fetched at ``fetched_at`` with ``scopes`` was purged since:
+        ``("hard", t)`` (absent), ``("soft", t)`` (stale since ``t``), or None."""
+        if not self.hard and not self.soft:
+            return None
+        soft = 0.0
+        for scope in scopes:
+            at = self.hard.get(scope, 0.0)
+            if at > fetched_at:
+                return ("hard", at)
+            soft = max(soft, self.soft.get(scope, 0.0))
+        return ("soft", soft) if soft > fetched_at else None
+
+
+class Purges:
+    """Where purges are recorded and read; see `LocalPurges` and `RedisPurges`."""
+
+    #: Seconds after `purge` returns before every process is guaranteed to see it.
+    propagation: float = 0.0
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.state = PurgeState()
+        self.clock = clock
+
+    def verdict(self, scopes: Iterable[str], fetched_at: float) -> Verdict:
+        return self.state.verdict(scopes, fetched_at)
+
+    async def purge(self, scopes: Iterable[str], *, soft: bool = False) -> float:
+        """Record a purge of ``scopes`` now; returns its time."""
+        at = self.clock()
+        for scope in scopes:
+            self.state.apply(scope, at, soft)
+        return at
+
+    def due(self) -> bool:
+        """Whether `refresh` should run before serving a request."""
+        return False
+
+    async def refresh(self) -> None:
+        """Apply purges made elsewhere (no-op when there is no elsewhere)."""
+
+
+class LocalPurges(Purges):
+    """Purges of one process (the memory backend is per process too)."""
+
+
+class RedisPurges(Purges):
+    """Purges recorded in Redis and followed by every process sharing it."""
+
+    propagation = 0.1
+
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        *,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(clock)
+        self.client = client
+        self.interval = interval
+        self.propagation = interval * 2  # one poll period, plus the poll itself
+        slot = "{" + prefix + ":purge}"  # one hash slot: the script touches all three
+        self.keys = (f"{slot}:times", f"{slot}:epoch", f"{slot}:log")
+        self.epoch = -1  # nothing applied yet: the first poll loads everything
+        self.op_timeout = 0.05
+        self._next = 0.0
+        self._polling = False
+        self._script = client.register_script(_SCRIPT)
+
+    async def purge(self, scopes: Iterable[str], *, soft: bool = False) -> float:
+        at = self.clock()
+        names = list(scopes)
+        mode = "soft" if soft else "hard"
+        await self._script(
+            keys=list(self.keys),
+            args=[mode, repr(at), RECORD_TTL, LOG_LENGTH, *names],
+        )
+        for scope in names:
+            self.state.apply(scope, at, soft)
+        return at
+
+    async def poll(self) -> None:
+        """Apply purges made since the last poll (all of them, the first time)."""
+        times_key, epoch_key, log_key = self.keys
+        raw = await self.client.get(epoch_key)
+        epoch = int(raw) if raw is not None else 0
+        if epoch == self.epoch:
+            return
+        entries: list[tuple[bytes, float]] = []
+        if self.epoch >= 0:
+            entries = await self.client.zrangebyscore(
+                log_key, self.epoch + 1, "+inf", withscores=True
+            )
+        complete = bool(entries) and int(entries[0][1]) <= self.epoch + 1
+        if self.epoch < 0 or not complete:
+            # First poll, or too far behind for the log: load the whole record.
+            state = PurgeState()
+            for field, value in (await self.client.hgetall(times_key)).items():
+                mode, _, scope = field.decode().partition("|")
+                state.apply(scope, float(value), mode == "soft")
+            self.state = state
+        else:
+            for member, _ in entries:
+                mode, at, scope = member.decode().split("|", 2)
+                self.state.apply(scope, float(at), mode == "soft")
+        self.epoch = epoch
+
+    def due(self) -> bool:
+        return not self._polling and time.monotonic() >= self._next
+
+    async def refresh(self) -> None:
+        # One poll at a time; concurrent requests go on with the record they have.
+        self._polling = True
+        self._next = time.monotonic() + self.interval
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await self.poll()
+        except Exception as exc:  # a Redis outage: keep the last known record
+            logger.debug("cachegw: reading purges failed: %s", exc)
+        finally:
+            self._polling = False
+
+
+# KEYS: times hash, epoch counter, log sorted set.
+# ARGV: mode ("hard"/"soft"), time, record ttl, log length, scopes...
+_SCRIPT = """
+local epoch = redis.call('INCR', KEYS[2])
+for i = 5, #ARGV do
+  local field = ARGV[1] .. '|' .. ARGV[i]
+  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  if tonumber(ARGV[2]) > old then
+    redis.call('HSET', KEYS[1], field, ARGV[2])
+  end
+  redis.call('ZADD', KEYS[3], epoch, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[i])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return epoch
+"""
