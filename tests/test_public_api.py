@@ -21,6 +21,7 @@ PUBLIC_API = [
     "__version__",
     "cached",
     "create_app",
+    "purge",
 ]
 
 

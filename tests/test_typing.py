@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mypy import api
 
-USER_APP = '''
+USER_APP = """
 from fastapi import FastAPI
 
 from cachegw import cached
@@ -30,13 +30,16 @@ async def use() -> None:
     await a(1, q="z")
     await b()
     reveal_type(a)
-'''
+"""
 
-WRONG_CALL = USER_APP + '''
+WRONG_CALL = (
+    USER_APP
+    + """
 
 async def wrong() -> None:
     await a("not an int")
-'''
+"""
+)
 
 
 def check(tmp_path: Path, source: str) -> tuple[str, int]:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cachegw import CachePolicy, MemoryBackend, RedisBackend  # noqa: E402
-from cachegw._engine import CacheEngine, Fetched, RequestInfo  # noqa: E402
-from cachegw._purge import purges_for, scopes_for  # noqa: E402
-from tests.redis_process import RedisProcess  # noqa: E402
+from cachegw import CachePolicy, MemoryBackend, RedisBackend
+from cachegw._engine import CacheEngine, Fetched, RequestInfo
+from cachegw._policy import CacheControl
+from cachegw._purge import purges_for, scopes_for
+from tests.redis_process import RedisProcess
 
 POLICY = CachePolicy(ttl=600)
 
@@ -58,12 +59,12 @@ async def status(engine: CacheEngine, service: str, n: int) -> str:
 
 
 async def measure(backend_name: str, count: int, url: str | None) -> float:
-    backend = RedisBackend.from_url(url, op_timeout=2.0) if url else MemoryBackend(
-        max_entries=count + 10, max_bytes="1GiB"
+    backend = (
+        RedisBackend.from_url(url, op_timeout=2.0)
+        if url
+        else MemoryBackend(max_entries=count + 10, max_bytes="1GiB")
     )
-    engine = CacheEngine(
-        backend, op_timeout=2.0, purges=purges_for(backend, f"bench{count}")
-    )
+    engine = CacheEngine(backend, op_timeout=2.0, purges=purges_for(backend, f"bench{count}"))
     await fill(engine, "catalog", count)
     await fill(engine, "other", 1)
     assert await status(engine, "catalog", count // 2) == "HIT"
@@ -91,8 +92,6 @@ async def main() -> None:
                 seconds = await measure(name, count, url)
                 print(f"{name:8} {count:>9,} {seconds * 1e3:>17.3f} ms")
 
-
-from cachegw._policy import CacheControl  # noqa: E402
 
 engine_cc = CacheControl({})
 
