@@ -24,6 +24,7 @@ from cachegw._accesslog import log_access
 from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway
 from cachegw._keys import format_tag, hash_parts, principal, vary_values
 from cachegw._metrics import Metrics
@@ -74,8 +75,12 @@ class _Runtime:
             status_header=gateway.status_header,
             metrics=self.metrics,
             purges=purges_for(backend, gateway.prefix),
+            coordinator=coordinator_for(backend, gateway.prefix),
             expose_tag_headers=gateway.expose_tag_headers,
+            # A lock outlives the slowest upstream exchange it protects.
+            lock_ttl=max((s.timeout for s in gateway.services), default=10.0) + 1.0,
         )
+        self.engine.start()
         for service in gateway.services:
             self.upstreams[service.name] = Upstream(
                 service.upstream, timeout=service.timeout, client=service.client

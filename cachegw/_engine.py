@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi_cache.types import Backend
 
-from cachegw._entry import Entry, Headers, VaryMarker, strong_etag
+from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
+from cachegw._flight import Coordinator
 from cachegw._keys import hash_parts, vary_values
 from cachegw._policy import (
     CacheControl,
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
 
 MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
+HIT_FOR_MISS_TTL = 10.0  # how long an uncacheable answer keeps a key out of coalescing
+_TIMED_OUT = "timed-out"  # a "token" meaning: fetch without the lock, and don't store
 
 StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
 
@@ -123,7 +126,10 @@ class CacheEngine:
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         purges: Purges | None = None,
+        coordinator: Coordinator | None = None,
         expose_tag_headers: bool = False,
+        lock_timeout: float = 5.0,
+        lock_ttl: float = 30.0,
     ) -> None:
         self.backend = backend
         self.status_header = status_header.lower().encode("latin-1")
@@ -139,6 +145,13 @@ class CacheEngine:
         self._unstored = _UNSTORED | hidden
         self._unpassed = frozenset({b"x-cache-status", b"cache-status"}) | hidden
         self.purges = purges or LocalPurges(clock)
+        self.coordinator = coordinator or Coordinator()
+        # Waiters give up on another process's fetch after lock_timeout (nginx's
+        # proxy_cache_lock_timeout, 5 s) and fetch without storing; a crashed holder's
+        # lock expires after lock_ttl. `recheck` backs up the landing message.
+        self.lock_timeout = lock_timeout
+        self.lock_ttl = lock_ttl
+        self.recheck = 0.1
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed)
         if metrics is not None:
             self.store.breaker.on_change = metrics.circuit
@@ -194,8 +207,9 @@ class CacheEngine:
         shared_only = request.authorized and not request.per_principal
 
         stale: Entry | None = None
+        primary: Item | None = None
         if not bypass_read:
-            found = await self._lookup(request)
+            found, primary = await self._lookup(request)
             if found is not None and shared_only and not found.shared_auth:
                 found = None
             purged: Verdict = None
@@ -235,9 +249,10 @@ class CacheEngine:
             headers = [(b"content-length", b"0"), *self._cache_headers("MISS", "fwd=miss")]
             return Served(504, headers, b"", cache_status="MISS")
 
-        if method == "HEAD" or shared_only or bypass_read:
+        if method == "HEAD" or shared_only or bypass_read or isinstance(primary, HitForMiss):
             # Not coalesced: HEAD has no body to store, a request with credentials may get
-            # a private answer, and a client asking to bypass wants its own fetch.
+            # a private answer, a client asking to bypass wants its own fetch, and the
+            # last response for this key could not be stored (hit-for-miss).
             fetched = await fetch()
             status = "BYPASS" if bypass_read else "MISS"
             detail = "fwd=request" if bypass_read else "fwd=uri-miss"
@@ -253,15 +268,24 @@ class CacheEngine:
                 return self._from_entry(entry, request, self.clock(), status, detail + "; stored")
             return self._passed(fetched, status, detail)
 
-        return await self._miss(request, policy, fetch, request_cc, stale)
+        return await self._miss(request, policy, fetch, request_cc, stale, primary is None)
 
-    async def _lookup(self, request: RequestInfo) -> Entry | None:
-        """The entry for the request, Vary resolved."""
+    async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
+        """The entry for the request (Vary resolved) and what the primary key holds."""
         item = await self.store.get(request.key)
         if isinstance(item, VaryMarker):
             variant = await self.store.get(_variant_key(request.key, item.names, request.headers))
-            return variant if isinstance(variant, Entry) else None
-        return item
+            return (variant if isinstance(variant, Entry) else None), item
+        return (item if isinstance(item, Entry) else None), item
+
+    async def _landed(self, request: RequestInfo) -> Entry | HitForMiss | None:
+        """A fresh entry (or a hit-for-miss marker) another process just stored."""
+        found, primary = await self._lookup(request)
+        if isinstance(primary, HitForMiss):
+            return primary
+        if found is None or self.purges.verdict(found.tags, found.fetched_at) is not None:
+            return None
+        return found if found.ttl_left(self.clock()) > 0 else None
 
     async def _miss(
         self,
@@ -270,51 +294,91 @@ class CacheEngine:
         fetch: Fetch,
         request_cc: CacheControl,
         stale: Entry | None,
+        empty: bool,
     ) -> Served:
-        flight_key = request.key
-        flight = self._flights.get(flight_key)
+        flight = self._flights.get(request.key)
         if flight is not None:
+            # Another request of this process is fetching: wait for its answer.
             await flight.done.wait()
             entry = flight.entry
             if entry is not None and (
                 flight.vary is None
                 or flight.vary == vary_values(_vary_names(entry), request.headers)
             ):
-                self.stats["coalesced"] += 1
-                self.stats["HIT"] += 1
-                if self.metrics is not None:
-                    self.metrics.coalesced(request.service)
-                now = self.clock()
-                return self._from_entry(
-                    entry, request, now, "HIT", f"hit; ttl={int(entry.ttl_left(now))}; collapsed"
-                )
-            # The leader's answer was not storable or varies differently: fetch our own.
+                return self._collapsed(request, entry)
+            # The answer was not storable or varies differently: fetch our own.
             fetched = await fetch()
             self.stats["MISS"] += 1
             return self._passed(fetched, "MISS", "fwd=uri-miss")
+        flight = self._flights[request.key] = _Flight()
+        # The fetch runs in a task of its own: if this request's client goes away, the
+        # requests waiting on it still get their answer.
+        lead = asyncio.get_running_loop().create_task(
+            self._lead(request, policy, fetch, request_cc, stale, empty, flight)
+        )
+        self._background.add(lead)
+        lead.add_done_callback(self._background.discard)
+        return await asyncio.shield(lead)
 
-        flight = self._flights[flight_key] = _Flight()
+    async def _lead(
+        self,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetch: Fetch,
+        request_cc: CacheControl,
+        stale: Entry | None,
+        empty: bool,
+        flight: _Flight,
+    ) -> Served:
+        """Fetch for every request of this process waiting on ``flight``, and with the
+        other processes of the fleet: one upstream request per key."""
         try:
-            fetched = await fetch()
-            if stale is not None and _failed(fetched) and _stale_if_error_ok(stale, self.clock()):
-                self._stale(request, "stale-if-error")
-                now = self.clock()
-                left = stale.ttl_left(now)
-                await _discard(fetched)
-                return self._from_entry(
-                    stale,
-                    request,
-                    now,
-                    "STALE",
-                    f"hit; ttl={int(left)}; fwd=stale; fwd-status={fetched.status}",
-                )
-            entry = await self._store(request, policy, fetched, request_cc)
-            flight.entry = entry
-            if entry is not None:
-                names = _vary_names(entry)
-                flight.vary = vary_values(names, request.headers) if names else None
+            token = await self.coordinator.acquire(request.key, self.lock_ttl)
+            if token is None:
+                waited = await self._wait_for_fleet(request, flight)
+                if isinstance(waited, Served):
+                    return waited
+                token = waited
+            try:
+                fetched = await fetch()
+                if stale is not None and _failed(fetched):
+                    if _stale_if_error_ok(stale, self.clock()):
+                        self._stale(request, "stale-if-error")
+                        now = self.clock()
+                        await _discard(fetched)
+                        return self._from_entry(
+                            stale,
+                            request,
+                            now,
+                            "STALE",
+                            f"hit; ttl={int(stale.ttl_left(now))}; fwd=stale; "
+                            f"fwd-status={fetched.status}",
+                        )
+                    entry = None  # an error never replaces a good entry
+                elif token == _TIMED_OUT:
+                    entry = None  # like nginx after proxy_cache_lock_timeout: don't store
+                else:
+                    entry = await self._store(request, policy, fetched, request_cc)
+                if (
+                    entry is None
+                    and empty
+                    and token != _TIMED_OUT
+                    and not _failed(fetched)
+                    and "no-store" not in request_cc
+                ):
+                    marker = HitForMiss(stored_at=self.clock())
+                    await self.store.set(request.key, marker, HIT_FOR_MISS_TTL)
+                flight.entry = entry
+                if entry is not None:
+                    names = _vary_names(entry)
+                    flight.vary = vary_values(names, request.headers) if names else None
+                if self.coordinator.shared:
+                    await self.coordinator.landed(request.key)
+            finally:
+                if token != _TIMED_OUT:
+                    await self.coordinator.release(request.key, token)
         finally:
-            self._flights.pop(flight_key, None)
+            self._flights.pop(request.key, None)
             flight.done.set()
         status = "EXPIRED" if stale is not None else "MISS"
         self.stats[status] += 1
@@ -322,6 +386,41 @@ class CacheEngine:
         if entry is None:
             return self._passed(fetched, status, fwd)
         return self._from_entry(entry, request, self.clock(), status, f"{fwd}; stored")
+
+    async def _wait_for_fleet(self, request: RequestInfo, flight: _Flight) -> Served | str:
+        """Another process holds the key's lock: wait until its answer lands.
+
+        Returns the response from the landed entry, or a lock token when this process
+        should fetch after all: the holder vanished (we took the lock) or the wait timed
+        out (`_TIMED_OUT`: fetch, don't store), or its answer could not be stored.
+        """
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _TIMED_OUT
+            await self.coordinator.wait(request.key, min(self.recheck, remaining))
+            landed = await self._landed(request)
+            if isinstance(landed, Entry):
+                flight.entry = landed
+                names = _vary_names(landed)
+                flight.vary = vary_values(names, request.headers) if names else None
+                return self._collapsed(request, landed)
+            if isinstance(landed, HitForMiss):
+                return _TIMED_OUT  # not storable: fetch our own, like everyone now
+            token = await self.coordinator.acquire(request.key, self.lock_ttl)
+            if token is not None:
+                return token
+
+    def _collapsed(self, request: RequestInfo, entry: Entry) -> Served:
+        self.stats["coalesced"] += 1
+        self.stats["HIT"] += 1
+        if self.metrics is not None:
+            self.metrics.coalesced(request.service)
+        now = self.clock()
+        return self._from_entry(
+            entry, request, now, "HIT", f"hit; ttl={int(entry.ttl_left(now))}; collapsed"
+        )
 
     def _refresh_in_background(
         self, request: RequestInfo, policy: CachePolicy, fetch: Fetch
@@ -331,7 +430,12 @@ class CacheEngine:
         flight = self._flights[request.key] = _Flight()
 
         async def refresh() -> None:
+            token = None
             try:
+                # One refresh per key for the whole fleet: skip if another process has it.
+                token = await self.coordinator.acquire(request.key, self.lock_ttl)
+                if token is None:
+                    return
                 fetched = await fetch()
                 if not _failed(fetched):
                     entry = await self._store(request, policy, fetched, CacheControl({}))
@@ -340,9 +444,12 @@ class CacheEngine:
                     flight.vary = vary_values(names, request.headers) if names else None
                 else:
                     await _discard(fetched)
+                await self.coordinator.landed(request.key)
             except Exception:
                 logger.exception("cachegw: background refresh of %s failed", request.key)
             finally:
+                if token is not None:
+                    await self.coordinator.release(request.key, token)
                 self._flights.pop(request.key, None)
                 flight.done.set()
 
@@ -350,8 +457,13 @@ class CacheEngine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def start(self) -> None:
+        """Start listening for other processes (call from a running event loop)."""
+        self.coordinator.start()
+
     async def aclose(self, grace: float = 5.0) -> None:
-        """Wait (bounded) for background refreshes to finish, then cancel the rest."""
+        """Wait (bounded) for fetches and refreshes in flight, then cancel the rest."""
+        await self.coordinator.aclose()
         if self._background:
             _, pending = await asyncio.wait(set(self._background), timeout=grace)
             for task in pending:

@@ -17,7 +17,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-__all__ = ["Entry", "VaryMarker", "decode", "encode", "strong_etag"]
+__all__ = ["Entry", "HitForMiss", "Item", "VaryMarker", "decode", "encode", "strong_etag"]
 
 MAGIC = b"CGW\x01"
 _LEN = struct.Struct(">I")
@@ -65,6 +65,18 @@ class Entry:
 
 
 @dataclass(slots=True)
+class HitForMiss:
+    """Stored under a primary key whose last response could not be stored.
+
+    Later requests for the key go straight upstream instead of queueing behind a lock
+    for a response that will not be stored either (Varnish's hit-for-miss). A storable
+    response replaces it.
+    """
+
+    stored_at: float
+
+
+@dataclass(slots=True)
 class VaryMarker:
     """Stored under a primary key when responses there vary on request headers."""
 
@@ -72,10 +84,15 @@ class VaryMarker:
     stored_at: float
 
 
-def encode(item: Entry | VaryMarker) -> bytes:
+Item = Entry | VaryMarker | HitForMiss
+
+
+def encode(item: Item) -> bytes:
+    body = b""
     if isinstance(item, VaryMarker):
         head: dict[str, object] = {"k": "v", "n": item.names, "t": item.stored_at}
-        body = b""
+    elif isinstance(item, HitForMiss):
+        head = {"k": "m", "t": item.stored_at}
     else:
         head = {
             "k": "r",
@@ -97,7 +114,7 @@ def encode(item: Entry | VaryMarker) -> bytes:
     return b"".join((MAGIC, _LEN.pack(len(raw)), raw, body))
 
 
-def decode(data: bytes) -> Entry | VaryMarker | None:
+def decode(data: bytes) -> Item | None:
     """The entry in ``data``, or None when it is not a well-formed envelope of this version.
 
     Every field is type-checked: a value that is not exactly what `encode` writes (a
@@ -112,6 +129,8 @@ def decode(data: bytes) -> Entry | VaryMarker | None:
         if end > len(data):
             return None
         head = json.loads(bytes(data[_HEAD:end]))
+        if head["k"] == "m":
+            return HitForMiss(stored_at=_num(head["t"]))
         if head["k"] == "v":
             names = head["n"]
             if not _str_list(names):

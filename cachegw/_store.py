@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from fastapi_cache.types import Backend
 
 from cachegw import _entry
-from cachegw._entry import Entry, VaryMarker
+from cachegw._entry import Item
 
 __all__ = ["Breaker", "Store"]
 
@@ -142,7 +142,7 @@ class Store:
                 exc or "timed out",
             )
 
-    async def get(self, key: str) -> Entry | VaryMarker | None:
+    async def get(self, key: str) -> Item | None:
         if self.inline:
             data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
         else:
@@ -155,7 +155,7 @@ class Store:
             await self.delete(key)
         return item
 
-    async def set(self, key: str, item: Entry | VaryMarker, ttl: float) -> None:
+    async def set(self, key: str, item: Item, ttl: float) -> None:
         data = _entry.encode(item)
         if self.inline:
             self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]

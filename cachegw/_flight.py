@@ -1,0 +1,158 @@
+"""Single-flight across processes: one upstream request per key for the whole fleet.
+
+Inside a process the engine coalesces concurrent misses itself. Across processes that
+share Redis, the process that starts a fetch holds a lock (``SET key:lock token NX PX``,
+with a TTL, so a crashed holder cannot wedge the key) and, once the response is stored
+(or known not to be storable), publishes the key on a channel. Waiting processes are
+woken by that message and read the entry: no fixed re-check interval like nginx's
+500 ms. A slow poll (every ``recheck`` seconds) backs the message up, so a lost message
+or a holder that died only costs time, and a waiter whose holder vanished takes the
+lock itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+__all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
+
+#: The token of a fetch that went ahead without a lock because Redis failed.
+UNLOCKED = "unlocked"
+
+logger = logging.getLogger("cachegw")
+
+
+class Coordinator:
+    """No other processes to coordinate with: every lock is granted."""
+
+    #: Whether waiting on another process can ever happen.
+    shared = False
+
+    async def acquire(self, key: str, ttl: float) -> str | None:
+        """A token when this process may fetch ``key``; None when another one is."""
+        return "local"
+
+    async def release(self, key: str, token: str) -> None:
+        """Give the lock back (only if still ours)."""
+
+    async def landed(self, key: str) -> None:
+        """Tell waiting processes that ``key`` has its answer."""
+
+    async def wait(self, key: str, seconds: float) -> None:
+        """Return when ``key`` has landed or after ``seconds``."""
+        await asyncio.sleep(seconds)
+
+    def start(self) -> None:
+        """Begin listening (needs a running loop)."""
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisCoordinator(Coordinator):
+    """Locks and wake-ups through Redis, for processes sharing it."""
+
+    shared = True
+
+    def __init__(self, client: Any, prefix: str, *, op_timeout: float = 0.05) -> None:
+        self.client = client
+        self.channel = f"{prefix}:landed"
+        self.op_timeout = op_timeout
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._release = client.register_script(_RELEASE)
+
+    async def acquire(self, key: str, ttl: float) -> str | None:
+        token = secrets.token_hex(8)
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                got = await self.client.set(
+                    f"{key}:lock", token, nx=True, px=max(1, int(ttl * 1000))
+                )
+        except Exception as exc:
+            # Redis is sick: fetch without the fleet (fail open), the breaker-protected
+            # store will not be able to save the answer anyway.
+            logger.debug("cachegw: lock for %s failed: %s", key, exc)
+            return UNLOCKED
+        return token if got else None
+
+    async def release(self, key: str, token: str) -> None:
+        if token == UNLOCKED:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.op_timeout):
+                await self._release(keys=[f"{key}:lock"], args=[token])
+
+    async def landed(self, key: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.op_timeout):
+                await self.client.publish(self.channel, key)
+
+    async def wait(self, key: str, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, [])
+        waiters.append(future)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, seconds)
+        finally:
+            waiters.remove(future)
+            if not waiters:
+                del self._waiters[key]
+
+    def _wake(self, key: str) -> None:
+        for future in self._waiters.get(key, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _listen(self) -> None:
+        if not hasattr(self.client, "pubsub"):
+            return  # redis-py's asyncio cluster client has no pub/sub: waiters re-check
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone: waiters fall back to re-checking
+                logger.debug("cachegw: landing channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def coordinator_for(backend: object, prefix: str) -> Coordinator:
+    """Redis coordination when ``backend`` is cachegw's `RedisBackend`, else none."""
+    from redis.asyncio import Redis, RedisCluster
+
+    client = getattr(backend, "client", None)
+    if isinstance(client, Redis | RedisCluster):
+        return RedisCoordinator(client, prefix, op_timeout=getattr(backend, "op_timeout", 0.05))
+    return Coordinator()
