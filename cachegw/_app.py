@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi_cache.types import Backend
@@ -25,9 +26,10 @@ from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._flight import coordinator_for
-from cachegw._gateway import Gateway
+from cachegw._gateway import Gateway, Service
 from cachegw._keys import format_tag, hash_parts, principal, vary_values
 from cachegw._metrics import Metrics
+from cachegw._policy import CachePolicy
 from cachegw._purge import purges_for, scopes_for
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
@@ -44,6 +46,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Request headers that make the upstream answer differently from the full, storable
 # response: stripped from forwarded requests on the cached path, evaluated by the cache.
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
+_BUFFERED_BODY = 64 * 1024
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Tells the upstream it may target Surrogate-Control directives at this cache.
+_SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
 
 
 class _Runtime:
@@ -67,6 +73,7 @@ class _Runtime:
             backend = MemoryBackend(max_entries=gateway.max_entries, max_bytes=gateway.max_bytes)
         else:
             backend = RedisBackend.from_url(gateway.backend)
+            await backend.warm()
         self.backend = backend
         if isinstance(backend, MemoryBackend):
             self.metrics.watch_memory(backend.stats)
@@ -208,6 +215,7 @@ class _GatewayMiddleware:
         )
         if cacheable and method in ("GET", "HEAD"):
             forward_headers = [(n, v) for n, v in forward_headers if n not in _CONDITIONAL]
+        forward_headers.append(_SURROGATE_CAPABILITY)
         metrics = self.runtime.metrics
 
         async def body() -> AsyncIterator[bytes]:
@@ -221,14 +229,21 @@ class _GatewayMiddleware:
                 if not message.get("more_body", False):
                     return
 
-        async def fetch() -> Fetched:
+        # A small body of known length is read first, so an idempotent request can be
+        # sent again if a pooled upstream connection turns out to be closing.
+        content: bytes | None = None
+        declared = headers.get("content-length", "")
+        if has_body and declared.isdigit() and int(declared) <= _BUFFERED_BODY:
+            content = b"".join([chunk async for chunk in body()])
+
+        async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
             began = time.perf_counter()
             fetched = await upstream.fetch(
                 method,
                 rest,
                 raw_query,
-                forward_headers,
-                body() if has_body else None,
+                [*forward_headers, *validators] if validators else forward_headers,
+                content if content is not None else body() if has_body else None,
                 max_body=policy.max_body,
             )
             took = time.perf_counter() - began
@@ -243,16 +258,7 @@ class _GatewayMiddleware:
             cacheable = key_extra is not None
         if not cacheable:
             return engine.bypass(await fetch())
-        trace.key = hash_parts(
-            self.runtime.gateway.prefix,
-            (
-                service.name,
-                rest,
-                raw_query.decode("latin-1"),
-                *vary_values(policy.vary, headers),
-                key_extra or "",
-            ),
-        )
+        trace.key = self._key(service, rest, raw_query, policy, headers, key_extra or "")
         info = RequestInfo(
             method=method,
             key=trace.key,
@@ -261,7 +267,63 @@ class _GatewayMiddleware:
             scopes=scopes_for(service.name, rest, (format_tag(t, params) for t in policy.tags)),
             service=service.name,
         )
-        return await engine.serve(info, policy, fetch)
+        served = await engine.serve(info, policy, fetch)
+        if method not in _SAFE_METHODS and 200 <= served.status < 400:
+            await self._invalidate_locations(served, headers, engine)
+        return served
+
+    def _key(
+        self,
+        service: Service,
+        rest: str,
+        raw_query: bytes,
+        policy: CachePolicy,
+        headers: Mapping[str, str],
+        key_extra: str,
+    ) -> str:
+        parts = (
+            service.name,
+            rest,
+            raw_query.decode("latin-1"),
+            *vary_values(policy.vary, headers),
+        )
+        return hash_parts(self.runtime.gateway.prefix, (*parts, key_extra))
+
+    async def _invalidate_locations(
+        self, served: Served, headers: Mapping[str, str], engine: CacheEngine
+    ) -> None:
+        """RFC 9111 §4.4: a non-error answer to an unsafe method also invalidates the URIs
+        in its ``Location`` and ``Content-Location``, when they are on the same origin."""
+        for name, value in served.headers:
+            if name not in (b"location", b"content-location"):
+                continue
+            target = _same_origin_target(value.decode("latin-1"), headers)
+            if target is None:
+                continue
+            path, _, query = target.partition("?")
+            try:
+                check_target({"raw_path": path.encode("ascii")})
+            except (BadTarget, UnicodeEncodeError):
+                continue
+            matched = self.runtime.gateway.match(path)
+            if matched is None or matched[1].policy.key is not None:
+                continue  # per-principal entries are not ours to compute
+            service, route, rest, _ = matched
+            key = self._key(service, rest, query.encode("latin-1"), route.policy, headers, "")
+            await engine.invalidate(key)
+
+
+def _same_origin_target(location: str, headers: Mapping[str, str]) -> str | None:
+    """The path and query a Location-like value names on this gateway, or None."""
+    parts = urlsplit(location.strip())
+    if parts.scheme or parts.netloc:
+        host = headers.get("host", "")
+        if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
+            return None
+    path = parts.path or "/"
+    if not path.startswith("/"):
+        return None  # a relative reference: resolving it is not worth the ambiguity
+    return f"{path}?{parts.query}" if parts.query else path
 
 
 class _Trace:

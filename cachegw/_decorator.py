@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 from fastapi.concurrency import run_in_threadpool
@@ -206,7 +206,8 @@ async def _serve(
     headers = _request_headers(request)
     route = request.scope.get("route")
 
-    async def fetch() -> Fetched:
+    async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
+        # A handler cannot answer a conditional request: it always gives the full response.
         response = await _to_response(await call(), route, sub_response)
         body = getattr(response, "body", None)
         if not isinstance(body, bytes):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastapi_cache.types import Backend
 
@@ -28,9 +28,10 @@ from cachegw._policy import (
     parse_http_date,
     split_header_list,
     storable_response,
+    surrogate_control,
 )
 from cachegw._purge import RECORD_TTL, LocalPurges, Purges, Verdict
-from cachegw._store import Store
+from cachegw._store import OP_TIMEOUT, Store
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
@@ -52,6 +53,11 @@ _NOT_MODIFIED_KEEP = frozenset(
 )
 # Never stored: computed per hit, or belonging to one connection / one caller.
 _UNSTORED = frozenset({b"age", b"set-cookie", b"x-cache-status", b"cache-status"})
+# Headers a 304 does not update: they describe the stored body (RFC 9111 §3.2).
+_NOT_UPDATED = frozenset(
+    {b"content-length", b"content-encoding", b"content-md5", b"content-range", b"etag"}
+)
+SURROGATE_TARGET = "cachegw"
 # Tags an upstream gives its response for purging (Fastly / Varnish xkey, Cloudflare).
 _TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
 
@@ -106,7 +112,19 @@ class _Flight:
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
 
 
-Fetch = Callable[[], Awaitable[Fetched]]
+class Fetch(Protocol):
+    """Gets the response from the handler or the upstream.
+
+    ``validators`` are conditional request headers (``If-None-Match``,
+    ``If-Modified-Since``) for revalidating a stored response; a fetch that cannot send
+    them (a route handler) ignores them and returns the full response.
+    """
+
+    def __call__(self, validators: Sequence[tuple[bytes, bytes]] = ...) -> Awaitable[Fetched]: ...
+
+
+def _conditional(fetch: Fetch, validators: Headers) -> Awaitable[Fetched]:
+    return fetch(validators) if validators else fetch()
 
 
 class CacheEngine:
@@ -122,7 +140,7 @@ class CacheEngine:
         *,
         status_header: str = "X-Cache-Status",
         cache_name: str = "cachegw",
-        op_timeout: float = 0.05,
+        op_timeout: float = OP_TIMEOUT,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         purges: Purges | None = None,
@@ -141,7 +159,7 @@ class CacheEngine:
         )
         self.metrics = metrics
         # Surrogate-Key / Cache-Tag are for this cache: stripped unless asked otherwise.
-        hidden = frozenset() if expose_tag_headers else _TAG_HEADERS
+        hidden = (frozenset() if expose_tag_headers else _TAG_HEADERS) | {b"surrogate-control"}
         self._unstored = _UNSTORED | hidden
         self._unpassed = frozenset({b"x-cache-status", b"cache-status"}) | hidden
         self.purges = purges or LocalPurges(clock)
@@ -208,41 +226,43 @@ class CacheEngine:
 
         stale: Entry | None = None
         primary: Item | None = None
-        if not bypass_read:
-            found, primary = await self._lookup(request)
-            if found is not None and shared_only and not found.shared_auth:
+        found, primary = await self._lookup(request)
+        if found is not None and shared_only and not found.shared_auth:
+            found = None
+        purged: Verdict = None
+        if found is not None:
+            purged = self.purges.verdict(found.tags, found.fetched_at)
+            if purged is not None and purged[0] == "hard":
                 found = None
-            purged: Verdict = None
-            if found is not None:
-                purged = self.purges.verdict(found.tags, found.fetched_at)
-                if purged is not None and purged[0] == "hard":
-                    found = None
-            if found is not None:
-                now = self.clock()
-                left = found.ttl_left(now)
-                if purged is not None:  # soft-purged: stale since the purge
-                    left = min(left, purged[1] - now)
-                if _fresh_enough(found, left, request_cc):
-                    self.stats["HIT"] += 1
-                    return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
-                stale = found
-                if (
-                    -left <= found.stale_while_revalidate
-                    and "max-age" not in request_cc
-                    and "min-fresh" not in request_cc
-                ):
-                    self._refresh_in_background(request, policy, fetch)
-                    self._stale(request, "stale-while-revalidate")
-                    return self._from_entry(
-                        found,
-                        request,
-                        now,
-                        "STALE",
-                        f"hit; ttl={int(left)}; fwd=stale; fwd-status=0",
-                    )
-                if "only-if-cached" not in request_cc and _max_stale_ok(found, left, request_cc):
-                    self._stale(request, "max-stale")
-                    return self._from_entry(found, request, now, "STALE", f"hit; ttl={int(left)}")
+        if found is not None and bypass_read:
+            # The client wants an answer checked with the origin: revalidate if we can.
+            stale = found if _validators(found) else None
+        elif found is not None:
+            now = self.clock()
+            left = found.ttl_left(now)
+            if purged is not None:  # soft-purged: stale since the purge
+                left = min(left, purged[1] - now)
+            if _fresh_enough(found, left, request_cc):
+                self.stats["HIT"] += 1
+                return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
+            stale = found
+            if (
+                -left <= found.stale_while_revalidate
+                and "max-age" not in request_cc
+                and "min-fresh" not in request_cc
+            ):
+                self._refresh_in_background(request, policy, fetch, found)
+                self._stale(request, "stale-while-revalidate")
+                return self._from_entry(
+                    found,
+                    request,
+                    now,
+                    "STALE",
+                    f"hit; ttl={int(left)}; fwd=stale; fwd-status=0",
+                )
+            if "only-if-cached" not in request_cc and _max_stale_ok(found, left, request_cc):
+                self._stale(request, "max-stale")
+                return self._from_entry(found, request, now, "STALE", f"hit; ttl={int(left)}")
 
         if "only-if-cached" in request_cc:
             # RFC 9111 §5.2.1.7: nothing usable in cache -> 504.
@@ -253,14 +273,18 @@ class CacheEngine:
             # Not coalesced: HEAD has no body to store, a request with credentials may get
             # a private answer, a client asking to bypass wants its own fetch, and the
             # last response for this key could not be stored (hit-for-miss).
-            fetched = await fetch()
+            fetched = await _conditional(fetch, _validators(stale) if method == "GET" else [])
             status = "BYPASS" if bypass_read else "MISS"
             detail = "fwd=request" if bypass_read else "fwd=uri-miss"
             entry = None
             if method == "GET":
-                # Stored only when the rules allow: a response to credentials must say
-                # public, s-maxage or must-revalidate (RFC 9111 §3.5).
-                entry = await self._store(request, policy, fetched, request_cc)
+                if stale is not None and fetched.status == 304:
+                    entry = await self._revalidated(request, policy, stale, fetched)
+                    detail += "; fwd-status=304"
+                else:
+                    # Stored only when the rules allow: a response to credentials must
+                    # say public, s-maxage or must-revalidate (RFC 9111 §3.5).
+                    entry = await self._store(request, policy, fetched, request_cc)
             if entry is None and shared_only:
                 status, detail = "BYPASS", "fwd=bypass"
             self.stats[status] += 1
@@ -340,8 +364,10 @@ class CacheEngine:
                     return waited
                 token = waited
             try:
-                fetched = await fetch()
-                if stale is not None and _failed(fetched):
+                fetched = await _conditional(fetch, _validators(stale))
+                if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
+                    entry = await self._revalidated(request, policy, stale, fetched)
+                elif stale is not None and _failed(fetched):
                     if _stale_if_error_ok(stale, self.clock()):
                         self._stale(request, "stale-if-error")
                         now = self.clock()
@@ -355,6 +381,9 @@ class CacheEngine:
                             f"fwd-status={fetched.status}",
                         )
                     entry = None  # an error never replaces a good entry
+                elif fetched.status == 304:
+                    entry = None  # not ours to answer (see _revalidated)
+                    fetched = await fetch()
                 elif token == _TIMED_OUT:
                     entry = None  # like nginx after proxy_cache_lock_timeout: don't store
                 else:
@@ -423,7 +452,7 @@ class CacheEngine:
         )
 
     def _refresh_in_background(
-        self, request: RequestInfo, policy: CachePolicy, fetch: Fetch
+        self, request: RequestInfo, policy: CachePolicy, fetch: Fetch, stale: Entry
     ) -> None:
         if request.key in self._flights:
             return  # one refresh per key at a time
@@ -436,14 +465,17 @@ class CacheEngine:
                 token = await self.coordinator.acquire(request.key, self.lock_ttl)
                 if token is None:
                     return
-                fetched = await fetch()
-                if not _failed(fetched):
+                fetched = await _conditional(fetch, _validators(stale))
+                entry: Entry | None = None
+                if fetched.status == 304:
+                    entry = await self._revalidated(request, policy, stale, fetched)
+                elif not _failed(fetched):
                     entry = await self._store(request, policy, fetched, CacheControl({}))
-                    flight.entry = entry
-                    names = _vary_names(entry) if entry is not None else []
-                    flight.vary = vary_values(names, request.headers) if names else None
                 else:
                     await _discard(fetched)
+                flight.entry = entry
+                names = _vary_names(entry) if entry is not None else []
+                flight.vary = vary_values(names, request.headers) if names else None
                 await self.coordinator.landed(request.key)
             except Exception:
                 logger.exception("cachegw: background refresh of %s failed", request.key)
@@ -471,25 +503,53 @@ class CacheEngine:
 
     # -- storing ----------------------------------------------------------------------
 
+    async def _revalidated(
+        self, request: RequestInfo, policy: CachePolicy, stale: Entry, fetched: Fetched
+    ) -> Entry:
+        """The stored entry updated from a 304 to our conditional request (RFC 9111 §4.3.4).
+
+        The 304's headers replace the stored ones of the same name, except those that
+        describe the stored body; freshness is computed again from the merged headers.
+        """
+        skip = _NOT_UPDATED | {n for n, _ in fetched.headers if n in _UNSTORED}
+        replaced = {n for n, _ in fetched.headers if n not in skip}
+        headers = [(n, v) for n, v in stale.headers if n not in replaced]
+        headers += [(n, v) for n, v in fetched.headers if n not in skip and n not in self._unstored]
+        updated = Fetched(stale.status, headers, stale.body, response_time=fetched.response_time)
+        entry = await self._store(request, policy, updated, CacheControl({}), revalidated=stale)
+        return entry if entry is not None else stale
+
     async def _store(
         self,
         request: RequestInfo,
         policy: CachePolicy,
         fetched: Fetched,
         request_cc: CacheControl,
+        *,
+        revalidated: Entry | None = None,
     ) -> Entry | None:
-        """Store ``fetched`` if the rules allow; the stored entry, or None."""
+        """Store ``fetched`` if the rules allow; the stored entry, or None.
+
+        ``revalidated`` is the entry a 304 just confirmed: its policy-derived settings
+        (tags, stale windows, sharing) carry over.
+        """
         if fetched.body is None or fetched.failed or len(fetched.body) > policy.max_body:
             return None
         headers = fetched.headers
         cc_values: list[str] = []
         vary: list[str] = []
         set_cookie = False
-        expires = date = age = None
+        expires = date = last_modified = None
+        ages: list[str] = []
+        surrogate: list[str] = []
         etag_present = False
         upstream_tags: list[str] = []
         for name, value in headers:
-            if name == b"surrogate-key":
+            if name == b"surrogate-control":
+                surrogate.append(value.decode("latin-1"))
+            elif name == b"last-modified":
+                last_modified = value.decode("latin-1")
+            elif name == b"surrogate-key":
                 upstream_tags += value.decode("latin-1").split()
             elif name == b"cache-tag":
                 upstream_tags += [t.strip() for t in value.decode("latin-1").split(",")]
@@ -504,10 +564,15 @@ class CacheEngine:
             elif name == b"date":
                 date = value.decode("latin-1")
             elif name == b"age":
-                age = value.decode("latin-1")
+                ages.append(value.decode("latin-1"))
             elif name == b"etag":
                 etag_present = True
         response_cc = parse_cache_control(cc_values)
+        # Surrogate-Control (W3C Edge Architecture) speaks to caches like this one and,
+        # when it says anything to us, replaces Cache-Control for storing and freshness.
+        targeted = surrogate_control(surrogate, SURROGATE_TARGET)
+        if targeted is not None:
+            response_cc = targeted
         reason = storable_response(
             method="GET",
             status=fetched.status,
@@ -527,12 +592,23 @@ class CacheEngine:
             date=date,
             policy=policy,
             received=fetched.response_time or self.clock(),
+            last_modified=last_modified,
+            status=fetched.status,
         )
-        if fresh.lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error) <= 0:
+        lifetime = fresh.lifetime
+        age_value = _age(ages)
+        if age_value is None:
+            lifetime = 0.0  # an invalid Age: treat the response as stale (RFC 9111 §5.1)
+        # A response with a validator is kept past its freshness (up to max_ttl) so that
+        # it can be revalidated with a conditional request instead of fetched again.
+        has_validator = last_modified is not None or (etag_present and fetched.status == 200)
+        assert policy.max_ttl is not None
+        keep = policy.max_ttl if has_validator else 0.0
+        if lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error, keep) <= 0:
             return None
         now = self.clock()
         response_time = fetched.response_time or now
-        age0 = _initial_age(age, date, response_time)
+        age0 = _initial_age(age_value or 0, date, response_time)
         stored_headers = [(n, v) for n, v in headers if n not in self._unstored]
         etag = None
         if not etag_present and fetched.body is not None and fetched.status == 200:
@@ -547,7 +623,7 @@ class CacheEngine:
             headers=stored_headers,
             body=fetched.body,
             stored_at=response_time,
-            lifetime=fresh.lifetime,
+            lifetime=lifetime,
             age0=age0,
             stale_while_revalidate=fresh.stale_while_revalidate,
             stale_if_error=fresh.stale_if_error,
@@ -559,7 +635,12 @@ class CacheEngine:
             etag=etag,
             tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
             fetched_at=request.started,
+            keep=keep,
         )
+        if revalidated is not None:
+            entry.tags = revalidated.tags
+            entry.etag = revalidated.etag
+            entry.shared_auth = revalidated.shared_auth or entry.shared_auth
         # Never kept longer than purges are remembered (see _purge.RECORD_TTL).
         ttl = min(entry.storage_ttl(now), MAX_STORAGE_TTL)
         if ttl <= 0:
@@ -588,8 +669,11 @@ class CacheEngine:
         self, entry: Entry, request: RequestInfo, now: float, cache_status: str, detail: str
     ) -> Served:
         extra = self._cache_headers(cache_status, detail)
-        if cache_status in ("HIT", "STALE"):
-            extra.insert(0, (b"age", str(int(entry.age(now))).encode("ascii")))
+        age = int(entry.age(now))
+        # RFC 9111 §5.1: Age says the response was not generated for this request; a
+        # response just fetched carries only the age it arrived with.
+        if age or cache_status in ("HIT", "STALE"):
+            extra.insert(0, (b"age", str(age).encode("ascii")))
         if _not_modified(entry, request.headers):
             headers = [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_KEEP]
             return Served(304, headers + extra, b"", cache_status=cache_status)
@@ -649,14 +733,38 @@ async def _discard(fetched: Fetched) -> None:
             await aclose()
 
 
-def _initial_age(age: str | None, date: str | None, response_time: float) -> float:
+def _age(values: list[str]) -> float | None:
+    """The upstream's Age: 0 when absent, None when invalid (not one plain number)."""
+    if not values:
+        return 0.0
+    if len(values) > 1:
+        return None
+    value = values[0].strip()
+    # isascii(): "²".isdigit() is true.
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
+def _initial_age(age_value: float, date: str | None, response_time: float) -> float:
     """RFC 9111 §4.2.3 corrected_initial_age, without request-delay correction."""
-    age = age.strip() if age is not None else None
-    # Invalid Age values are ignored (RFC 9111 §5.1); isascii() because "²".isdigit().
-    age_value = float(age) if age and age.isascii() and age.isdigit() else 0.0
     date_value = parse_http_date(date)
     apparent = max(0.0, response_time - date_value) if date_value is not None else 0.0
     return max(apparent, age_value)
+
+
+def _validators(entry: Entry | None) -> Headers:
+    """Conditional request headers that revalidate ``entry`` with its origin.
+
+    Only the upstream's own validators: an ETag cachegw made up means nothing there.
+    """
+    if entry is None:
+        return []
+    out: Headers = []
+    for name, value in entry.headers:
+        if name == b"etag" and entry.etag is None:
+            out.append((b"if-none-match", value))
+        elif name == b"last-modified":
+            out.append((b"if-modified-since", value))
+    return out
 
 
 def _vary_names(entry: Entry) -> list[str]:

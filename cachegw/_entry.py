@@ -50,6 +50,7 @@ class Entry:
     etag: str | None = None
     tags: list[str] = field(default_factory=list)
     fetched_at: float = 0.0
+    keep: float = 0.0  # kept this long past its stale windows, to be revalidated
 
     def age(self, now: float) -> float:
         """Current age (RFC 9111 §4.2.3)."""
@@ -60,8 +61,9 @@ class Entry:
         return self.lifetime - self.age(now)
 
     def storage_ttl(self, now: float) -> float:
-        """How long the backend should keep it: freshness plus the longest stale window."""
-        return self.ttl_left(now) + max(self.stale_while_revalidate, self.stale_if_error)
+        """How long the backend should keep it: freshness plus the longest of the stale
+        windows and the time it is kept for revalidation."""
+        return self.ttl_left(now) + max(self.stale_while_revalidate, self.stale_if_error, self.keep)
 
 
 @dataclass(slots=True)
@@ -108,6 +110,7 @@ def encode(item: Item) -> bytes:
             "g": item.etag,
             "x": item.tags,
             "f": item.fetched_at,
+            "r": item.keep,
         }
         body = item.body
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -163,6 +166,7 @@ def decode(data: bytes) -> Item | None:
             etag=etag,
             tags=list(tags),
             fetched_at=_num(head["f"]),
+            keep=_num(head["r"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
         return None

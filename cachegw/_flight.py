@@ -18,6 +18,8 @@ import logging
 import secrets
 from typing import Any
 
+from cachegw._store import OP_TIMEOUT
+
 __all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
 
 #: The token of a fetch that went ahead without a lock because Redis failed.
@@ -64,7 +66,7 @@ class RedisCoordinator(Coordinator):
 
     shared = True
 
-    def __init__(self, client: Any, prefix: str, *, op_timeout: float = 0.05) -> None:
+    def __init__(self, client: Any, prefix: str, *, op_timeout: float = OP_TIMEOUT) -> None:
         self.client = client
         self.channel = f"{prefix}:landed"
         self.op_timeout = op_timeout
@@ -154,5 +156,7 @@ def coordinator_for(backend: object, prefix: str) -> Coordinator:
 
     client = getattr(backend, "client", None)
     if isinstance(client, Redis | RedisCluster):
-        return RedisCoordinator(client, prefix, op_timeout=getattr(backend, "op_timeout", 0.05))
+        return RedisCoordinator(
+            client, prefix, op_timeout=getattr(backend, "op_timeout", OP_TIMEOUT)
+        )
     return Coordinator()

@@ -26,6 +26,11 @@ __all__ = [
     "parse_duration",
 ]
 
+#: Statuses a response may have heuristic freshness for (RFC 9110 §15.1).
+HEURISTIC_STATUSES: frozenset[int] = frozenset(
+    {200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501}
+)
+
 #: Statuses a shared cache may store by default (RFC 9110 §15.1 "heuristically
 #: cacheable" plus 308, as nginx and Varnish do).
 DEFAULT_STATUSES: frozenset[int] = frozenset(
@@ -104,6 +109,9 @@ class CachePolicy:
     * **methods** - methods the route accepts (gateway routes); `None` means all.
     * **statuses** - statuses that may be stored.
     * **max_body** - largest body stored, in bytes; larger ones pass through uncached.
+    * **heuristic** - fraction (0 to 1) of a response's age since ``Last-Modified`` it is
+      fresh for when it carries no explicit freshness (RFC 9111 §4.2.2; ``0.1`` is
+      customary). ``0``, the default, leaves such responses to ``ttl``.
     * **key** - `(request) -> str` (may be async) whose result is part of the key. Giving
       one declares the entries per-principal: requests with `Authorization` or `Cookie`
       may then use them.
@@ -118,6 +126,7 @@ class CachePolicy:
     methods: tuple[str, ...] | None = None
     statuses: frozenset[int] = DEFAULT_STATUSES
     max_body: int = DEFAULT_MAX_BODY
+    heuristic: float = 0.0
     key: KeyFunc | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +167,14 @@ class CachePolicy:
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
             raise ConfigError(f"max_body must be a whole number of bytes ≥ 0, got {max_body!r}")
         setattr_(self, "max_body", max_body)
+        heuristic = self.heuristic
+        if (
+            isinstance(heuristic, bool)
+            or not isinstance(heuristic, int | float)
+            or not 0 <= heuristic <= 1
+        ):
+            raise ConfigError(f"heuristic must be a fraction from 0 to 1, got {heuristic!r}")
+        setattr_(self, "heuristic", float(heuristic))
         if self.key is not None and not callable(self.key):
             raise ConfigError(f"key must be a callable (request) -> str, got {self.key!r}")
 
@@ -177,6 +194,8 @@ class CachePolicy:
             parts.append(f"statuses={sorted(self.statuses)!r}")
         if self.max_body != DEFAULT_MAX_BODY:
             parts.append(f"max_body={self.max_body}")
+        if self.heuristic:
+            parts.append(f"heuristic={self.heuristic:g}")
         if self.key is not None:
             parts.append(f"key={getattr(self.key, '__qualname__', repr(self.key))}")
         return f"CachePolicy({', '.join(parts)})"
@@ -225,6 +244,7 @@ KNOBS = frozenset(
         "methods",
         "statuses",
         "max_body",
+        "heuristic",
     }
 )
 
@@ -342,6 +362,8 @@ def freshness(
     date: str | None,
     policy: CachePolicy,
     received: float | None = None,
+    last_modified: str | None = None,
+    status: int = 200,
 ) -> Freshness:
     """Freshness lifetime of a response for a shared cache (RFC 9111 §4.2.1).
 
@@ -351,7 +373,11 @@ def freshness(
     those are longer, and are dropped when the response forbids serving stale.
     A ``max-age``/``s-maxage`` that is not a number makes the response stale, as does an
     invalid ``Expires`` (RFC 9111 §4.2.1, §5.3); without ``Date``, ``Expires`` counts from
-    ``received``, the time the response arrived.
+    ``received``, the time the response arrived. With ``policy.heuristic`` > 0, a response
+    without explicit freshness but with ``Last-Modified`` is fresh for that fraction of
+    its age at ``Date`` (RFC 9111 §4.2.2; 10% is customary), when its status is
+    heuristically cacheable or it says ``public``. ``no-cache`` makes a response stale on
+    arrival: it is kept only to be revalidated.
     """
     lifetime: float | None = None
     for name in ("s-maxage", "max-age"):
@@ -371,8 +397,22 @@ def freshness(
                 date_at = received
             lifetime = max(0.0, expires_at - date_at) if date_at is not None else None
     explicit = lifetime is not None
+    if (
+        lifetime is None
+        and policy.heuristic
+        and last_modified is not None
+        and (status in HEURISTIC_STATUSES or "public" in response_cc)
+    ):
+        modified_at = parse_http_date(last_modified)
+        date_at = parse_http_date(date)
+        if date_at is None:
+            date_at = received
+        if modified_at is not None and date_at is not None and date_at > modified_at:
+            lifetime = policy.heuristic * (date_at - modified_at)
     if lifetime is None:
         lifetime = policy.ttl
+    if "no-cache" in response_cc:
+        lifetime = 0
     assert policy.max_ttl is not None
     lifetime = min(float(lifetime), policy.max_ttl)
     must_revalidate = (
@@ -420,10 +460,6 @@ def storable_response(
         return "no-store"
     if "private" in response_cc:
         return "private"
-    if "no-cache" in response_cc:
-        # Storing a no-cache response is only useful with revalidation; until the engine
-        # revalidates with validators it is not stored.
-        return "no-cache"
     if set_cookie:
         return "set-cookie"
     if any(v.strip() == "*" for v in vary):
@@ -442,3 +478,19 @@ def storable_response(
 def shareable_for_authorized(response_cc: CacheControl) -> bool:
     """Whether a stored response may answer a request carrying credentials (RFC 9111 §3.5)."""
     return "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
+
+
+def surrogate_control(values: Iterable[str], target: str) -> CacheControl | None:
+    """The ``Surrogate-Control`` directives meant for the surrogate named ``target``.
+
+    Directives may be targeted: ``max-age=60;cachegw`` is for cachegw, ``no-store;cdn``
+    for another device, an untargeted one for every surrogate (W3C Edge Architecture
+    Specification). None when the response says nothing to us.
+    """
+    kept: list[str] = []
+    for value in values:
+        for item in _split_list(value):
+            directive, _, aimed = item.partition(";")
+            if not aimed or aimed.strip().lower() == target:
+                kept.append(directive)
+    return parse_cache_control([", ".join(kept)]) if kept else None

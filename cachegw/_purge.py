@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+from cachegw._store import OP_TIMEOUT
+
 __all__ = ["LocalPurges", "PurgeState", "Purges", "RedisPurges", "purges_for", "scopes_for"]
 
 logger = logging.getLogger("cachegw")
@@ -141,7 +143,7 @@ class RedisPurges(Purges):
         slot = "{" + prefix + ":purge}"  # one hash slot: the script touches all three
         self.keys = (f"{slot}:times", f"{slot}:epoch", f"{slot}:log")
         self.epoch = -1  # nothing applied yet: the first poll loads everything
-        self.op_timeout = 0.05
+        self.op_timeout = OP_TIMEOUT
         self._next = 0.0
         self._polling = False
         self._script = client.register_script(_SCRIPT)

@@ -66,8 +66,11 @@ _GATEWAY_SET = frozenset(
     }
 )
 _VIA = b"1.1 cachegw"
-_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
-_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=15.0)
+# Idempotent methods (RFC 9110 §9.2.2) may be sent again when a reused connection fails.
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Idle connections are dropped before common servers drop them (Node.js: 5 s), so a
+# request is rarely sent on a connection the upstream is closing.
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=4.0)
 
 
 def upstream_url(base: str, path: str, raw_query: bytes) -> httpx.URL:
@@ -157,7 +160,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self._limits.max_connections or 0,
-                    keepalive_timeout=self._limits.keepalive_expiry or 15.0,
+                    keepalive_timeout=self._limits.keepalive_expiry or 4.0,
                 ),
                 auto_decompress=False,
                 trust_env=False,
@@ -289,6 +292,10 @@ class Upstream:
             async with asyncio.timeout(self._timeout):
                 response = await self._send(method, url, headers, body)
                 arrived = time.time()
+                if not 100 <= response.status_code <= 599:
+                    raise httpx.RemoteProtocolError(
+                        f"invalid status code {response.status_code}", request=response.request
+                    )
                 declared = response.headers.get("content-length", "")
                 rest = response.aiter_raw()
                 chunks: list[bytes] = []

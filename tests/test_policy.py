@@ -419,7 +419,7 @@ def storable(
         ({"cc": "public, No-Store"}, "no-store"),
         ({"cc": "private"}, "private"),
         ({"cc": 'private="x-user", max-age=60'}, "private"),
-        ({"cc": "no-cache"}, "no-cache"),
+        ({"cc": "no-cache"}, None),  # stored, but only to be revalidated (lifetime 0)
         ({"set_cookie": True}, "set-cookie"),
         ({"set_cookie": True, "cc": "public"}, "set-cookie"),
         ({"vary": ("*",)}, "vary-star"),
