@@ -152,9 +152,7 @@ async def test_upstream_age_counts(engine: CacheEngine, clock: Clock) -> None:
 
 
 @pytest.mark.parametrize("age", ["\xb2", "-1", "1e3", "abc", "", "7200;x=1", "0, 0"])
-async def test_invalid_upstream_age_makes_the_response_stale(
-    engine: CacheEngine, age: str
-) -> None:
+async def test_invalid_upstream_age_makes_the_response_stale(engine: CacheEngine, age: str) -> None:
     # An Age that is not one plain number cannot be trusted: the response is treated as
     # stale (as the cache-tests suite requires). "\xb2" (superscript two, valid latin-1)
     # passes str.isdigit() but not float(): it must not crash the request either.
