@@ -106,7 +106,13 @@ def parse_purge(body: bytes, gateway: Gateway) -> PurgeRequest:
 
 
 def _problem(status: int, detail: str, **headers: str) -> JSONResponse:
-    titles = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Too Large"}
+    titles = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not Found",
+        413: "Content Too Large",
+        503: "Service Unavailable",
+    }
     return JSONResponse(
         {
             "type": "about:blank",
@@ -170,7 +176,12 @@ def admin_router(runtime: _Runtime) -> APIRouter:
         engine = runtime.engine
         if engine is None:
             return _problem(404, "The gateway is starting.")
-        await engine.purge(asked.scopes, soft=asked.soft)
+        try:
+            await engine.purge(asked.scopes, soft=asked.soft)
+        except Exception as exc:  # the shared purge record is unreachable
+            return _problem(
+                503, f"The purge could not be recorded: the cache backend failed ({exc})."
+            )
         runtime.metrics.purge(asked.kind)
         # Answer once every process sharing the backend is guaranteed to see the purge.
         await asyncio.sleep(engine.purges.propagation)

@@ -8,6 +8,7 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -18,7 +19,6 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi_cache.types import Backend
-from starlette.middleware import Middleware
 from starlette.requests import Request
 
 from cachegw._accesslog import log_access
@@ -27,14 +27,16 @@ from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway, Service
-from cachegw._keys import format_tag, hash_parts, principal, vary_values
+from cachegw._keys import format_tag, hash_parts, principal
 from cachegw._metrics import Metrics
-from cachegw._policy import CachePolicy
 from cachegw._purge import purges_for, scopes_for
+from cachegw._store import L1
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
 
 __all__ = ["app_from_env", "create_app"]
+
+logger = logging.getLogger("cachegw")
 
 
 Scope = MutableMapping[str, Any]
@@ -86,6 +88,7 @@ class _Runtime:
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.
             lock_ttl=max((s.timeout for s in gateway.services), default=10.0) + 1.0,
+            l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
         )
         self.engine.start()
         for service in gateway.services:
@@ -127,13 +130,13 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
         finally:
             await runtime.close()
 
-    app = FastAPI(
+    app = _GatewayApp(
+        runtime,
         title="cachegw",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        middleware=[Middleware(_GatewayMiddleware, runtime=runtime)],
     )
     app.state.cachegw = runtime
 
@@ -146,18 +149,37 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ["CACHEGW_CONFIG"])
 
 
-class _GatewayMiddleware:
-    def __init__(self, app: ASGIApp, runtime: _Runtime) -> None:
-        self.app = app
+class _GatewayApp(FastAPI):
+    """FastAPI for the lifespan and the admin endpoints; proxy traffic goes first.
+
+    A request for a service is answered before FastAPI's middleware stack and routing:
+    a cache hit costs the checks, the key and the lookup, not a framework's dispatch.
+    """
+
+    def __init__(self, runtime: _Runtime, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._proxy = _Proxy(runtime)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/_cachegw/"):
+            await self._proxy(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+class _Proxy:
+    def __init__(self, runtime: _Runtime) -> None:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/_cachegw/"):
-            await self.app(scope, receive, send)
-            return
         started = time.perf_counter()
         trace = _Trace()
-        served = await self._handle(scope, receive, trace)
+        try:
+            served = await self._handle(scope, receive, trace)
+        except Exception:
+            # A bug of ours: never a traceback to the client, always a log line.
+            logger.exception("cachegw: error serving %s %s", scope["method"], scope["path"])
+            served = _refusal(500, "Internal Server Error", "The gateway failed; see its log.")
         sent = await _send_served(send, served)
         self.runtime.metrics.request(trace.service, trace.route, served.cache_status)
         log_access(
@@ -206,16 +228,6 @@ class _GatewayMiddleware:
         # A GET with a body, or a Range request, must not meet shared entries: the body is
         # not in the key (fat GET poisoning) and a partial response is not storable.
         cacheable = not (method in ("GET", "HEAD") and (has_body or "range" in headers))
-        client = scope.get("client")
-        forward_headers = request_headers(
-            scope,
-            client_ip=client[0] if client else "",
-            proto=scope.get("scheme", "http"),
-            host=headers.get("host"),
-        )
-        if cacheable and method in ("GET", "HEAD"):
-            forward_headers = [(n, v) for n, v in forward_headers if n not in _CONDITIONAL]
-        forward_headers.append(_SURROGATE_CAPABILITY)
         metrics = self.runtime.metrics
 
         async def body() -> AsyncIterator[bytes]:
@@ -237,12 +249,24 @@ class _GatewayMiddleware:
             content = b"".join([chunk async for chunk in body()])
 
         async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
+            # Built here, not up front: a cache hit never needs them.
+            client = scope.get("client")
+            forward = request_headers(
+                scope,
+                client_ip=client[0] if client else "",
+                proto=scope.get("scheme", "http"),
+                host=headers.get("host"),
+            )
+            if cacheable and method in ("GET", "HEAD"):
+                forward = [(n, v) for n, v in forward if n not in _CONDITIONAL]
+            forward.append(_SURROGATE_CAPABILITY)
+            forward.extend(validators)
             began = time.perf_counter()
             fetched = await upstream.fetch(
                 method,
                 rest,
                 raw_query,
-                [*forward_headers, *validators] if validators else forward_headers,
+                forward,
                 content if content is not None else body() if has_body else None,
                 max_body=policy.max_body,
             )
@@ -258,7 +282,7 @@ class _GatewayMiddleware:
             cacheable = key_extra is not None
         if not cacheable:
             return engine.bypass(await fetch())
-        trace.key = self._key(service, rest, raw_query, policy, headers, key_extra or "")
+        trace.key = self._key(service, rest, raw_query, key_extra or "")
         info = RequestInfo(
             method=method,
             key=trace.key,
@@ -272,22 +296,11 @@ class _GatewayMiddleware:
             await self._invalidate_locations(served, headers, engine)
         return served
 
-    def _key(
-        self,
-        service: Service,
-        rest: str,
-        raw_query: bytes,
-        policy: CachePolicy,
-        headers: Mapping[str, str],
-        key_extra: str,
-    ) -> str:
-        parts = (
-            service.name,
-            rest,
-            raw_query.decode("latin-1"),
-            *vary_values(policy.vary, headers),
-        )
-        return hash_parts(self.runtime.gateway.prefix, (*parts, key_extra))
+    def _key(self, service: Service, rest: str, raw_query: bytes, key_extra: str) -> str:
+        """The primary key. The route's `vary` headers are not in it: like the upstream's
+        Vary they select a variant below it (so invalidating the key drops them all)."""
+        parts = (service.name, rest, raw_query.decode("latin-1"), key_extra)
+        return hash_parts(self.runtime.gateway.prefix, parts)
 
     async def _invalidate_locations(
         self, served: Served, headers: Mapping[str, str], engine: CacheEngine
@@ -308,8 +321,8 @@ class _GatewayMiddleware:
             matched = self.runtime.gateway.match(path)
             if matched is None or matched[1].policy.key is not None:
                 continue  # per-principal entries are not ours to compute
-            service, route, rest, _ = matched
-            key = self._key(service, rest, query.encode("latin-1"), route.policy, headers, "")
+            service, _, rest, _ = matched
+            key = self._key(service, rest, query.encode("latin-1"), "")
             await engine.invalidate(key)
 
 

@@ -29,7 +29,16 @@ __all__ = ["load_gateway"]
 
 _TABLES = frozenset({"cache", "admin", "services"})
 _CACHE_KEYS = frozenset(
-    {"backend", "prefix", "max_entries", "max_bytes", "status_header", "expose_tag_headers"}
+    {
+        "backend",
+        "prefix",
+        "max_entries",
+        "max_bytes",
+        "status_header",
+        "expose_tag_headers",
+        "l1_entries",
+        "l1_ttl",
+    }
 )
 _ADMIN_KEYS = frozenset({"token_env"})
 _SERVICE_KEYS = frozenset({"name", "upstream", "prefix", "timeout", "routes"}) | KNOBS
@@ -82,6 +91,9 @@ class _Loader:
             settings["status_header"] = self._string(
                 cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
             )
+        for name in ("l1_entries", "l1_ttl"):
+            if name in cache:
+                settings[name] = cache[name]
         if "expose_tag_headers" in cache:
             value = cache["expose_tag_headers"]
             if not isinstance(value, bool):

@@ -20,9 +20,10 @@ from starlette.responses import Response
 
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._errors import ConfigError
-from cachegw._keys import canonical_query, format_tag, hash_parts, principal, vary_values
+from cachegw._keys import canonical_query, format_tag, hash_parts, principal
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
+from cachegw._store import L1
 
 __all__ = ["DECORATOR_STATUSES", "cached", "engine_for", "purge"]
 
@@ -47,7 +48,11 @@ def engine_for(backend: Backend) -> CacheEngine:
     engine = _engines.get(backend)
     if engine is None:
         prefix = FastAPICache._prefix or "cachegw"
-        engine = _engines[backend] = CacheEngine(backend, purges=purges_for(backend, prefix))
+        # No L1 copies in front of a shared backend: without the gateway's landing channel
+        # another process's refresh would only be seen after the L1's ttl. (In front of
+        # the memory backend the L1 only saves decoding and is never stale.)
+        l1 = None if getattr(backend, "inline", False) else L1(max_entries=0, max_bytes=0, ttl=0)
+        engine = _engines[backend] = CacheEngine(backend, purges=purges_for(backend, prefix), l1=l1)
     return engine
 
 
@@ -70,7 +75,7 @@ async def purge(
     A hard purge makes entries absent; a soft one makes them stale, so they may still be
     served under ``stale_while_revalidate`` / ``stale_if_error`` while one request
     refreshes them. Purging is O(1) in the number of entries. With a Redis backend the
-    purge reaches every process sharing it within 100 ms.
+    purge reaches every process sharing it within 200 ms.
 
     Parameters:
 
@@ -231,7 +236,7 @@ async def _serve(
             template,
             *(f"{k}={path_params[k]}" for k in sorted(path_params)),
             canonical_query(request.scope.get("query_string", b"")),
-            *vary_values(policy.vary, headers),
+            # The `vary` headers select a variant below this key (see the engine).
             key_extra or "",
         ),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from fastapi_cache.types import Backend
 
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
-from cachegw._flight import Coordinator
+from cachegw._flight import Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
 from cachegw._policy import (
     CacheControl,
@@ -30,8 +31,8 @@ from cachegw._policy import (
     storable_response,
     surrogate_control,
 )
-from cachegw._purge import RECORD_TTL, LocalPurges, Purges, Verdict
-from cachegw._store import OP_TIMEOUT, Store
+from cachegw._purge import RECORD_TTL, LocalPurges, Purges, RedisPurges, Verdict
+from cachegw._store import L1, OP_TIMEOUT, Store
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
@@ -73,6 +74,7 @@ class RequestInfo:
     scopes: list[str] = field(default_factory=list)  # purge scopes: see _purge.scopes_for
     service: str = ""  # for metrics
     started: float = 0.0  # when the engine began serving it (wall clock)
+    primary: Item | None = None  # what the primary key held when it was looked up
 
     @property
     def authorized(self) -> bool:
@@ -148,6 +150,7 @@ class CacheEngine:
         expose_tag_headers: bool = False,
         lock_timeout: float = 5.0,
         lock_ttl: float = 30.0,
+        l1: L1 | None = None,
     ) -> None:
         self.backend = backend
         self.status_header = status_header.lower().encode("latin-1")
@@ -170,7 +173,13 @@ class CacheEngine:
         self.lock_timeout = lock_timeout
         self.lock_ttl = lock_ttl
         self.recheck = 0.1
-        self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed)
+        self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed, l1=l1)
+        if isinstance(self.coordinator, RedisCoordinator):
+            # Keys other processes store or invalidate leave this process's L1 at once.
+            self.coordinator.on_landed = self.store.forget
+            self.coordinator.breaker = self.store.breaker
+        if isinstance(self.purges, RedisPurges):
+            self.purges.breaker = self.store.breaker
         if metrics is not None:
             self.store.breaker.on_change = metrics.circuit
         self._flights: dict[str, _Flight] = {}
@@ -194,6 +203,8 @@ class CacheEngine:
     async def invalidate(self, key: str) -> None:
         """Drop the entry (and its Vary variants' marker) stored under a primary key."""
         await self.store.delete(key)
+        if self.coordinator.shared:
+            await self.coordinator.landed(key)  # other processes drop their L1 copy
 
     # -- the request path -----------------------------------------------------------
 
@@ -296,9 +307,9 @@ class CacheEngine:
 
     async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
         """The entry for the request (Vary resolved) and what the primary key holds."""
-        item = await self.store.get(request.key)
+        item = request.primary = await self.store.get(request.key)
         if isinstance(item, VaryMarker):
-            variant = await self.store.get(_variant_key(request.key, item.names, request.headers))
+            variant = await self.store.get(_variant_key(request.key, item, request.headers))
             return (variant if isinstance(variant, Entry) else None), item
         return (item if isinstance(item, Entry) else None), item
 
@@ -645,14 +656,18 @@ class CacheEngine:
         ttl = min(entry.storage_ttl(now), MAX_STORAGE_TTL)
         if ttl <= 0:
             return None
-        response_vary = sorted({v.lower() for v in vary})
-        if response_vary:
-            # Responses here vary on request headers: the primary key holds a marker
-            # naming them, the response lives under a key that includes their values.
-            await self.store.set(request.key, VaryMarker(names=response_vary, stored_at=now), ttl)
-            await self.store.set(
-                _variant_key(request.key, response_vary, request.headers), entry, ttl
-            )
+        names = sorted({v.lower() for v in vary} | set(policy.vary))
+        if names:
+            # Responses here vary on request headers (the upstream's Vary and the route's
+            # `vary`): the primary key holds a marker naming them, the response lives
+            # under a key that includes their values.
+            marker = request.primary
+            if not isinstance(marker, VaryMarker) or marker.names != names:
+                marker = VaryMarker(names=names, stored_at=now, gen=secrets.token_hex(8))
+            # The marker outlives this variant: other variants may be kept longer.
+            marker_ttl = max(ttl, min(MAX_STORAGE_TTL, policy.max_ttl + policy.stale_window + keep))
+            await self.store.set(request.key, marker, marker_ttl)
+            await self.store.set(_variant_key(request.key, marker, request.headers), entry, ttl)
         else:
             await self.store.set(request.key, entry, ttl)
         return entry
@@ -775,8 +790,8 @@ def _vary_names(entry: Entry) -> list[str]:
     return sorted(names)
 
 
-def _variant_key(primary: str, names: list[str], headers: Mapping[str, str]) -> str:
-    return hash_parts(primary, vary_values(names, headers))
+def _variant_key(primary: str, marker: VaryMarker, headers: Mapping[str, str]) -> str:
+    return hash_parts(primary, (marker.gen, *vary_values(marker.names, headers)))
 
 
 def _not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:

@@ -80,10 +80,16 @@ class HitForMiss:
 
 @dataclass(slots=True)
 class VaryMarker:
-    """Stored under a primary key when responses there vary on request headers."""
+    """Stored under a primary key when responses there vary on request headers.
+
+    The variants live under keys made of the primary key, ``gen`` and the request's
+    values of ``names``. Deleting the marker (an invalidation) makes every variant
+    unreachable at once: the next marker has another ``gen``.
+    """
 
     names: list[str]  # lower-case request header names
     stored_at: float
+    gen: str = ""
 
 
 Item = Entry | VaryMarker | HitForMiss
@@ -92,7 +98,7 @@ Item = Entry | VaryMarker | HitForMiss
 def encode(item: Item) -> bytes:
     body = b""
     if isinstance(item, VaryMarker):
-        head: dict[str, object] = {"k": "v", "n": item.names, "t": item.stored_at}
+        head: dict[str, object] = {"k": "v", "n": item.names, "t": item.stored_at, "g": item.gen}
     elif isinstance(item, HitForMiss):
         head = {"k": "m", "t": item.stored_at}
     else:
@@ -138,7 +144,10 @@ def decode(data: bytes) -> Item | None:
             names = head["n"]
             if not _str_list(names):
                 return None
-            return VaryMarker(names=list(names), stored_at=_num(head["t"]))
+            gen = head["g"]
+            if not isinstance(gen, str):
+                return None
+            return VaryMarker(names=list(names), stored_at=_num(head["t"]), gen=gen)
         if head["k"] != "r":
             return None
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["h"]]

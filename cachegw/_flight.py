@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
-from cachegw._store import OP_TIMEOUT
+from cachegw._store import OP_TIMEOUT, Breaker
 
 __all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
 
@@ -72,9 +73,15 @@ class RedisCoordinator(Coordinator):
         self.op_timeout = op_timeout
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        #: Called with every key another process (or this one) announces as changed.
+        self.on_landed: Callable[[str], None] | None = None
+        #: The store's circuit breaker: while it is open, no lock is asked for.
+        self.breaker: Breaker | None = None
         self._release = client.register_script(_RELEASE)
 
     async def acquire(self, key: str, ttl: float) -> str | None:
+        if self.breaker is not None and self.breaker.open:
+            return UNLOCKED  # Redis is known to be sick: don't wait on it for a lock
         token = secrets.token_hex(8)
         try:
             async with asyncio.timeout(self.op_timeout):
@@ -113,13 +120,18 @@ class RedisCoordinator(Coordinator):
                 del self._waiters[key]
 
     def _wake(self, key: str) -> None:
+        if self.on_landed is not None:
+            self.on_landed(key)
         for future in self._waiters.get(key, ()):
             if not future.done():
                 future.set_result(None)
 
     async def _listen(self) -> None:
+        # A cluster client subscribes on the node owning the channel's slot; classic
+        # PUBLISH reaches every node, so any one node hears every landing. Before
+        # redis-py 8.0 the asyncio cluster client had no pub/sub: waiters re-check then.
         if not hasattr(self.client, "pubsub"):
-            return  # redis-py's asyncio cluster client has no pub/sub: waiters re-check
+            return
         while True:
             pubsub = self.client.pubsub()
             try:

@@ -132,6 +132,10 @@ class Gateway:
     * **admin_token_env** - name of the environment variable holding the admin token;
       the admin API is on only when that variable is set.
     * **status_header** - name of the header carrying HIT / MISS / ...
+    * **l1_entries**, **l1_ttl** - the in-process copy of hot entries: how many, and for
+      how long a copy of a Redis entry is used without asking Redis (changes made by
+      other gateway processes reach it at once through Redis pub/sub, and after
+      ``l1_ttl`` at the latest). ``l1_entries = 0`` turns it off.
     * **expose_tag_headers** - pass the upstream's ``Surrogate-Key`` / ``Cache-Tag``
       headers on to clients (by default they are read as tags and stripped).
     """
@@ -144,6 +148,8 @@ class Gateway:
     admin_token_env: str | None = None
     status_header: str = "X-Cache-Status"
     expose_tag_headers: bool = False
+    l1_entries: int = 4096
+    l1_ttl: float | str = 1.0
     source: str | None = None  # the file this came from, for messages
 
     def __post_init__(self) -> None:
@@ -158,6 +164,17 @@ class Gateway:
                 raise ConfigError(f"service prefix {prefix!r} is used twice{self._in()}")
             if prefix == "/_cachegw" or prefix.startswith("/_cachegw/"):
                 raise ConfigError(f"service prefix {prefix!r} is reserved for the admin API")
+        if (
+            isinstance(self.l1_entries, bool)
+            or not isinstance(self.l1_entries, int)
+            or (self.l1_entries < 0)
+        ):
+            raise ConfigError(
+                f"l1_entries must be a whole number ≥ 0, got {self.l1_entries!r}{self._in()}"
+            )
+        self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
+        # Longest prefix first: computed once, not per request.
+        self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
         if isinstance(self.backend, str) and not (
             self.backend == "memory"
             or self.backend.split("://", 1)[0]
@@ -183,7 +200,7 @@ class Gateway:
         Longest prefix wins; within a service the first declared route that matches.
         Returns the service, the route, the path relative to the prefix, and path params.
         """
-        for service in sorted(self.services, key=lambda s: len(s.prefix), reverse=True):
+        for service in self._ordered:
             prefix = service.prefix
             if prefix and not (path == prefix or path.startswith(prefix + "/")):
                 continue
@@ -192,6 +209,9 @@ class Gateway:
                 params = route.match(rest)
                 if params is not None:
                     return service, route, rest, params
+            # The longest matching prefix owns the path: a route it does not declare is a
+            # 404, never another (shorter-prefix) service's route.
+            return None
         return None
 
     @classmethod

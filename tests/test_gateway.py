@@ -511,3 +511,51 @@ def test_fat_get_body_bypasses_the_cache() -> None:
     assert fat.headers["x-cache-status"] == "BYPASS"
     assert "poison" not in plain.text
     assert plain.headers["x-cache-status"] == "HIT"
+
+
+def test_unsafe_method_invalidates_every_variant() -> None:
+    stub = StubUpstream()
+    stub.route("/v", headers=[(b"vary", b"Accept-Language")], body=b"v1")
+    with gateway_for(stub) as (client, _):
+        for lang in ("en", "fr"):
+            client.get("/svc/v", headers={"accept-language": lang})
+        client.put("/svc/v", content=b"new")
+        after = [
+            client.get("/svc/v", headers={"accept-language": lang}).headers["x-cache-status"]
+            for lang in ("en", "fr")
+        ]
+    assert after == ["MISS", "MISS"]
+
+
+def test_declared_vary_variants_are_invalidated_together() -> None:
+    stub = StubUpstream()
+    with gateway_for(stub, ("/{rest:path}", {"ttl": 60, "vary": ["X-Tenant"]})) as (client, _):
+        for tenant in ("a", "b"):
+            client.get("/svc/t", headers={"x-tenant": tenant})
+        client.delete("/svc/t")
+        after = [
+            client.get("/svc/t", headers={"x-tenant": t}).headers["x-cache-status"]
+            for t in ("a", "b")
+        ]
+    assert after == ["MISS", "MISS"]
+
+
+def test_longest_prefix_owns_its_paths() -> None:
+    """A path under a service's prefix that none of its routes declares is a 404, even
+    when a root service with a catch-all exists."""
+    stub = StubUpstream()
+    with run_uvicorn(stub) as upstream:
+        root = Service("root", upstream, prefix="").route("/{rest:path}", ttl=0)
+        catalog = Service("catalog", upstream, prefix="/catalog").route("/items/{id}", ttl=0)
+        gateway = Gateway(services=[root, catalog])
+        with (
+            run_uvicorn(create_app(gateway), **uvicorn_options(lifespan="on")) as base,
+            httpx.Client(base_url=base) as client,
+        ):
+            declared = client.get("/catalog/items/1")
+            undeclared = client.get("/catalog/admin")
+            elsewhere = client.get("/other")
+    assert declared.status_code == 200
+    assert undeclared.status_code == 404
+    assert elsewhere.status_code == 200
+    assert stub.hits["/admin"] == 0

@@ -353,3 +353,25 @@ def test_decorator_purge_needs_a_selector() -> None:
 
     with pytest.raises(ValueError, match="needs tags"):
         asyncio.run(purge())
+
+
+def test_purge_with_redis_down_is_a_503_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.redis_process import RedisProcess
+
+    monkeypatch.setenv("TEST_CACHEGW_TOKEN", TOKEN)
+    stub = StubUpstream()
+    with RedisProcess() as redis_server, run_uvicorn(stub) as upstream:
+        config = tmp_path / "gateway.toml"
+        config.write_text(TOML.format(backend=redis_server.url, upstream=upstream))
+        with gateway_processes(config) as [gw]:
+            redis_server.stop()
+            answer = httpx.post(
+                f"{gw.base}/_cachegw/purge",
+                json={"tags": ["item:1"]},
+                headers={"authorization": f"Bearer {TOKEN}"},
+            )
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert "could not be recorded" in answer.json()["detail"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from typing import Any, cast
@@ -105,11 +106,12 @@ class RedisBackend(Backend):
             **client_kwargs,
         }
         client: Redis | RedisCluster
+        # Connections are opened as concurrency needs them, up to a bound well above
+        # what one process's event loop keeps in flight (redis-py's default pool raises
+        # past 100, and so does each node of a cluster client; its blocking pool wakes
+        # every waiter on each release).
+        options.setdefault("max_connections", 1024)
         if sep and scheme in ("redis", "rediss", "unix"):
-            # Connections are opened as concurrency needs them, up to a bound well above
-            # what one process's event loop keeps in flight (redis-py's default pool
-            # raises past 100; its blocking pool wakes every waiter on each release).
-            options.setdefault("max_connections", 1024)
             client = Redis.from_url(url, **options)
         elif sep and scheme in ("redis+cluster", "rediss+cluster"):
             plain = scheme.removesuffix("+cluster")
@@ -177,21 +179,48 @@ class RedisBackend(Backend):
         return removed
 
     async def warm(self, connections: int = 8) -> None:
-        """Open ``connections`` pooled connections now, so the first burst of requests
-        does not pay for connecting. Best effort: errors are ignored (fail open)."""
-        pool = getattr(self.client, "connection_pool", None)
-        if pool is None:  # a cluster client keeps a pool per node
-            return
-        opened = []
+        """Open ``connections`` pooled connections now (per primary on a cluster, after
+        loading its slot map), so the first burst of requests does not pay for
+        connecting. Best effort: errors are ignored (fail open)."""
+        client = self.client
         try:
-            for _ in range(connections):
-                opened.append(await pool.get_connection())
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                await asyncio.gather(
+                    *(_warm_node(node, connections) for node in client.get_primaries())
+                )
+            else:
+                await _warm_pool(client.connection_pool, connections)
         except Exception:  # noqa: S110 - Redis not up yet: the cache fails open anyway
             pass
-        finally:
-            for connection in opened:
-                await pool.release(connection)
 
     async def aclose(self) -> None:
         """Close the client and its connections."""
         await self.client.aclose()
+
+
+async def _warm_pool(pool: Any, connections: int) -> None:
+    opened = []
+    try:
+        for _ in range(connections):
+            opened.append(await pool.get_connection())
+    finally:
+        for connection in opened:
+            await pool.release(connection)
+
+
+async def _warm_node(node: Any, connections: int) -> None:
+    """Connect ``connections`` of a cluster node's pooled connections."""
+    opened = []
+    try:
+        for _ in range(connections):
+            connection = node.acquire_connection()
+            opened.append(connection)
+            try:
+                await connection.connect()
+            except BaseException:
+                await connection.disconnect()  # not half-open back into the pool
+                raise
+    finally:
+        for connection in opened:
+            node.release(connection)
