@@ -559,3 +559,50 @@ def test_longest_prefix_owns_its_paths() -> None:
     assert undeclared.status_code == 404
     assert elsewhere.status_code == 200
     assert stub.hits["/admin"] == 0
+
+
+def test_metrics_follow_a_known_sequence_of_requests() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stub = StubUpstream()
+    stub.route("/s", headers=[(b"cache-control", b"max-age=1")], body=b"s")
+    routes = ("/{rest:path}", {"ttl": 60, "stale_if_error": 60})
+    with gateway_for(stub, routes) as (client, _):
+        client.get("/svc/a")  # MISS
+        client.get("/svc/a")  # HIT
+        client.get("/svc/a")  # HIT
+        client.get("/svc/a", headers={"authorization": "Bearer x"})  # BYPASS
+        client.get("/svc/../x")  # refused (400) before routing: ERROR
+        client.get("/svc/s")  # MISS
+        time.sleep(1.1)
+        stub.route("/s", status=503, body=b"down")
+        client.get("/svc/s")  # STALE (stale-if-error), upstream 5xx
+        text = client.get("/_cachegw/metrics").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def requests(status: str, route: str = "/{rest:path}", service: str = "svc") -> float:
+        labels = (("cache_status", status), ("route", route), ("service", service))
+        return samples.get(("cachegw_requests_total", labels), 0.0)
+
+    assert requests("MISS") == 2
+    assert requests("HIT") == 2
+    assert requests("BYPASS") == 1
+    assert requests("STALE") == 1
+    assert requests("ERROR", route="", service="") == 1
+    upstream_count = samples[
+        ("cachegw_upstream_request_duration_seconds_count", (("service", "svc"),))
+    ]
+    assert upstream_count == 4  # two misses, the bypass, the failed refresh
+    errors = samples[
+        ("cachegw_upstream_errors_total", (("kind", "status_5xx"), ("service", "svc")))
+    ]
+    assert errors == 1
+    stale = samples[
+        ("cachegw_stale_served_total", (("reason", "stale-if-error"), ("service", "svc")))
+    ]
+    assert stale == 1
+    assert samples[("cachegw_memory_entries", ())] >= 2

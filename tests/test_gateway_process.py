@@ -142,3 +142,26 @@ def test_coalescing_through_a_real_process(tmp_path: Path) -> None:
             thread.join()
     assert results == [200] * 30
     assert stub.hits["/items/9"] == 1
+
+
+def test_l1_copies_follow_changes_made_by_another_process(tmp_path: Path, redis_url: str) -> None:
+    """Each process keeps decoded copies of hot Redis entries (the L1). An invalidation
+    or refresh in one process reaches the other's copy through the landing channel, well
+    within the documented bound (l1_ttl, 1 s)."""
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"v1")
+    config = write_config(tmp_path, "{upstream}", redis_url)
+    with run_uvicorn(stub) as upstream:
+        config.write_text(config.read_text().replace("{upstream}", upstream))
+        with gateway_processes(config, count=2) as [a, b]:
+            url_a, url_b = f"{a.base}/catalog/items/1", f"{b.base}/catalog/items/1"
+            assert httpx.get(url_a).headers["x-cache-status"] == "MISS"
+            assert httpx.get(url_b).headers["x-cache-status"] == "HIT"  # from Redis
+            assert httpx.get(url_b).content == b"v1"  # from b's L1 now
+            stub.route("/items/1", body=b"v2")
+            httpx.post(url_a, content=b"change")  # invalidates; a tells the others
+            time.sleep(0.1)
+            after = httpx.get(url_b)
+            again_a = httpx.get(url_a)
+    assert (after.headers["x-cache-status"], after.content) == ("MISS", b"v2")
+    assert (again_a.headers["x-cache-status"], again_a.content) == ("HIT", b"v2")
