@@ -30,7 +30,8 @@ def uvicorn_options(**overrides: Any) -> dict[str, Any]:
       through, and a second one breaks HTTP caches downstream;
     * ``proxy_headers=False``: ``X-Forwarded-For`` from a client is not trusted, the
       gateway sets it from the socket peer;
-    * the httptools parser with the raw request target kept (see above).
+    * the httptools parser with the raw request target kept (see above);
+    * a bounded graceful shutdown (10 s for requests in flight).
     """
     options: dict[str, Any] = {
         "http": GatewayHttpToolsProtocol,
@@ -38,6 +39,9 @@ def uvicorn_options(**overrides: Any) -> dict[str, Any]:
         "server_header": False,
         "proxy_headers": False,
         "h11_max_incomplete_event_size": 64 * 1024,
+        # On SIGTERM: stop accepting, let requests in flight finish for up to 10 s, then
+        # close; the lifespan then waits (bounded) for background refreshes.
+        "timeout_graceful_shutdown": 10,
     }
     try:
         import uvloop  # noqa: F401
