@@ -112,6 +112,7 @@ class _Flight:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     entry: Entry | None = None
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
+    failed: bool = False  # the upstream failed: waiters holding a stale entry serve it
 
 
 class Fetch(Protocol):
@@ -300,7 +301,9 @@ class CacheEngine:
                 status, detail = "BYPASS", "fwd=bypass"
             self.stats[status] += 1
             if entry is not None:
-                return self._from_entry(entry, request, self.clock(), status, detail + "; stored")
+                return self._from_entry(
+                    entry, request, self.clock(), status, detail + _stored(entry)
+                )
             return self._passed(fetched, status, detail)
 
         return await self._miss(request, policy, fetch, request_cc, stale, primary is None)
@@ -341,6 +344,8 @@ class CacheEngine:
                 or flight.vary == vary_values(_vary_names(entry), request.headers)
             ):
                 return self._collapsed(request, entry)
+            if flight.failed and stale is not None and _stale_if_error_ok(stale, self.clock()):
+                return self._stale_on_error(request, stale, 0)  # don't ask a failing upstream
             # The answer was not storable or varies differently: fetch our own.
             fetched = await fetch()
             self.stats["MISS"] += 1
@@ -370,27 +375,26 @@ class CacheEngine:
         try:
             token = await self.coordinator.acquire(request.key, self.lock_ttl)
             if token is None:
-                waited = await self._wait_for_fleet(request, flight)
+                waited = await self._wait_for_fleet(request, flight, stale)
                 if isinstance(waited, Served):
                     return waited
                 token = waited
+                if token == _TIMED_OUT:
+                    # Like nginx after proxy_cache_lock_timeout: everyone waiting here
+                    # goes upstream now, in parallel, and nobody stores.
+                    self._flights.pop(request.key, None)
+                    flight.done.set()
             try:
                 fetched = await _conditional(fetch, _validators(stale))
                 if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
                     entry = await self._revalidated(request, policy, stale, fetched)
                 elif stale is not None and _failed(fetched):
+                    flight.failed = True
                     if _stale_if_error_ok(stale, self.clock()):
-                        self._stale(request, "stale-if-error")
-                        now = self.clock()
                         await _discard(fetched)
-                        return self._from_entry(
-                            stale,
-                            request,
-                            now,
-                            "STALE",
-                            f"hit; ttl={int(stale.ttl_left(now))}; fwd=stale; "
-                            f"fwd-status={fetched.status}",
-                        )
+                        if self.coordinator.shared:
+                            await self.coordinator.landed(request.key, failed=True)
+                        return self._stale_on_error(request, stale, fetched.status)
                     entry = None  # an error never replaces a good entry
                 elif fetched.status == 304:
                     entry = None  # not ours to answer (see _revalidated)
@@ -425,9 +429,23 @@ class CacheEngine:
         fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
         if entry is None:
             return self._passed(fetched, status, fwd)
-        return self._from_entry(entry, request, self.clock(), status, f"{fwd}; stored")
+        return self._from_entry(entry, request, self.clock(), status, fwd + _stored(entry))
 
-    async def _wait_for_fleet(self, request: RequestInfo, flight: _Flight) -> Served | str:
+    def _stale_on_error(self, request: RequestInfo, stale: Entry, status: int) -> Served:
+        """The stale entry instead of an upstream failure (RFC 5861 stale-if-error)."""
+        self._stale(request, "stale-if-error")
+        now = self.clock()
+        return self._from_entry(
+            stale,
+            request,
+            now,
+            "STALE",
+            f"hit; ttl={int(stale.ttl_left(now))}; fwd=stale; fwd-status={status}",
+        )
+
+    async def _wait_for_fleet(
+        self, request: RequestInfo, flight: _Flight, stale: Entry | None
+    ) -> Served | str:
         """Another process holds the key's lock: wait until its answer lands.
 
         Returns the response from the landed entry, or a lock token when this process
@@ -439,7 +457,12 @@ class CacheEngine:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _TIMED_OUT
-            await self.coordinator.wait(request.key, min(self.recheck, remaining))
+            news = await self.coordinator.wait(request.key, min(self.recheck, remaining))
+            if news == "failed" and stale is not None and _stale_if_error_ok(stale, self.clock()):
+                # The fetch elsewhere failed upstream: serve our stale copy rather than ask
+                # a failing upstream again.
+                flight.failed = True
+                return self._stale_on_error(request, stale, 0)
             landed = await self._landed(request)
             if isinstance(landed, Entry):
                 flight.entry = landed
@@ -667,9 +690,10 @@ class CacheEngine:
             # The marker outlives this variant: other variants may be kept longer.
             marker_ttl = max(ttl, min(MAX_STORAGE_TTL, policy.max_ttl + policy.stale_window + keep))
             await self.store.set(request.key, marker, marker_ttl)
-            await self.store.set(_variant_key(request.key, marker, request.headers), entry, ttl)
+            variant = _variant_key(request.key, marker, request.headers)
+            entry.stored = await self.store.set(variant, entry, ttl)
         else:
-            await self.store.set(request.key, entry, ttl)
+            entry.stored = await self.store.set(request.key, entry, ttl)
         return entry
 
     # -- building responses -------------------------------------------------------------
@@ -704,6 +728,11 @@ class CacheEngine:
 
 
 # -- helpers (pure) -------------------------------------------------------------------
+
+
+def _stored(entry: Entry) -> str:
+    """RFC 9211 ``stored``, only when the backend really took the entry."""
+    return "; stored" if entry.stored else ""
 
 
 def _request_cache_control(headers: Mapping[str, str]) -> CacheControl:

@@ -51,6 +51,7 @@ class Entry:
     tags: list[str] = field(default_factory=list)
     fetched_at: float = 0.0
     keep: float = 0.0  # kept this long past its stale windows, to be revalidated
+    stored: bool = True  # in this process: whether the backend took it (not encoded)
 
     def age(self, now: float) -> float:
         """Current age (RFC 9111 §4.2.3)."""

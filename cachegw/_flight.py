@@ -42,12 +42,15 @@ class Coordinator:
     async def release(self, key: str, token: str) -> None:
         """Give the lock back (only if still ours)."""
 
-    async def landed(self, key: str) -> None:
-        """Tell waiting processes that ``key`` has its answer."""
+    async def landed(self, key: str, *, failed: bool = False) -> None:
+        """Tell waiting processes that ``key`` has its answer (``failed``: the upstream
+        failed and nothing new was stored)."""
 
-    async def wait(self, key: str, seconds: float) -> None:
-        """Return when ``key`` has landed or after ``seconds``."""
+    async def wait(self, key: str, seconds: float) -> str | None:
+        """Wait until ``key`` lands or ``seconds`` pass: ``"landed"``, ``"failed"`` (the
+        fetch ended with an upstream failure) or None (no news)."""
         await asyncio.sleep(seconds)
+        return None
 
     def start(self) -> None:
         """Begin listening (needs a running loop)."""
@@ -71,7 +74,7 @@ class RedisCoordinator(Coordinator):
         self.client = client
         self.channel = f"{prefix}:landed"
         self.op_timeout = op_timeout
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
         self._task: asyncio.Task[None] | None = None
         #: Called with every key another process (or this one) announces as changed.
         self.on_landed: Callable[[str], None] | None = None
@@ -96,35 +99,41 @@ class RedisCoordinator(Coordinator):
         return token if got else None
 
     async def release(self, key: str, token: str) -> None:
-        if token == UNLOCKED:
-            return
+        if token == UNLOCKED or (self.breaker is not None and self.breaker.open):
+            return  # the lock expires by itself
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):
                 await self._release(keys=[f"{key}:lock"], args=[token])
 
-    async def landed(self, key: str) -> None:
+    async def landed(self, key: str, *, failed: bool = False) -> None:
+        if self.breaker is not None and self.breaker.open:
+            return  # waiters re-check by themselves; don't wait on a sick Redis
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):
-                await self.client.publish(self.channel, key)
+                await self.client.publish(self.channel, f"!{key}" if failed else key)
 
-    async def wait(self, key: str, seconds: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(self, key: str, seconds: float) -> str | None:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(key, [])
         waiters.append(future)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, seconds)
+            try:
+                return await asyncio.wait_for(future, seconds)
+            except TimeoutError:
+                return None
         finally:
             waiters.remove(future)
             if not waiters:
                 del self._waiters[key]
 
-    def _wake(self, key: str) -> None:
+    def _wake(self, message: str) -> None:
+        failed = message.startswith("!")
+        key = message[1:] if failed else message
         if self.on_landed is not None:
             self.on_landed(key)
         for future in self._waiters.get(key, ()):
             if not future.done():
-                future.set_result(None)
+                future.set_result("failed" if failed else "landed")
 
     async def _listen(self) -> None:
         # A cluster client subscribes on the node owning the channel's slot; classic

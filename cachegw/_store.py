@@ -226,12 +226,13 @@ class Store:
         l1.put(key, item, data if self.inline else None)
         return item
 
-    async def set(self, key: str, item: Item, ttl: float) -> None:
+    async def set(self, key: str, item: Item, ttl: float) -> bool:
+        """Store ``item``; whether the backend took it."""
         data = _entry.encode(item)
         if self.inline:
             self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]
             self.l1.put(key, item, data)
-            return
+            return True
         expire: Any = ttl if self._float_ttl else max(1, math.ceil(ttl))
 
         async def write() -> bool:
@@ -241,6 +242,8 @@ class Store:
         # Into L1 only once the backend has it: an outage means no cache, not a local one.
         if await self._call("set", write, False):
             self.l1.put(key, item)
+            return True
+        return False
 
     def forget(self, key: str) -> None:
         """Drop the process's copy of ``key`` (another process changed it)."""
