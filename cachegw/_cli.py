@@ -300,6 +300,7 @@ _COLUMNS = (
     "METHODS",
     "MAX_BODY",
     "STATUSES",
+    "HEURISTIC",
 )
 
 
@@ -328,6 +329,7 @@ def _policy_cells(policy: CachePolicy) -> list[str]:
         "default"
         if policy.statuses == DEFAULT_STATUSES
         else ",".join(str(s) for s in sorted(policy.statuses)),
+        f"{policy.heuristic:g}" if policy.heuristic else "-",
     ]
 
 

@@ -62,6 +62,7 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
         "METHODS",
         "MAX_BODY",
         "STATUSES",
+        "HEURISTIC",
     ]
     rows = [line.split() for line in lines[1:-1]]
     assert rows == [
@@ -78,6 +79,7 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "*",
             "1MiB",
             "default",
+            "-",
         ],
         [
             "catalog",
@@ -92,6 +94,7 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "GET",
             "2MiB",
             "default",
+            "-",
         ],
         [
             "catalog",
@@ -106,6 +109,7 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "*",
             "1MiB",
             "default",
+            "-",
         ],
         [
             "users",
@@ -120,6 +124,7 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "*",
             "1MiB",
             "default",
+            "-",
         ],
     ]
     assert lines[-1] == "OK: 2 services, 4 routes"
