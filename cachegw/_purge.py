@@ -44,6 +44,8 @@ Verdict = tuple[Literal["hard", "soft"], float] | None
 RECORD_TTL = 31 * 86400
 #: Purges kept in the log for processes catching up; a process further behind reloads.
 LOG_LENGTH = 10_000
+#: Record size at which purges older than RECORD_TTL are dropped from a process's copy.
+_PRUNE_SIZE = 10_000
 
 
 def scopes_for(service: str, path: str, tags: Iterable[str]) -> list[str]:
@@ -71,11 +73,19 @@ class PurgeState:
     def __init__(self) -> None:
         self.hard: dict[str, float] = {}
         self.soft: dict[str, float] = {}
+        self._prune_at = _PRUNE_SIZE
 
     def apply(self, scope: str, at: float, soft: bool) -> None:
         table = self.soft if soft else self.hard
         if at > table.get(scope, 0.0):
             table[scope] = at
+        if len(self.hard) + len(self.soft) >= self._prune_at:
+            # No entry outlives RECORD_TTL: older purges can no longer match anything.
+            horizon = at - RECORD_TTL
+            for old in (self.hard, self.soft):
+                for name in [name for name, when in old.items() if when < horizon]:
+                    del old[name]
+            self._prune_at = max(_PRUNE_SIZE, 2 * (len(self.hard) + len(self.soft)))
 
     def verdict(self, scopes: Iterable[str], fetched_at: float) -> Verdict:
         """Whether an entry fetched at ``fetched_at`` with ``scopes`` was purged since:
@@ -178,9 +188,9 @@ class RedisPurges(Purges):
         if self.epoch < 0 or not complete:
             # First poll, or too far behind for the log: load the whole record.
             state = PurgeState()
-            for field, value in (await self.client.hgetall(times_key)).items():
-                mode, _, scope = field.decode().partition("|")
-                state.apply(scope, float(value), mode == "soft")
+            for member, at in await self.client.zrange(times_key, 0, -1, withscores=True):
+                mode, _, scope = member.decode().partition("|")
+                state.apply(scope, float(at), mode == "soft")
             self.state = state
         else:
             for member, _ in entries:
@@ -207,18 +217,21 @@ class RedisPurges(Purges):
             self._polling = False
 
 
-# KEYS: times hash, epoch counter, log sorted set.
+# KEYS: times (sorted set "mode|scope" -> time), epoch counter, log (sorted set by epoch).
 # ARGV: mode ("hard"/"soft"), time, record ttl, log length, scopes...
+# Purges older than the record's ttl are dropped on the way: no entry outlives them, so
+# the record stays as large as one ttl's worth of distinct purged scopes.
 _SCRIPT = """
 local epoch = redis.call('INCR', KEYS[2])
 for i = 5, #ARGV do
-  local field = ARGV[1] .. '|' .. ARGV[i]
-  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  local member = ARGV[1] .. '|' .. ARGV[i]
+  local old = tonumber(redis.call('ZSCORE', KEYS[1], member) or '0')
   if tonumber(ARGV[2]) > old then
-    redis.call('HSET', KEYS[1], field, ARGV[2])
+    redis.call('ZADD', KEYS[1], ARGV[2], member)
   end
   redis.call('ZADD', KEYS[3], epoch, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[i])
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return epoch

@@ -375,3 +375,34 @@ def test_purge_with_redis_down_is_a_503_problem(
     assert answer.status_code == 503
     assert answer.headers["content-type"] == "application/problem+json"
     assert "could not be recorded" in answer.json()["detail"]
+
+
+def test_old_purges_are_forgotten() -> None:
+    """A purge older than the longest an entry lives can match nothing: the record drops it
+    instead of growing with every distinct tag ever purged."""
+    from cachegw._purge import _PRUNE_SIZE, RECORD_TTL
+
+    state = PurgeState()
+    for n in range(_PRUNE_SIZE - 1):
+        state.apply(f"tag:old-{n}", 1000.0, soft=False)
+    state.apply("tag:new", 1000.0 + RECORD_TTL + 1, soft=False)
+    assert "tag:old-0" not in state.hard
+    assert state.hard == {"tag:new": 1000.0 + RECORD_TTL + 1}
+
+
+def test_redis_purge_record_drops_purges_older_than_its_ttl(redis_url: str) -> None:
+    from cachegw._purge import RECORD_TTL
+
+    async def scenario() -> list[tuple[bytes, float]]:
+        client = RedisBackend.from_url(redis_url).client
+        clock = iter([1000.0, 1000.0 + RECORD_TTL + 1])
+        purges = RedisPurges(client, "old", clock=lambda: next(clock))
+        await purges.purge(["tag:a"])
+        await purges.purge(["tag:b"])
+        record: list[tuple[bytes, float]] = await client.zrange(
+            "{old:purge}:times", 0, -1, withscores=True
+        )
+        await client.aclose()
+        return record
+
+    assert asyncio.run(scenario()) == [(b"hard|tag:b", 1000.0 + RECORD_TTL + 1)]
