@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -256,6 +258,8 @@ class CacheEngine:
                 left = min(left, purged[1] - now)
             if _fresh_enough(found, left, request_cc):
                 self.stats["HIT"] += 1
+                if policy.early_refresh and _refresh_early(found, left, policy.early_refresh):
+                    self._refresh_in_background(request, policy, fetch, found)
                 return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
             stale = found
             if (
@@ -670,6 +674,7 @@ class CacheEngine:
             tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
             fetched_at=request.started,
             keep=keep,
+            fetch_time=max(0.0, response_time - request.started) if request.started else 0.0,
         )
         if revalidated is not None:
             entry.tags = revalidated.tags
@@ -728,6 +733,13 @@ class CacheEngine:
 
 
 # -- helpers (pure) -------------------------------------------------------------------
+
+
+def _refresh_early(entry: Entry, left: float, beta: float) -> bool:
+    """XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): refresh when
+    ``now - delta * beta * ln(random()) >= expiry``, i.e. ``-delta * beta * ln(u) >= left``."""
+    delta = entry.fetch_time or 0.001
+    return -delta * beta * math.log(1.0 - random.random()) >= left
 
 
 def _stored(entry: Entry) -> str:

@@ -51,6 +51,7 @@ class Entry:
     tags: list[str] = field(default_factory=list)
     fetched_at: float = 0.0
     keep: float = 0.0  # kept this long past its stale windows, to be revalidated
+    fetch_time: float = 0.0  # seconds the fetch that produced it took (for XFetch)
     stored: bool = True  # in this process: whether the backend took it (not encoded)
 
     def age(self, now: float) -> float:
@@ -118,6 +119,7 @@ def encode(item: Item) -> bytes:
             "x": item.tags,
             "f": item.fetched_at,
             "r": item.keep,
+            "d": item.fetch_time,
         }
         body = item.body
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -177,6 +179,7 @@ def decode(data: bytes) -> Item | None:
             tags=list(tags),
             fetched_at=_num(head["f"]),
             keep=_num(head["r"]),
+            fetch_time=_num(head["d"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
         return None

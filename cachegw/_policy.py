@@ -112,6 +112,10 @@ class CachePolicy:
     * **heuristic** - fraction (0 to 1) of a response's age since ``Last-Modified`` it is
       fresh for when it carries no explicit freshness (RFC 9111 §4.2.2; ``0.1`` is
       customary). ``0``, the default, leaves such responses to ``ttl``.
+    * **early_refresh** - XFetch's ``beta`` (Vattani et al., VLDB 2015): a fresh hit starts
+      one background refresh early with a probability that rises as expiry nears and with
+      how long the fetch took, so a hot key is refreshed before it expires instead of all
+      at once after. ``1`` is the paper's default; ``0``, the default, turns it off.
     * **key** - `(request) -> str` (may be async) whose result is part of the key. Giving
       one declares the entries per-principal: requests with `Authorization` or `Cookie`
       may then use them.
@@ -127,6 +131,7 @@ class CachePolicy:
     statuses: frozenset[int] = DEFAULT_STATUSES
     max_body: int = DEFAULT_MAX_BODY
     heuristic: float = 0.0
+    early_refresh: float = 0.0
     key: KeyFunc | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +180,10 @@ class CachePolicy:
         ):
             raise ConfigError(f"heuristic must be a fraction from 0 to 1, got {heuristic!r}")
         setattr_(self, "heuristic", float(heuristic))
+        beta = self.early_refresh
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 100:
+            raise ConfigError(f"early_refresh must be a number from 0 to 100, got {beta!r}")
+        setattr_(self, "early_refresh", float(beta))
         if self.key is not None and not callable(self.key):
             raise ConfigError(f"key must be a callable (request) -> str, got {self.key!r}")
 
@@ -196,6 +205,8 @@ class CachePolicy:
             parts.append(f"max_body={self.max_body}")
         if self.heuristic:
             parts.append(f"heuristic={self.heuristic:g}")
+        if self.early_refresh:
+            parts.append(f"early_refresh={self.early_refresh:g}")
         if self.key is not None:
             parts.append(f"key={getattr(self.key, '__qualname__', repr(self.key))}")
         return f"CachePolicy({', '.join(parts)})"
@@ -245,6 +256,7 @@ KNOBS = frozenset(
         "statuses",
         "max_body",
         "heuristic",
+        "early_refresh",
     }
 )
 

@@ -202,7 +202,7 @@ BAD = {
         [
             "unknown key 'tll' in services[0].routes[0]",
             "did you mean 'ttl'?",
-            "expected one of: heuristic, max_body, max_ttl, methods, path,",
+            "expected one of: early_refresh, heuristic, max_body, max_ttl, methods, path,",
         ],
     ),
     "unknown service key": (

@@ -899,3 +899,44 @@ async def test_fastapi_cache2_inmemory_backend_works(clock: Clock) -> None:
         assert engine.stats["backend_errors"] == 0
     finally:
         InMemoryBackend._store.clear()
+
+
+# -- early refresh (XFetch) -----------------------------------------------------------------
+
+
+async def test_early_refresh_near_expiry(
+    engine: CacheEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cachegw._engine
+
+    policy = CachePolicy(ttl=10, early_refresh=1)
+    up = Upstream()
+    await engine.serve(req(), policy, up)
+    # A draw of u = 0.999 gives -ln(1 - u) = 6.9: with the default 1 ms fetch time and
+    # beta 1, the refresh starts when fewer than 6.9 ms of freshness are left.
+    monkeypatch.setattr(cachegw._engine.random, "random", lambda: 0.999)
+    clock.advance(5)  # 5 s left: far from expiry, no refresh
+    far = await engine.serve(req(), policy, up)
+    await engine.aclose()
+    assert (far.cache_status, up.calls) == ("HIT", 1)
+    clock.advance(4.995)  # 5 ms left: refresh early, still a HIT
+    near = await engine.serve(req(), policy, up)
+    await engine.aclose()
+    assert (near.cache_status, near.body) == ("HIT", b"v1")
+    assert up.calls == 2  # one background refresh
+    after = await engine.serve(req(), policy, up)
+    assert (after.cache_status, after.body) == ("HIT", b"v2")
+
+
+async def test_no_early_refresh_without_the_knob(
+    engine: CacheEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cachegw._engine
+
+    up = Upstream()
+    await engine.serve(req(), CachePolicy(ttl=10), up)
+    monkeypatch.setattr(cachegw._engine.random, "random", lambda: 0.999)
+    clock.advance(9.999)
+    assert (await engine.serve(req(), CachePolicy(ttl=10), up)).cache_status == "HIT"
+    await engine.aclose()
+    assert up.calls == 1

@@ -1,4 +1,4 @@
-"""Apps compared by ``decorator_hit.py``: one route, the same ~1 KiB JSON, four ways.
+"""Apps compared by ``decorator_hit.py`` and ``all.py``: one route, the same ~1 KiB JSON.
 
 Each factory builds a FastAPI app with one ``GET /items`` route whose handler returns the
 same dict, serialized by FastAPI as usual (no ``response_model``, no custom response
@@ -11,6 +11,7 @@ Run one with ``uvicorn --factory --app-dir tests/bench apps:<factory>``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,9 @@ from fastapi_cache.decorator import cache
 from fastapi_cache.types import Backend
 
 from cachegw import MemoryBackend, cached
+
+#: The redis:// URL `fastapi_cache2_redis` connects to.
+REDIS_ENV = "CACHEGW_BENCH_REDIS"
 
 #: ~1 KiB once serialized by FastAPI (checked by the benchmark before measuring).
 PAYLOAD: dict[str, Any] = {
@@ -70,6 +74,23 @@ def bare_bytes() -> FastAPI:
 def fastapi_cache2() -> FastAPI:
     """(b) fastapi-cache2's own ``@cache`` on its ``InMemoryBackend``."""
     app = FastAPI(lifespan=_lifespan(InMemoryBackend))
+
+    @app.get("/items")
+    @cache(expire=60)
+    async def items():  # type: ignore[no-untyped-def]
+        return PAYLOAD
+
+    return app
+
+
+def fastapi_cache2_redis() -> FastAPI:
+    """fastapi-cache2's ``@cache`` on its ``RedisBackend`` (a ``redis.asyncio.Redis``
+    client on the URL in ``CACHEGW_BENCH_REDIS``), hit path."""
+    from fastapi_cache.backends.redis import RedisBackend
+    from redis.asyncio import Redis
+
+    url = os.environ[REDIS_ENV]
+    app = FastAPI(lifespan=_lifespan(lambda: RedisBackend(Redis.from_url(url))))
 
     @app.get("/items")
     @cache(expire=60)

@@ -14,7 +14,8 @@ Factories for ``uvicorn --factory --app-dir tests/bench gateway_apps:<factory>``
 The gateway itself is not a uvicorn factory: cachegw runs it with
 ``cachegw._server.uvicorn_options()`` (a custom httptools protocol class, no ``Date``
 header), which the uvicorn CLI cannot express. ``python gateway_apps.py PORT UPSTREAM
-BACKEND`` serves it: a Python-declared `Gateway` with one service ``bench`` under
+BACKEND [L1_ENTRIES]`` serves it: a Python-declared `Gateway` (``l1_entries=0``: no
+in-process L1 in front of Redis) with one service ``bench`` under
 ``/svc``, route ``/cached/{rest:path}`` (ttl 3600; the upstream also says max-age=3600)
 and route ``/uncached/{rest:path}`` (``ttl = 0``: every request is forwarded).
 """
@@ -145,16 +146,19 @@ def naive_proxy() -> FastAPI:
     return app
 
 
-def gateway_app(upstream_url: str, backend: str) -> Any:
+def gateway_app(upstream_url: str, backend: str, l1_entries: int | None = None) -> Any:
     from cachegw import Gateway, Service, create_app
 
     service = Service("bench", upstream_url, prefix="/svc")
     service.route("/cached/{rest:path}", ttl=3600)
     service.route("/uncached/{rest:path}", ttl=0)
-    return create_app(Gateway(services=[service], backend=backend))
+    l1 = {} if l1_entries is None else {"l1_entries": l1_entries}
+    return create_app(Gateway(services=[service], backend=backend, **l1))
 
 
-def serve_gateway(port: int, upstream_url: str, backend: str) -> None:
+def serve_gateway(
+    port: int, upstream_url: str, backend: str, l1_entries: int | None = None
+) -> None:
     """Run the gateway the way ``cachegw serve --no-access-log`` does."""
     import uvicorn
 
@@ -168,8 +172,10 @@ def serve_gateway(port: int, upstream_url: str, backend: str) -> None:
         log_config=log_config(False),
         access_log=False,
     )
-    uvicorn.run(gateway_app(upstream_url, backend), **options)
+    uvicorn.run(gateway_app(upstream_url, backend, l1_entries), **options)
 
 
 if __name__ == "__main__":
-    serve_gateway(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    serve_gateway(
+        int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]) if sys.argv[4:] else None
+    )
