@@ -26,7 +26,7 @@ from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._flight import coordinator_for
-from cachegw._gateway import Gateway, Service
+from cachegw._gateway import Gateway, Route, Service
 from cachegw._keys import format_tag, hash_parts, principal
 from cachegw._metrics import Metrics
 from cachegw._purge import purges_for, scopes_for
@@ -49,6 +49,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # response: stripped from forwarded requests on the cached path, evaluated by the cache.
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
 _BUFFERED_BODY = 64 * 1024
+_MEMO_SIZE = 4096
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Tells the upstream it may target Surrogate-Control directives at this cache.
 _SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
@@ -170,6 +171,8 @@ class _GatewayApp(FastAPI):
 class _Proxy:
     def __init__(self, runtime: _Runtime) -> None:
         self.runtime = runtime
+        self._keys: dict[tuple[str, str, bytes, str], str] = {}
+        self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -288,7 +291,7 @@ class _Proxy:
             key=trace.key,
             headers=headers,
             per_principal=policy.key is not None,
-            scopes=scopes_for(service.name, rest, (format_tag(t, params) for t in policy.tags)),
+            scopes=self._scopes(service, route, rest, params),
             service=service.name,
         )
         served = await engine.serve(info, policy, fetch)
@@ -299,8 +302,29 @@ class _Proxy:
     def _key(self, service: Service, rest: str, raw_query: bytes, key_extra: str) -> str:
         """The primary key. The route's `vary` headers are not in it: like the upstream's
         Vary they select a variant below it (so invalidating the key drops them all)."""
-        parts = (service.name, rest, raw_query.decode("latin-1"), key_extra)
-        return hash_parts(self.runtime.gateway.prefix, parts)
+        memo = (service.name, rest, raw_query, key_extra)
+        key = self._keys.get(memo)
+        if key is None:
+            parts = (service.name, rest, raw_query.decode("latin-1"), key_extra)
+            key = hash_parts(self.runtime.gateway.prefix, parts)
+            if len(self._keys) >= _MEMO_SIZE:  # bounded: hot keys stay, a flood can't grow it
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
+
+    def _scopes(
+        self, service: Service, route: Route, rest: str, params: dict[str, Any]
+    ) -> list[str]:
+        """The purge scopes of entries stored for this path (memoised like keys)."""
+        memo = (service.name, route.path, rest)
+        scopes = self._scope_memo.get(memo)
+        if scopes is None:
+            tags = (format_tag(t, params) for t in route.policy.tags)
+            scopes = scopes_for(service.name, rest, tags)
+            if len(self._scope_memo) >= _MEMO_SIZE:
+                self._scope_memo.clear()
+            self._scope_memo[memo] = scopes
+        return scopes
 
     async def _invalidate_locations(
         self, served: Served, headers: Mapping[str, str], engine: CacheEngine

@@ -175,6 +175,7 @@ class Gateway:
         self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
         # Longest prefix first: computed once, not per request.
         self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
+        self._matches: dict[str, tuple[Service, Route, str, dict[str, Any]] | None] = {}
         if isinstance(self.backend, str) and not (
             self.backend == "memory"
             or self.backend.split("://", 1)[0]
@@ -198,8 +199,19 @@ class Gateway:
         """The service and route for a (raw, already validated) request path.
 
         Longest prefix wins; within a service the first declared route that matches.
-        Returns the service, the route, the path relative to the prefix, and path params.
+        Returns the service, the route, the path relative to the prefix, and path params
+        (shared between calls for the same path: read them, don't change them).
         """
+        found = self._matches.get(path, _UNMATCHED)
+        if found is not _UNMATCHED:
+            return found  # type: ignore[return-value]
+        found = self._match(path)
+        if len(self._matches) >= 4096:  # a bounded memo: hot paths stay, a flood can't grow it
+            self._matches.clear()
+        self._matches[path] = found
+        return found
+
+    def _match(self, path: str) -> tuple[Service, Route, str, dict[str, Any]] | None:
         for service in self._ordered:
             prefix = service.prefix
             if prefix and not (path == prefix or path.startswith(prefix + "/")):
@@ -223,6 +235,9 @@ class Gateway:
         from cachegw._config import load_gateway
 
         return load_gateway(path)
+
+
+_UNMATCHED = object()
 
 
 def _check_upstream(upstream: object, name: str) -> str:

@@ -36,7 +36,7 @@ __all__ = ["BadTarget", "check_headers", "check_target", "problem"]
 MAX_HEADER_LINE = 8192
 
 # RFC 3986 pchar plus "/", minus ";" (parameter cloaking); "%" is checked separately.
-_ALLOWED = frozenset((string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode())
+_ALLOWED = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode()
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
 # Encoded "/", "\" and "%" (double encoding), and every encoded control character.
 _FORBIDDEN_ESCAPES = frozenset({0x2F, 0x5C, 0x25, 0x7F, *range(0x20)})
@@ -63,20 +63,25 @@ def check_target(scope: Mapping[str, Any]) -> str:
         raw = scope["path"].encode("utf-8")
     if not raw.startswith(b"/"):
         raise BadTarget(400, "The request target must be a path starting with '/'.")
-    bad = next((c for c in raw if c not in _ALLOWED), None)
-    if bad is not None:
-        raise BadTarget(400, f"The request path contains a forbidden character {bytes([bad])!r}.")
+    bad = raw.translate(None, _ALLOWED)  # what is left is not allowed
+    if bad:
+        raise BadTarget(400, f"The request path contains a forbidden character {bad[:1]!r}.")
     if b"//" in raw:
         raise BadTarget(400, "The request path contains an empty segment ('//').")
-    for match in _ESCAPE.finditer(raw):
-        if match.group(1) is None:
-            raise BadTarget(400, "The request path contains a malformed percent escape.")
-        if int(match.group(1), 16) in _FORBIDDEN_ESCAPES:
-            raise BadTarget(400, f"The request path contains a forbidden escape {match.group()!r}.")
-    for segment in raw.split(b"/"):
-        if unquote(segment.decode("ascii")) in (".", ".."):
-            raise BadTarget(400, "The request path contains a '.' or '..' segment.")
-    return str(raw.decode("ascii"))
+    if b"%" in raw:
+        for match in _ESCAPE.finditer(raw):
+            if match.group(1) is None:
+                raise BadTarget(400, "The request path contains a malformed percent escape.")
+            if int(match.group(1), 16) in _FORBIDDEN_ESCAPES:
+                raise BadTarget(
+                    400, f"The request path contains a forbidden escape {match.group()!r}."
+                )
+    if b"." in raw or b"%" in raw:  # a dot segment, plain or encoded
+        for segment in raw.split(b"/"):
+            if unquote(segment.decode("ascii")) in (".", ".."):
+                raise BadTarget(400, "The request path contains a '.' or '..' segment.")
+    path: str = raw.decode("ascii")
+    return path
 
 
 def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = 16384) -> None:
