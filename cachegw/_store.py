@@ -167,14 +167,22 @@ class Store:
         # fastapi-cache2's own backends take whole seconds and read 0 as "no expiry"
         # (Redis) or "expire now" (InMemoryBackend): they get ceil(ttl) >= 1.
         self._float_ttl = hasattr(backend, "delete")
+        # A backend whose client bounds its own operations (RedisBackend.from_url with our
+        # timeouts) needs no second deadline, unless this store was given a tighter one.
+        self._bounded = bool(getattr(backend, "bounded", False)) and op_timeout >= getattr(
+            backend, "op_timeout", float("inf")
+        )
         self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
 
     async def _call(self, op: str, make: Callable[[], Awaitable[T]], default: T) -> T:
         if not self.breaker.allow():
             return default
         try:
-            async with asyncio.timeout(self.op_timeout):
+            if self._bounded:
                 result = await make()
+            else:
+                async with asyncio.timeout(self.op_timeout):
+                    result = await make()
         except KeyError:
             # fastapi-cache2's InMemoryBackend.clear(key=) raises on a missing key.
             self.breaker.success()

@@ -255,3 +255,16 @@ async def test_more_concurrent_operations_than_pooled_connections(redis_url: str
         assert results == [b"v"] * 300
     finally:
         await backend.aclose()
+
+
+def test_from_url_backends_bound_their_own_operations(redis_url: str) -> None:
+    """The engine's store adds no deadline of its own on top of a client whose socket
+    timeouts already bound every operation (and keeps it when that cannot be known)."""
+    from cachegw._store import Store
+
+    own = RedisBackend.from_url(redis_url, op_timeout=0.2)
+    custom = RedisBackend.from_url(redis_url, op_timeout=0.2, max_connections=10)
+    assert own.bounded and not custom.bounded
+    assert Store(own, op_timeout=0.25)._bounded
+    assert not Store(own, op_timeout=0.1)._bounded  # a tighter deadline than the client's
+    assert not Store(custom)._bounded

@@ -59,6 +59,8 @@ class RedisBackend(Backend):
 
     #: Operations do network I/O: the engine awaits them under its own deadline.
     inline = False
+    #: Whether the client itself bounds every operation by ``op_timeout`` (see from_url).
+    bounded = False
 
     def __init__(
         self,
@@ -121,7 +123,11 @@ class RedisBackend(Backend):
                 f"Redis URL must start with redis://, rediss://, unix://, redis+cluster:// "
                 f"or rediss+cluster://, got {url!r}"
             )
-        return cls(client, default_ttl=default_ttl, op_timeout=op_timeout)
+        backend = cls(client, default_ttl=default_ttl, op_timeout=op_timeout)
+        # Socket timeouts of op_timeout and no retries bound every operation already: the
+        # store need not add a deadline of its own (it costs a timer per operation).
+        backend.bounded = not client_kwargs
+        return backend
 
     async def get(self, key: str) -> bytes | None:
         # bytes, not str: the client must not decode responses (documented above).
