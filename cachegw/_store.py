@@ -32,6 +32,9 @@ __all__ = ["L1", "OP_TIMEOUT", "Breaker", "Store"]
 #: stopped one fails at once (connection refused).
 OP_TIMEOUT = 0.25
 
+_DECODED_MAX_ENTRIES = 256  # with values up to 64 KiB: at most 16 MiB of bytes held
+_DECODED_MAX_VALUE = 64 * 1024
+
 logger = logging.getLogger("cachegw")
 
 T = TypeVar("T")
@@ -173,6 +176,8 @@ class Store:
             backend, "op_timeout", float("inf")
         )
         self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
+        # Values read from a remote backend and what they decoded to (see get).
+        self._decoded: dict[str, tuple[bytes, Item]] = {}
 
     async def _call(self, op: str, make: Callable[[], Awaitable[T]], default: T) -> T:
         if not self.breaker.allow():
@@ -226,12 +231,25 @@ class Store:
             data = await self._call("get", lambda: self.backend.get(key), None)
             if data is None:
                 return None
+            # The same bytes as last time (a hot key): reuse what they decoded to. This is
+            # no copy of the backend's state, only of the decoding, checked byte for byte.
+            decoded = self._decoded.get(key)
+            if decoded is not None and decoded[0] == data:
+                l1.put(key, decoded[1])
+                return decoded[1]
         item = _entry.decode(data)
         if item is None:
             logger.warning("cachegw: dropping undecodable cache value at %s", key)
             await self.delete(key)
             return None
-        l1.put(key, item, data if self.inline else None)
+        if self.inline:
+            l1.put(key, item, data)
+        else:
+            l1.put(key, item)
+            if len(data) <= _DECODED_MAX_VALUE:
+                if len(self._decoded) >= _DECODED_MAX_ENTRIES:
+                    self._decoded.pop(next(iter(self._decoded)))
+                self._decoded[key] = (data, item)
         return item
 
     async def set(self, key: str, item: Item, ttl: float) -> bool:
@@ -256,9 +274,10 @@ class Store:
     def forget(self, key: str) -> None:
         """Drop the process's copy of ``key`` (another process changed it)."""
         self.l1.forget(key)
+        self._decoded.pop(key, None)
 
     async def delete(self, key: str) -> None:
-        self.l1.forget(key)
+        self.forget(key)
         if self.inline:
             self.backend.delete_nowait(key)  # type: ignore[attr-defined]
             return

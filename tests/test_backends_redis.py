@@ -268,3 +268,25 @@ def test_from_url_backends_bound_their_own_operations(redis_url: str) -> None:
     assert Store(own, op_timeout=0.25)._bounded
     assert not Store(own, op_timeout=0.1)._bounded  # a tighter deadline than the client's
     assert not Store(custom)._bounded
+
+
+async def test_store_reuses_decoding_of_identical_bytes_only(redis_url: str) -> None:
+    """A hot key read again with the same bytes is not decoded again; changed bytes are."""
+    from cachegw._entry import Entry, encode
+    from cachegw._store import L1, Store
+
+    backend = RedisBackend.from_url(redis_url)
+    store = Store(backend, l1=L1(max_entries=0, max_bytes=0, ttl=0))  # no in-process copies
+    try:
+        entry = Entry(status=200, headers=[], body=b"one", stored_at=1.0, lifetime=60)
+        await store.set("k", entry, 60)
+        first = await store.get("k")
+        again = await store.get("k")
+        assert isinstance(first, Entry) and first.body == b"one"
+        assert again is first  # same bytes in Redis: the decoded entry is reused
+        other = Entry(status=200, headers=[], body=b"two", stored_at=1.0, lifetime=60)
+        await backend.set("k", encode(other), 60)  # another process stored a new value
+        changed = await store.get("k")
+        assert isinstance(changed, Entry) and changed.body == b"two"
+    finally:
+        await backend.aclose()
