@@ -15,7 +15,14 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-__all__ = ["ACCESS_LOGGER", "access_record", "enable_access_log", "log_access", "log_config"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "access_log_enabled",
+    "access_record",
+    "enable_access_log",
+    "log_access",
+    "log_config",
+]
 
 #: The logger access lines go to, at INFO. Off unless a handler is attached to it (or
 #: to the root logger) at INFO or below: see `enable_access_log`.
@@ -27,6 +34,11 @@ _MAX_USER_AGENT = 512
 _KEY_PREFIX = 12
 
 _logger = logging.getLogger(ACCESS_LOGGER)
+
+
+def access_log_enabled() -> bool:
+    """Whether access lines are written (a cheap check for hot paths)."""
+    return _logger.isEnabledFor(logging.INFO)
 
 
 def log_access(

@@ -20,11 +20,13 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from fastapi_cache.types import Backend
 from starlette.requests import Request
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
-from cachegw._accesslog import log_access
+from cachegw._accesslog import access_log_enabled, log_access
 from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._entry import Entry
 from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway, Route, Service
 from cachegw._keys import format_tag, hash_parts, principal
@@ -50,6 +52,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
 _BUFFERED_BODY = 64 * 1024
 _MEMO_SIZE = 4096
+_FAST_HEADER_BYTES = 16384  # larger request headers take the ordinary path (and its 431)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Tells the upstream it may target Surrogate-Control directives at this cache.
 _SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
@@ -160,6 +163,7 @@ class _GatewayApp(FastAPI):
     def __init__(self, runtime: _Runtime, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._proxy = _Proxy(runtime)
+        self.fast_hit = self._proxy.fast_hit  # used by cachegw's own uvicorn protocol
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/_cachegw/"):
@@ -169,6 +173,11 @@ class _GatewayApp(FastAPI):
 
 
 class _Proxy:
+    def fast_hit(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], client: Any
+    ) -> bytes | None:
+        return _fast_hit(self, method, target, headers, client)
+
     def __init__(self, runtime: _Runtime) -> None:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str], str] = {}
@@ -361,6 +370,129 @@ def _same_origin_target(location: str, headers: Mapping[str, str]) -> str | None
     if not path.startswith("/"):
         return None  # a relative reference: resolving it is not worth the ambiguity
     return f"{path}?{parts.query}" if parts.query else path
+
+
+# Requests the fast path leaves to the ordinary one: credentials, conditionals, cache
+# directives, ranges and bodies all need rules the ordinary path applies.
+_SLOW_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"cookie",
+        b"cache-control",
+        b"pragma",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+    }
+)
+_NO_HEADERS: dict[str, str] = {}
+
+
+def _fast_hit(
+    proxy: _Proxy, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], client: Any
+) -> bytes | None:
+    """A plain GET/HEAD answered from an entry already decoded in the process, as the bytes
+    of a whole HTTP/1.1 response; None leaves the request to the ordinary path.
+
+    It applies the same rules as the ordinary path for what it accepts, and accepts only
+    what needs no I/O: fresh, not purged, no Vary marker, no key function, no request
+    header that changes the answer.
+    """
+    runtime = proxy.runtime
+    engine = runtime.engine
+    if engine is None or method not in (b"GET", b"HEAD") or engine.purges.due():
+        return None
+    hosts = 0
+    size = 0
+    for name, value in headers:
+        if name in _SLOW_HEADERS:
+            return None
+        if name == b"host":
+            hosts += 1
+        size += len(name) + len(value)
+    if hosts != 1 or size > _FAST_HEADER_BYTES:
+        return None
+    raw_path, _, query = target.partition(b"?")
+    try:
+        path = check_target({"raw_path": raw_path})
+    except BadTarget:
+        return None
+    if b"#" in query:
+        return None
+    matched = runtime.gateway.match(path)
+    if matched is None:
+        return None
+    service, route, rest, _ = matched
+    policy = route.policy
+    verb = "GET" if method == b"GET" else "HEAD"
+    if (policy.methods is not None and verb not in policy.methods) or policy.key is not None:
+        return None
+    if policy.early_refresh:
+        return None
+    key = proxy._key(service, rest, query, "")
+    entry = engine.store.peek(key)
+    if not isinstance(entry, Entry) or engine.purges.verdict(entry.tags, entry.fetched_at):
+        return None
+    now = engine.clock()
+    left = entry.ttl_left(now)
+    if left <= 0:
+        return None
+    served = engine._from_entry(
+        entry,
+        RequestInfo(method=verb, key=key, headers=_NO_HEADERS),
+        now,
+        "HIT",
+        f"hit; ttl={int(left)}",
+    )
+    answer = _response_bytes(served)
+    if answer is None:
+        return None
+    engine.stats["HIT"] += 1
+    runtime.metrics.request(service.name, route.path, "HIT")
+    if access_log_enabled():
+        scope = {
+            "method": verb,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": headers,
+            "client": client,
+        }
+        log_access(
+            scope,
+            status=served.status,
+            bytes_sent=len(served.body),
+            duration=0.0,
+            service=service.name,
+            route=route.path,
+            cache_status="HIT",
+            key=key,
+        )
+    return answer
+
+
+def _response_bytes(served: Served) -> bytes | None:
+    """The HTTP/1.1 bytes of ``served``, with uvicorn's own header checks; None when a
+    header would not pass them or the length is not declared (the ordinary path decides)."""
+    parts = [STATUS_LINE[served.status]]
+    length = False
+    for name, value in served.headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            return None
+        if name == b"content-length":
+            length = True
+        parts += (name, b": ", value, b"\r\n")
+    if not length:
+        return None
+    parts += (b"\r\n", served.body)
+    return b"".join(parts)
 
 
 class _Trace:

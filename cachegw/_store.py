@@ -271,6 +271,14 @@ class Store:
             return True
         return False
 
+    def peek(self, key: str) -> Item | None:
+        """The item for ``key`` if it can be had without I/O and without decoding: from
+        the memory backend with its decoded copy, or from the L1. Else None."""
+        if self.inline:
+            data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
+            return None if data is None else self.l1.get(key, data)
+        return self.l1.get(key)
+
     def forget(self, key: str) -> None:
         """Drop the process's copy of ``key`` (another process changed it)."""
         self.l1.forget(key)

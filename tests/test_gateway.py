@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import socket
 import threading
 import time
@@ -606,3 +607,69 @@ def test_metrics_follow_a_known_sequence_of_requests() -> None:
     ]
     assert stale == 1
     assert samples[("cachegw_memory_entries", ())] >= 2
+
+
+def _read_responses(
+    sock: socket.socket, count: int, *, head: bool = False
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read ``count`` HTTP/1.1 responses (with Content-Length) from a keep-alive socket;
+    ``head``: answers to HEAD, which have no body whatever their Content-Length says."""
+    buffer = b""
+    answers = []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed early"
+            buffer += chunk
+        start, _, buffer = buffer.partition(b"\r\n\r\n")
+        lines = start.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = 0 if head else int(headers.get("content-length", "0"))
+        while len(buffer) < length:
+            buffer += sock.recv(65536)
+        body, buffer = buffer[:length], buffer[length:]
+        answers.append((int(lines[0].split()[1]), headers, body))
+    return answers
+
+
+def test_pipelined_hits_and_misses_keep_their_order(caplog: pytest.LogCaptureFixture) -> None:
+    """Hits answered by cachegw's own protocol and misses answered by the ASGI app share a
+    keep-alive connection: pipelined requests get their answers in order."""
+    stub = StubUpstream()
+    stub.route("/a", body=b"AAAA")
+    stub.route("/b", body=b"BBBBBB", delay=0.1)
+    with gateway_for(stub) as (client, base):
+        client.get("/svc/a")  # stored
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            request = b"GET /svc/%s HTTP/1.1\r\nHost: gw\r\n\r\n"
+            head = b"HEAD /svc/a HTTP/1.1\r\nHost: gw\r\n\r\n"
+            sock.sendall(request % b"a" + request % b"b" + request % b"a")
+            answers = _read_responses(sock, 3)
+            sock.sendall(head)
+            (head_answer,) = _read_responses(sock, 1, head=True)
+            sock.sendall(request % b"b")
+            answers += _read_responses(sock, 1)
+    statuses = [(a[1]["x-cache-status"], a[2]) for a in answers]
+    assert statuses == [("HIT", b"AAAA"), ("MISS", b"BBBBBB"), ("HIT", b"AAAA"), ("HIT", b"BBBBBB")]
+    # The HEAD answer has no body but declares the GET's length.
+    assert head_answer[1]["x-cache-status"] == "HIT"
+    assert head_answer[1]["content-length"] == "4"
+    # Closing a connection whose last answer came from the fast path is clean.
+    time.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert stub.hits["/a"] == 1 and stub.hits["/b"] == 1
+
+
+def test_fast_hits_count_in_metrics_and_health() -> None:
+    stub = StubUpstream()
+    with gateway_for(stub) as (client, _):
+        client.get("/svc/x")
+        for _ in range(3):
+            assert client.get("/svc/x").headers["x-cache-status"] == "HIT"
+        stats = client.get("/_cachegw/health").json()["stats"]
+        text = client.get("/_cachegw/metrics").text
+    assert stats["HIT"] == 3
+    assert (
+        'cachegw_requests_total{cache_status="HIT",route="/{rest:path}",service="svc"} 3.0' in text
+    )
