@@ -290,3 +290,34 @@ async def test_store_reuses_decoding_of_identical_bytes_only(redis_url: str) -> 
         assert isinstance(changed, Entry) and changed.body == b"two"
     finally:
         await backend.aclose()
+
+
+async def test_concurrent_gets_share_one_round_trip(redis_url: str, raw: redis.Redis) -> None:
+    """GETs asked for in the same turn of the event loop go out as one MGET, and each
+    caller gets its own key's value."""
+    backend = RedisBackend.from_url(redis_url)
+    try:
+        for n in range(20):
+            await backend.set(f"k{n}", b"v%d" % n)
+        raw.config_resetstat()
+        keys = [f"k{n % 20}" for n in range(50)] + ["missing"]
+        values = await asyncio.gather(*(backend.get(key) for key in keys))
+        assert values == [b"v%d" % (n % 20) for n in range(50)] + [None]
+        calls = {k: v["calls"] for k, v in raw.info("commandstats").items()}
+        assert calls.get("cmdstat_mget") == 1
+        assert "cmdstat_get" not in calls
+        assert await backend.get("k3") == b"v3"  # a lone GET is a plain GET
+    finally:
+        await backend.aclose()
+
+
+async def test_a_failed_batch_fails_every_caller_fast(redis_proc_private: RedisProcess) -> None:
+    backend = RedisBackend.from_url(redis_proc_private.url)
+    redis_proc_private.stop()
+    try:
+        results = await asyncio.gather(
+            *(backend.get(f"k{n}") for n in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(r, Exception) for r in results)
+    finally:
+        await backend.aclose()

@@ -69,6 +69,8 @@ class RedisBackend(Backend):
         default_ttl: float = 3600,
         op_timeout: float = OP_TIMEOUT,
     ) -> None:
+        self._pending: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
         self.client = client
         self.default_ttl = _positive(default_ttl, "default_ttl")
         self.op_timeout = _positive(op_timeout, "op_timeout")
@@ -131,7 +133,39 @@ class RedisBackend(Backend):
 
     async def get(self, key: str) -> bytes | None:
         # bytes, not str: the client must not decode responses (documented above).
-        return cast("bytes | None", await self.client.get(key))
+        if not isinstance(self.client, Redis):
+            return cast("bytes | None", await self.client.get(key))
+        # GETs asked for in the same turn of the event loop go out as one MGET: one command
+        # to pack, send and parse for many requests (hot keys under load), the same answers.
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((key, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._mget(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
+        try:
+            if len(batch) == 1:
+                values = [await self.client.get(batch[0][0])]
+            else:
+                values = await self.client.mget([key for key, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), value in zip(batch, values, strict=True):
+            if not future.done():
+                future.set_result(cast("bytes | None", value))
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         """Return ``(seconds left, rounded up, value)``; ``-1`` for a key without a TTL,
