@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._errors import ConfigError
-from cachegw._keys import canonical_query, format_tag, hash_parts, principal
+from cachegw._keys import format_tag, handler_key, principal
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
 from cachegw._store import L1
@@ -115,6 +115,7 @@ def cached(
     statuses: Iterable[int] | None = None,
     max_body: int | str = 1024 * 1024,
     policy: CachePolicy | None = None,
+    per_host: bool = True,
 ) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]:
     """Cache a FastAPI route handler's final response in the fastapi-cache2 backend.
 
@@ -130,7 +131,8 @@ def cached(
         async def get_item(item_id: int, q: str | None = None) -> Item: ...
 
     The key is the method, the route's path template, the path parameters, the canonical
-    query string, the values of the ``vary`` request headers and the result of ``key``.
+    query string, the scheme and ``Host`` the app sees (what ``request.url_for`` builds
+    links from), the values of the ``vary`` request headers and the result of ``key``.
     What is stored is the response exactly as FastAPI would send it (``response_model``
     applied), replayed byte for byte on a hit.
 
@@ -143,7 +145,13 @@ def cached(
       entries per-principal: requests with ``Authorization`` or ``Cookie`` then use the
       cache (without one they bypass it).
     * **policy** - a ready `CachePolicy` instead of the individual knobs.
+    * **per_host** - ``False`` shares one entry across every scheme and ``Host`` the app
+      accepts. Only for a handler whose answer never depends on them (no ``url_for``,
+      ``request.url`` or ``base_url`` in the body or headers): otherwise one client's
+      ``Host`` ends up in every client's answer.
     """
+    if not isinstance(per_host, bool):
+        raise TypeError(f"per_host must be True or False, got {per_host!r}")
     if policy is None:
         policy = CachePolicy(
             ttl=ttl,  # type: ignore[arg-type]  # validated (and converted) by CachePolicy
@@ -191,7 +199,7 @@ def cached(
                     return await cast(Callable[P, Awaitable[R]], func)(*args, **kwargs)
                 return await run_in_threadpool(func, *args, **kwargs)
 
-            return await _serve(request, sub_response, frozen_policy, call)
+            return await _serve(request, sub_response, frozen_policy, call, per_host)
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
@@ -206,6 +214,7 @@ async def _serve(
     sub_response: Response,
     policy: CachePolicy,
     call: Callable[[], Awaitable[Any]],
+    per_host: bool = True,
 ) -> Response:
     backend = FastAPICache._backend
     headers = _request_headers(request)
@@ -230,15 +239,13 @@ async def _serve(
     engine = engine_for(backend)
     template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
     path_params = request.path_params
-    primary = hash_parts(
+    primary = handler_key(
         FastAPICache._prefix or "cachegw",
-        (
-            template,
-            *(f"{k}={path_params[k]}" for k in sorted(path_params)),
-            canonical_query(request.scope.get("query_string", b"")),
-            # The `vary` headers select a variant below this key (see the engine).
-            key_extra or "",
-        ),
+        request.scope,
+        template,
+        path_params,
+        key_extra or "",
+        per_host=per_host,
     )
     info = RequestInfo(
         method=request.method,

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, unquote_plus
 
 from starlette.requests import Request
@@ -19,7 +20,17 @@ from cachegw._policy import KeyFunc
 
 logger = logging.getLogger("cachegw")
 
-__all__ = ["canonical_query", "format_tag", "hash_parts", "principal", "vary_values"]
+__all__ = [
+    "canonical_query",
+    "format_tag",
+    "handler_key",
+    "hash_parts",
+    "origin",
+    "principal",
+    "vary_values",
+]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def hash_parts(prefix: str, parts: Iterable[str]) -> str:
@@ -30,6 +41,58 @@ def hash_parts(prefix: str, parts: Iterable[str]) -> str:
         digest.update(b"%d:" % len(data))
         digest.update(data)
     return f"{prefix}:{digest.hexdigest()}"
+
+
+def origin(scope: Mapping[str, Any]) -> str:
+    """The scheme and host Starlette builds ``request.base_url`` (and so ``url_for``)
+    from: ``scheme://`` plus the ``Host`` header or, without one, the server address.
+
+    Read from the scope as the app sees it, i.e. after any trusted-proxy handling
+    (uvicorn's ``--proxy-headers``, ``ProxyHeadersMiddleware``) has rewritten the scheme.
+    The ``Host`` value is kept as sent (case and port included): Starlette echoes it byte
+    for byte, so two spellings can produce two different bodies.
+    """
+    scheme = scope.get("scheme", "http")
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return f"{scheme}://{value.decode('latin-1')}"
+    server = scope.get("server")
+    if server is None:
+        return f"{scheme}://"
+    address, port = server
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{address}"
+    return f"{scheme}://{address}:{port}"
+
+
+def handler_key(
+    prefix: str,
+    scope: Mapping[str, Any],
+    template: str,
+    path_params: Mapping[str, Any],
+    key_extra: str = "",
+    *,
+    per_host: bool = True,
+) -> str:
+    """The primary key of a decorated handler's response (``@cached`` and its
+    fastapi-cache2-compatible face share it, and so do hits answered before routing).
+
+    Parts: the root path (where the app is mounted) and the route's path template, the
+    path params, the canonical query, the result of the route's ``key`` function and,
+    unless ``per_host`` is off, the request's `origin` (issue 18: a handler that builds
+    links with ``url_for`` answers differently per host, so two hosts never share an
+    entry). The ``vary`` headers select a variant below this key (see the engine).
+    """
+    return hash_parts(
+        prefix,
+        (
+            scope.get("root_path", "") + template,
+            *(f"{k}={path_params[k]}" for k in sorted(path_params)),
+            canonical_query(scope.get("query_string", b"")),
+            key_extra,
+            origin(scope) if per_host else "",
+        ),
+    )
 
 
 def canonical_query(raw: bytes) -> str:

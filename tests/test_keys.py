@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from cachegw._keys import canonical_query, format_tag, hash_parts, vary_values
+from cachegw._keys import (
+    canonical_query,
+    format_tag,
+    handler_key,
+    hash_parts,
+    origin,
+    vary_values,
+)
 
 # -- canonical_query ---------------------------------------------------------------------
 
@@ -171,3 +179,40 @@ def test_vary_values_in_order_of_names() -> None:
 )
 def test_format_tag(template: str, params: dict[str, object], expected: str) -> None:
     assert format_tag(template, params) == expected
+
+
+# -- origin and handler keys (issue 18) --------------------------------------------------
+
+
+def _scope(**kw: Any) -> dict[str, Any]:
+    return {"scheme": "http", "headers": [], "query_string": b"", **kw}
+
+
+def test_origin_is_what_starlette_builds_base_url_from() -> None:
+    from starlette.requests import Request
+
+    scopes = [
+        _scope(headers=[(b"host", b"Api.Example:8080")]),
+        _scope(scheme="https", headers=[(b"host", b"api.example")]),
+        _scope(server=("10.0.0.1", 80)),
+        _scope(server=("10.0.0.1", 8000)),
+        _scope(scheme="https", server=("10.0.0.1", 443)),
+    ]
+    for scope in scopes:
+        request = Request({"type": "http", "path": "/", "root_path": "", **scope})
+        assert origin(scope) == str(request.base_url).rstrip("/")
+
+
+def test_handler_key_separates_hosts_schemes_and_mount_points() -> None:
+    def key(per_host: bool = True, **kw: Any) -> str:
+        return handler_key("p", _scope(**kw), "/items/{id}", {"id": 1}, per_host=per_host)
+
+    a = key(headers=[(b"host", b"a.example")])
+    assert a == key(headers=[(b"host", b"a.example")])
+    assert a != key(headers=[(b"host", b"b.example")])
+    assert a != key(headers=[(b"host", b"a.example:80")])
+    assert a != key(scheme="https", headers=[(b"host", b"a.example")])
+    assert a != key(headers=[(b"host", b"a.example")], root_path="/v2")
+    shared = key(per_host=False, headers=[(b"host", b"a.example")])
+    assert shared == key(per_host=False, headers=[(b"host", b"b.example")], scheme="https")
+    assert shared != key(per_host=False, root_path="/v2")
