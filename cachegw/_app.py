@@ -32,6 +32,7 @@ from cachegw._gateway import Gateway, Route, Service
 from cachegw._keys import format_tag, hash_parts, principal
 from cachegw._metrics import Metrics
 from cachegw._purge import purges_for, scopes_for
+from cachegw._ranges import ranged
 from cachegw._store import L1
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
@@ -49,7 +50,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Request headers that make the upstream answer differently from the full, storable
 # response: stripped from forwarded requests on the cached path, evaluated by the cache.
-_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
+# Range / If-Range too: the upstream is asked for the whole representation, which is what
+# the cache stores, and the range is cut from it here (see `_ranges`).
+_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 _BUFFERED_BODY = 64 * 1024
 _MEMO_SIZE = 4096
 _FAST_HEADER_BYTES = 16384  # larger request headers take the ordinary path (and its 431)
@@ -237,9 +240,9 @@ class _Proxy:
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         has_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
-        # A GET with a body, or a Range request, must not meet shared entries: the body is
-        # not in the key (fat GET poisoning) and a partial response is not storable.
-        cacheable = not (method in ("GET", "HEAD") and (has_body or "range" in headers))
+        # A GET with a body must not meet shared entries: the body is not in the key (fat
+        # GET poisoning). A Range request is served from the whole representation.
+        cacheable = not (method in ("GET", "HEAD") and has_body)
         metrics = self.runtime.metrics
 
         async def body() -> AsyncIterator[bytes]:
@@ -304,6 +307,10 @@ class _Proxy:
             service=service.name,
         )
         served = await engine.serve(info, policy, fetch)
+        if method == "GET" and "range" in headers and served.stream is None:
+            cut = ranged(headers, served.status, served.headers, served.body)
+            if cut is not None:
+                served = Served(*cut, cache_status=served.cache_status)
         if method not in _SAFE_METHODS and 200 <= served.status < 400:
             await self._invalidate_locations(served, headers, engine)
         return served

@@ -464,6 +464,8 @@ def storable_response(
     """
     if method not in ("GET", "HEAD"):
         return "method"
+    if status == 206:
+        return "partial"  # never stored as if it were the whole representation
     if status not in policy.statuses:
         return "status"
     if "no-store" in request_cc:
