@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import get_typed_signature
-from fastapi.routing import APIRoute, serialize_response
+from fastapi.routing import APIRoute, APIRouter, serialize_response
 from fastapi.utils import is_body_allowed_for_status_code
 from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._errors import ConfigError
-from cachegw._keys import format_tag, handler_key, principal
+from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
 from cachegw._store import L1
 
-__all__ = ["DECORATOR_STATUSES", "cached", "engine_for", "purge"]
+__all__ = [
+    "DECORATOR_STATUSES",
+    "DEFAULT_TTL",
+    "Face",
+    "PolicyFor",
+    "cached",
+    "engine_for",
+    "purge",
+    "wrap",
+]
+
+logger = logging.getLogger("cachegw")
+
+#: ``@cached``'s ttl when neither the decorator nor ``FastAPICache.init(expire=...)`` sets one.
+DEFAULT_TTL = 60
 
 
 P = ParamSpec("P")
@@ -104,7 +123,7 @@ def _strings(values: Iterable[str], what: str) -> list[str]:
 
 
 def cached(
-    ttl: float | str = 60,
+    ttl: float | str | None = None,
     *,
     key: KeyFunc | None = None,
     max_ttl: float | str | None = None,
@@ -124,7 +143,11 @@ def cached(
         from fastapi_cache import FastAPICache
         from cachegw import MemoryBackend, cached
 
-        FastAPICache.init(MemoryBackend(max_entries=10_000))
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            FastAPICache.init(MemoryBackend(max_entries=10_000))
+            yield
+            FastAPICache.reset()
 
         @app.get("/items/{item_id}")
         @cached(ttl=60, vary=["Accept-Language"])
@@ -138,7 +161,9 @@ def cached(
 
     Parameters:
 
-    * **ttl**, **max_ttl**, **vary**, **tags**, **stale_while_revalidate**,
+    * **ttl** - see `CachePolicy`. Defaults to ``FastAPICache.init(expire=...)`` when
+      that is set, else 60 seconds.
+    * **max_ttl**, **vary**, **tags**, **stale_while_revalidate**,
       **stale_if_error**, **statuses**, **max_body** - see `CachePolicy`. ``statuses``
       defaults to every 2xx but 206, plus `CachePolicy`'s defaults.
     * **key** - ``(request) -> str``, sync or async. Its result joins the key and makes
@@ -152,73 +177,221 @@ def cached(
     """
     if not isinstance(per_host, bool):
         raise TypeError(f"per_host must be True or False, got {per_host!r}")
+    policies: PolicyFor
     if policy is None:
-        policy = CachePolicy(
-            ttl=ttl,  # type: ignore[arg-type]  # validated (and converted) by CachePolicy
-            max_ttl=max_ttl,  # type: ignore[arg-type]
-            vary=tuple(vary) if not isinstance(vary, str) else vary,  # type: ignore[arg-type]
-            tags=tuple(tags) if not isinstance(tags, str) else tags,  # type: ignore[arg-type]
-            stale_while_revalidate=stale_while_revalidate,  # type: ignore[arg-type]
-            stale_if_error=stale_if_error,  # type: ignore[arg-type]
-            statuses=DECORATOR_STATUSES if statuses is None else frozenset(statuses),
-            max_body=max_body,  # type: ignore[arg-type]
-            key=key,
-        )
+
+        def make(ttl: float | str) -> CachePolicy:
+            return CachePolicy(
+                ttl=ttl,  # type: ignore[arg-type]  # validated (and converted) by CachePolicy
+                max_ttl=max_ttl,  # type: ignore[arg-type]
+                vary=tuple(vary) if not isinstance(vary, str) else vary,  # type: ignore[arg-type]
+                tags=tuple(tags) if not isinstance(tags, str) else tags,  # type: ignore[arg-type]
+                stale_while_revalidate=stale_while_revalidate,  # type: ignore[arg-type]
+                stale_if_error=stale_if_error,  # type: ignore[arg-type]
+                statuses=DECORATOR_STATUSES if statuses is None else frozenset(statuses),
+                max_body=max_body,  # type: ignore[arg-type]
+                key=key,
+            )
+
+        policies = PolicyFor(make, ttl)
     elif not isinstance(policy, CachePolicy):
         raise TypeError(f"policy must be a CachePolicy, got {policy!r}")
-    frozen_policy = policy
+    else:
+        policies = PolicyFor.fixed(policy)
+    face = Face(name="@cached", policy=policies, per_host=per_host)
 
     def decorator(func: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
-        signature = get_typed_signature(func)
-        request_param = _find_param(signature, Request)
-        response_param = _find_param(signature, Response)
-        extra = []
-        if request_param is None:
-            extra.append(
-                inspect.Parameter(
-                    _REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request
-                )
-            )
-        if response_param is None:
-            extra.append(
-                inspect.Parameter(
-                    _RESPONSE_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Response
-                )
-            )
-        is_coroutine = inspect.iscoroutinefunction(func)
-
-        @functools.wraps(func)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            request = cast(Request, kwargs.pop(_REQUEST_PARAM, None) or kwargs[request_param or ""])
-            sub_response = cast(
-                Response, kwargs.pop(_RESPONSE_PARAM, None) or kwargs[response_param or ""]
-            )
-
-            async def call() -> Any:
-                if is_coroutine:
-                    return await cast(Callable[P, Awaitable[R]], func)(*args, **kwargs)
-                return await run_in_threadpool(func, *args, **kwargs)
-
-            return await _serve(request, sub_response, frozen_policy, call, per_host)
-
-        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
-        )
-        return wrapper
+        return wrap(func, face)
 
     return decorator
+
+
+class PolicyFor:
+    """A route's policy, whose ttl may follow ``FastAPICache.init(expire=...)``.
+
+    ``init`` usually runs in the lifespan, after the decorators, so the default ttl is
+    looked up per request (and each distinct value's policy built once).
+    """
+
+    def __init__(self, make: Callable[[float | str], CachePolicy], ttl: float | str | None):
+        self._make = make
+        self._follows_init = ttl is None
+        # Built now, so a bad value is an error where the decorator is applied.
+        self._own = make(DEFAULT_TTL if ttl is None else ttl)
+        self._by_expire: dict[float, CachePolicy] = {}
+
+    @classmethod
+    def fixed(cls, policy: CachePolicy) -> PolicyFor:
+        return cls(lambda _ttl: policy, 0)
+
+    def __call__(self) -> CachePolicy:
+        expire = FastAPICache._expire
+        if not self._follows_init or expire is None:
+            return self._own
+        policy = self._by_expire.get(expire)
+        if policy is None:
+            policy = self._by_expire[expire] = self._make(expire)
+        return policy
+
+
+#: Compat key function: ``(request, response, args, kwargs) -> (part, decides)``, or
+#: None to serve uncached (it failed). ``decides``: the part is the user's own key
+#: (it replaces the default key's parts and identity rule); else it joins the default key.
+KeyBuilderCall = Callable[
+    [Request, Response, tuple[Any, ...], dict[str, Any]], Awaitable[tuple[str, bool] | None]
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Face:
+    """How one entry point (``@cached``, or the fastapi-cache2-compatible ``@cache``)
+    drives the shared machinery below."""
+
+    name: str  # in messages: "@cached", "@cache"
+    policy: Callable[[], CachePolicy]
+    per_host: bool = True
+    request_param: str = _REQUEST_PARAM
+    response_param: str = _RESPONSE_PARAM
+    # Replaces the default key's identity rule: its result is the key's own part
+    # (with the route template and origin) and entries are per-principal.
+    key_builder: KeyBuilderCall | None = None
+    extra_tags: tuple[str, ...] = ()
+    # Adjusts the outgoing response (e.g. fastapi-cache2's headers).
+    finish: Callable[[Response, Request, CachePolicy], None] | None = None
+
+
+class _Warned:
+    """Misuse warnings already given for one decorated handler (one of each kind)."""
+
+    __slots__ = ("kinds",)
+
+    def __init__(self) -> None:
+        self.kinds: set[str] = set()
+
+    def once(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self.kinds:
+            self.kinds.add(kind)
+            logger.warning(message, *args)
+
+
+def wrap(func: Callable[P, Any], face: Face) -> Callable[P, Awaitable[Any]]:
+    """The route handler that serves ``func``'s responses through the engine."""
+    _check_not_registered(func, face.name)
+    signature = get_typed_signature(func)
+    request_param = _find_param(signature, Request)
+    response_param = _find_param(signature, Response)
+    extra = []
+    if request_param is None:
+        extra.append(
+            inspect.Parameter(
+                face.request_param, inspect.Parameter.KEYWORD_ONLY, annotation=Request
+            )
+        )
+    if response_param is None:
+        extra.append(
+            inspect.Parameter(
+                face.response_param, inspect.Parameter.KEYWORD_ONLY, annotation=Response
+            )
+        )
+    request_name = request_param or face.request_param
+    response_name = response_param or face.response_param
+    is_coroutine = inspect.iscoroutinefunction(func)
+    warned = _Warned()
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        request = kwargs.get(request_name)
+        sub_response = kwargs.get(response_name)
+        if request_param is None:
+            kwargs.pop(face.request_param, None)
+        if response_param is None:
+            kwargs.pop(face.response_param, None)
+
+        async def call() -> Any:
+            if is_coroutine:
+                return await cast(Callable[P, Awaitable[R]], func)(*args, **kwargs)
+            return await run_in_threadpool(func, *args, **kwargs)
+
+        if not isinstance(request, Request) or not isinstance(sub_response, Response):
+            # Called as a plain function, not by FastAPI as a route: nothing to cache.
+            warned.once(
+                "direct",
+                "cachegw: %s on %s caches route responses, but it was called directly "
+                "(not by FastAPI as a route handler), so it runs uncached. Decorate the "
+                "route handler, below its @app.get(...) decorator.",
+                face.name,
+                _qualname(func),
+            )
+            return await call()
+        return await _serve(request, sub_response, face, call, warned, args, kwargs)
+
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
+    )
+    return wrapper
+
+
+def _check_not_registered(func: Callable[..., Any], name: str) -> None:
+    """Warn when ``func`` is already a route's endpoint: the decorator sits above the
+    route decorator, so FastAPI serves the undecorated function and nothing is cached.
+
+    Looks at the routers in the handler's own module (where the route decorator that
+    registered it usually comes from); cheap enough to run for every decoration.
+    """
+    plain = getattr(func, "__func__", func)
+    module_globals = getattr(plain, "__globals__", None)
+    if not isinstance(module_globals, dict):
+        return
+    for value in list(module_globals.values()):
+        router = value.router if isinstance(value, FastAPI) else value
+        if not isinstance(router, APIRouter):
+            continue
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.endpoint == func:
+                methods = sorted(route.methods or ())
+                warnings.warn(
+                    f"{name} on {_qualname(func)} is applied above "
+                    f"@{'app' if isinstance(value, FastAPI) else 'router'}"
+                    f".{'/'.join(methods).lower()}({route.path!r}): FastAPI "
+                    "registered the undecorated function, so nothing will be cached. "
+                    f"Put {name} below the route decorator.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return
+
+
+def _qualname(func: Callable[..., Any]) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
 
 
 async def _serve(
     request: Request,
     sub_response: Response,
-    policy: CachePolicy,
+    face: Face,
     call: Callable[[], Awaitable[Any]],
-    per_host: bool = True,
+    warned: _Warned,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Response:
+    policy = face.policy()
     backend = FastAPICache._backend
     headers = _request_headers(request)
     route = request.scope.get("route")
+    template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
+    if (
+        request.method not in ("GET", "HEAD")
+        and isinstance(route, APIRoute)
+        and not (route.methods or set()) & {"GET", "HEAD"}
+    ):
+        warned.once(
+            "method",
+            "cachegw: %s on %s %s never serves from the cache: only GET and HEAD requests "
+            "are cached. Remove the decorator from this route.",
+            face.name,
+            "/".join(sorted(route.methods or ())),
+            template,
+        )
 
     async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
         # A handler cannot answer a conditional request: it always gives the full response.
@@ -228,38 +401,88 @@ async def _serve(
             raise _Unbuffered(response)
         return Fetched(response.status_code, list(response.raw_headers), body)
 
-    key_extra: str | None = ""
-    if policy.key is not None:
-        key_extra = await principal(policy.key, request)
-        if key_extra is None:
-            backend = None
     if backend is None:
-        return _bypass(await fetch_or_response(fetch))
+        warned.once(
+            "init",
+            "cachegw: %s on %s %s serves every request uncached (BYPASS): "
+            "FastAPICache.init(backend) has not been called. Call it in the app's lifespan "
+            "(see the decorator documentation).",
+            face.name,
+            request.method,
+            template,
+        )
+        return await _uncached(fetch, "fwd=bypass; detail=no-backend")
+    if not FastAPICache._enable:  # FastAPICache.init(..., enable=False)
+        return await _uncached(fetch, "fwd=bypass; detail=disabled")
+
+    key_extra: str | None = ""
+    keyed = own_key = False
+    if face.key_builder is not None:
+        built = await face.key_builder(request, sub_response, args, kwargs)
+        key_extra, own_key = built if built is not None else (None, False)
+        keyed = own_key
+    elif policy.key is not None:
+        key_extra = await principal(policy.key, request)
+        keyed = True
+    if key_extra is None:
+        return await _uncached(fetch, "fwd=bypass")
 
     engine = engine_for(backend)
-    template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
     path_params = request.path_params
-    primary = handler_key(
-        FastAPICache._prefix or "cachegw",
-        request.scope,
-        template,
-        path_params,
-        key_extra or "",
-        per_host=per_host,
-    )
+    prefix = FastAPICache._prefix or "cachegw"
+    if own_key:
+        # The user's key builder decides what the key is made of; the route and the
+        # origin (issue 18) are kept so two routes or two hosts never share an entry.
+        parts = [request.scope.get("root_path", "") + template, "key_builder", key_extra]
+        if face.per_host:
+            parts.append(origin(request.scope))
+        primary = hash_parts(prefix, parts)
+    else:
+        primary = handler_key(
+            prefix, request.scope, template, path_params, key_extra, per_host=face.per_host
+        )
+    tags = [format_tag(t, path_params) for t in policy.tags]
     info = RequestInfo(
         method=request.method,
         key=primary,
         headers=headers,
-        per_principal=policy.key is not None,
-        scopes=scopes_for("", request.url.path, (format_tag(t, path_params) for t in policy.tags)),
+        per_principal=keyed,
+        scopes=scopes_for("", request.url.path, [*tags, *face.extra_tags]),
     )
     try:
         served = await engine.serve(info, policy, fetch)
     except _Unbuffered as unbuffered:
         _mark_bypass(unbuffered.response, "detail=streaming")
         return unbuffered.response
-    return _RawResponse(served)
+    except HTTPException as exc:
+        # The exception handler builds the answer from exc.headers: mark it like every
+        # other response of a decorated route (nothing was stored).
+        status, fwd = ("BYPASS", "bypass") if _bypasses(info) else ("MISS", "uri-miss")
+        exc.headers = {
+            **(exc.headers or {}),
+            engine.status_header.decode("latin-1"): status,
+            "Cache-Status": f"{engine.cache_name}; fwd={fwd}; detail=exception",
+        }
+        raise
+    response = _RawResponse(served)
+    if face.finish is not None:
+        face.finish(response, request, policy)
+    return response
+
+
+def _bypasses(info: RequestInfo) -> bool:
+    """Whether the engine answered without the cache (unsafe method, credentials on a
+    shared entry, a request that bypasses reads): an approximation for exceptions."""
+    if info.method not in ("GET", "HEAD"):
+        return True
+    if info.authorized and not info.per_principal:
+        return True
+    cache_control = info.headers.get("cache-control", "").lower()
+    return "no-cache" in cache_control or "no-store" in cache_control
+
+
+async def _uncached(fetch: Callable[[], Awaitable[Fetched]], detail: str) -> Response:
+    return _bypass(await fetch_or_response(fetch), detail)
 
 
 async def fetch_or_response(fetch: Callable[[], Awaitable[Fetched]]) -> Fetched | Response:
@@ -269,12 +492,13 @@ async def fetch_or_response(fetch: Callable[[], Awaitable[Fetched]]) -> Fetched 
         return unbuffered.response
 
 
-def _bypass(result: Fetched | Response) -> Response:
-    """A response served without the cache (no backend, or the key function failed)."""
+def _bypass(result: Fetched | Response, detail: str = "fwd=bypass") -> Response:
+    """A response served without the cache (no backend, caching disabled, or the key
+    function failed)."""
     if isinstance(result, Fetched):
         served = Served(result.status, result.headers, result.body or b"", cache_status="BYPASS")
         result = _RawResponse(served)
-    return _mark_bypass(result, "fwd=bypass")
+    return _mark_bypass(result, detail)
 
 
 def _mark_bypass(response: Response, detail: str) -> Response:
