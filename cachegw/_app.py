@@ -177,13 +177,18 @@ class _GatewayApp(FastAPI):
 
 class _Proxy:
     def fast_hit(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], client: Any
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: Any,
+        scheme: str = "http",
     ) -> bytes | None:
-        return _fast_hit(self, method, target, headers, client)
+        return _fast_hit(self, method, target, headers, client, scheme)
 
     def __init__(self, runtime: _Runtime) -> None:
         self.runtime = runtime
-        self._keys: dict[tuple[str, str, bytes, str], str] = {}
+        self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -228,12 +233,16 @@ class _Proxy:
             )
             refused.headers.append((b"allow", ", ".join(policy.methods).encode("latin-1")))
             return refused
+        host = service.host_for(_host(scope["headers"])) if service.hosts is not None else ""
+        if host is None:
+            return _refusal(400, "Bad Request", "The Host header names no host of this service.")
         engine = self.runtime.engine
         upstream = self.runtime.upstreams.get(service.name)
         if engine is None or upstream is None:
             return _refusal(503, "Service Unavailable", "the gateway is starting")
 
         raw_query: bytes = scope.get("query_string", b"")
+        scheme: str = scope.get("scheme", "http")
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1")
@@ -269,8 +278,9 @@ class _Proxy:
             forward = request_headers(
                 scope,
                 client_ip=client[0] if client else "",
-                proto=scope.get("scheme", "http"),
-                host=headers.get("host"),
+                proto=scheme,
+                host=host or None,
+                allow=service.allow,
             )
             if cacheable and method in ("GET", "HEAD"):
                 forward = [(n, v) for n, v in forward if n not in _CONDITIONAL]
@@ -297,7 +307,7 @@ class _Proxy:
             cacheable = key_extra is not None
         if not cacheable:
             return engine.bypass(await fetch())
-        trace.key = self._key(service, rest, raw_query, key_extra or "")
+        trace.key = self._key(service, rest, raw_query, key_extra or "", scheme, host)
         info = RequestInfo(
             method=method,
             key=trace.key,
@@ -312,16 +322,22 @@ class _Proxy:
             if cut is not None:
                 served = Served(*cut, cache_status=served.cache_status)
         if method not in _SAFE_METHODS and 200 <= served.status < 400:
-            await self._invalidate_locations(served, headers, engine)
+            await self._invalidate_locations(served, headers, engine, scheme)
         return served
 
-    def _key(self, service: Service, rest: str, raw_query: bytes, key_extra: str) -> str:
-        """The primary key. The route's `vary` headers are not in it: like the upstream's
-        Vary they select a variant below it (so invalidating the key drops them all)."""
-        memo = (service.name, rest, raw_query, key_extra)
+    def _key(
+        self, service: Service, rest: str, raw_query: bytes, key_extra: str, scheme: str, host: str
+    ) -> str:
+        """The primary key: every request input that reaches the upstream (issue 10) —
+        the path and query, the scheme (sent as X-Forwarded-Proto) and the host from the
+        service's ``hosts`` (sent as X-Forwarded-Host; ``""`` without ``hosts``). The
+        route's `vary` headers (``forward_headers`` among them) are not in it: like the
+        upstream's Vary they select a variant below it (so invalidating the key drops
+        them all)."""
+        memo = (service.name, rest, raw_query, key_extra, scheme, host)
         key = self._keys.get(memo)
         if key is None:
-            parts = (service.name, rest, raw_query.decode("latin-1"), key_extra)
+            parts = (service.name, rest, raw_query.decode("latin-1"), key_extra, scheme, host)
             key = hash_parts(self.runtime.gateway.prefix, parts)
             if len(self._keys) >= _MEMO_SIZE:  # bounded: hot keys stay, a flood can't grow it
                 self._keys.clear()
@@ -343,7 +359,7 @@ class _Proxy:
         return scopes
 
     async def _invalidate_locations(
-        self, served: Served, headers: Mapping[str, str], engine: CacheEngine
+        self, served: Served, headers: Mapping[str, str], engine: CacheEngine, scheme: str
     ) -> None:
         """RFC 9111 §4.4: a non-error answer to an unsafe method also invalidates the URIs
         in its ``Location`` and ``Content-Location``, when they are on the same origin."""
@@ -355,15 +371,25 @@ class _Proxy:
                 continue
             path, _, query = target.partition("?")
             try:
-                check_target({"raw_path": path.encode("ascii")})
+                path = check_target({"raw_path": path.encode("ascii")})
             except (BadTarget, UnicodeEncodeError):
                 continue
             matched = self.runtime.gateway.match(path)
             if matched is None or matched[1].policy.key is not None:
                 continue  # per-principal entries are not ours to compute
             service, _, rest, _ = matched
-            key = self._key(service, rest, query.encode("latin-1"), "")
+            host = service.host_for(headers.get("host"))
+            if host is None:
+                continue
+            key = self._key(service, rest, query.encode("latin-1"), "", scheme, host)
             await engine.invalidate(key)
+
+
+def _host(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"host":
+            return value.decode("latin-1")
+    return None
 
 
 def _same_origin_target(location: str, headers: Mapping[str, str]) -> str | None:
@@ -403,7 +429,12 @@ _NO_HEADERS: dict[str, str] = {}
 
 
 def _fast_hit(
-    proxy: _Proxy, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], client: Any
+    proxy: _Proxy,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    client: Any,
+    scheme: str,
 ) -> bytes | None:
     """A plain GET/HEAD answered from an entry already decoded in the process, as the bytes
     of a whole HTTP/1.1 response; None leaves the request to the ordinary path.
@@ -418,11 +449,13 @@ def _fast_hit(
         return None
     hosts = 0
     size = 0
+    host = b""
     for name, value in headers:
         if name in _SLOW_HEADERS:
             return None
         if name == b"host":
             hosts += 1
+            host = value
         size += len(name) + len(value)
     if hosts != 1 or size > _FAST_HEADER_BYTES:
         return None
@@ -443,7 +476,10 @@ def _fast_hit(
         return None
     if policy.early_refresh:
         return None
-    key = proxy._key(service, rest, query, "")
+    front = service.host_for(host.decode("latin-1")) if service.hosts is not None else ""
+    if front is None:
+        return None  # refused on the ordinary path
+    key = proxy._key(service, rest, query, "", scheme, front)
     entry = engine.store.peek(key)
     if not isinstance(entry, Entry) or engine.purges.verdict(entry.tags, entry.fetched_at):
         return None

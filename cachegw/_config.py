@@ -41,7 +41,10 @@ _CACHE_KEYS = frozenset(
     }
 )
 _ADMIN_KEYS = frozenset({"token_env"})
-_SERVICE_KEYS = frozenset({"name", "upstream", "prefix", "timeout", "routes"}) | KNOBS
+_SERVICE_KEYS = (
+    frozenset({"name", "upstream", "prefix", "timeout", "hosts", "forward_headers", "routes"})
+    | KNOBS
+)
 _ROUTE_KEYS = frozenset({"path"}) | KNOBS
 _REQUIRED = {
     "name": "a name like 'catalog'",

@@ -6,8 +6,9 @@ into an ASGI application, `Gateway.from_toml` reads the contract's TOML file.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,16 @@ from starlette.routing import compile_path
 
 from cachegw._errors import ConfigError
 from cachegw._policy import CachePolicy, parse_duration
+from cachegw._upstream import GATEWAY_SET, ROUTING_OVERRIDES, is_override
 
 __all__ = ["Gateway", "Route", "Service"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A DNS name or IPv4 address (or a bracketed IPv6 address), lower case, optional port.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_HOST = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]+\])(?::[0-9]{{1,5}})?$")
+_PORT = re.compile(r":[0-9]+$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,14 @@ class Service:
     * **upstream** - base URL, ``http://host:port`` with an optional base path.
     * **prefix** - gateway path prefix stripped before forwarding (``""`` = root).
     * **timeout** - seconds for the whole upstream exchange before a 504.
+    * **hosts** - the host names (``"api.example.com"``, ``"api.example.com:8443"``) this
+      service answers for. A request whose ``Host`` is not one of them gets 400; the name
+      it matched is part of the key and is sent upstream as ``X-Forwarded-Host``. Without
+      it (the default) any ``Host`` is served and none reaches the upstream, which gets
+      its own host name (nginx's default).
+    * **forward_headers** - override headers (``X-Forwarded-Prefix``, ``X-Forwarded-Port``,
+      ...) that the gateway otherwise removes and lets through for this service; every
+      route of the service keys on them (they join its ``vary``).
     * **client** - an ``httpx.AsyncClient`` to use instead of the one cachegw opens.
     * any `CachePolicy` knob - the default for this service's routes.
     """
@@ -74,6 +89,8 @@ class Service:
         *,
         prefix: str = "",
         timeout: float | str = 10.0,
+        hosts: Iterable[str] | None = None,
+        forward_headers: Iterable[str] = (),
         client: httpx.AsyncClient | None = None,
         **defaults: Any,
     ) -> None:
@@ -88,6 +105,13 @@ class Service:
         if self.timeout <= 0:
             raise ConfigError(f"timeout of service {name!r} must be > 0 seconds, got {timeout!r}")
         self.client = client
+        self.hosts = _check_hosts(hosts, name)
+        # Request Host (lower case) -> the listed name it matches; a name listed without a
+        # port also matches it with any port.
+        self._host_names = {h: h for h in self.hosts or ()}
+        self._any_port = frozenset(h for h in self.hosts or () if not _PORT.search(h))
+        self.forward_headers = _check_forward_headers(forward_headers, name)
+        self.allow = frozenset(h.encode("latin-1") for h in self.forward_headers)
         self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
         self._default_values = dict(defaults)
         self.routes: list[Route] = []
@@ -106,8 +130,29 @@ class Service:
         if any(route.path == path for route in self.routes):
             raise ConfigError(f"route {path!r} is declared twice in service {self.name!r}")
         policy = CachePolicy.from_mapping({**self._default_values, **knobs}, where=where)
+        if self.forward_headers:
+            # Keyed or dropped: a header the upstream gets from the client is in the key.
+            policy = dataclasses.replace(policy, vary=(*policy.vary, *self.forward_headers))
         self.routes.append(Route(path, policy, regex, convertors))
         return self
+
+    def host_for(self, host: str | None) -> str | None:
+        """The name from ``hosts`` that a request's ``Host`` value matches: ``""`` when
+        the service has no ``hosts`` (any host, none keyed or forwarded), None when the
+        request must be refused."""
+        if self.hosts is None:
+            return ""
+        if host is None:
+            return None
+        host = host.lower()
+        found = self._host_names.get(host)
+        if found is None:
+            name, colon, port = host.rpartition(":")
+            if colon and port.isdigit() and name in self._any_port:
+                found = name
+            if len(self._host_names) < 1024:  # a bounded memo of spellings seen
+                self._host_names[host] = found or ""
+        return found or None
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {self.upstream!r}, prefix={self.prefix!r})"
@@ -262,6 +307,64 @@ def _check_upstream(upstream: object, name: str) -> str:
     except ValueError:
         raise ConfigError(f"{where} has an invalid port: {upstream!r}") from None
     return upstream.rstrip("/")
+
+
+def _check_hosts(hosts: object, name: str) -> tuple[str, ...] | None:
+    if hosts is None:
+        return None
+    form = (
+        "a list of host names like ['api.example.com', 'www.example.com:8443'] "
+        "(no scheme, path or wildcard)"
+    )
+    if isinstance(hosts, str) or not isinstance(hosts, Iterable):
+        raise ConfigError(f"hosts of service {name!r} must be {form}, got {hosts!r}")
+    out: list[str] = []
+    for host in hosts:
+        if not isinstance(host, str) or not _HOST.match(host.lower()):
+            raise ConfigError(f"hosts of service {name!r} must be {form}, got {host!r}")
+        out.append(host.lower())
+    if not out:
+        raise ConfigError(
+            f"hosts of service {name!r} must name at least one host (leave it out to serve "
+            f"any host), got []"
+        )
+    return tuple(dict.fromkeys(out))
+
+
+def _check_forward_headers(headers: object, name: str) -> tuple[str, ...]:
+    where = f"forward_headers of service {name!r}"
+    if isinstance(headers, str) or not isinstance(headers, Iterable):
+        raise ConfigError(
+            f"{where} must be a list of header names like ['X-Forwarded-Prefix'], got {headers!r}"
+        )
+    out: list[str] = []
+    for header in headers:
+        if not isinstance(header, str) or not _TOKEN.match(header):
+            raise ConfigError(
+                f"{where} must be a list of header names like ['X-Forwarded-Prefix'], "
+                f"got {header!r}"
+            )
+        lower = header.lower()
+        raw = lower.encode("latin-1")
+        if raw in GATEWAY_SET:
+            hint = " (use hosts to serve and key client hosts)" if "host" in lower else ""
+            raise ConfigError(
+                f"{where} cannot include {header!r}: the gateway sets it itself{hint}"
+            )
+        if raw in ROUTING_OVERRIDES:
+            raise ConfigError(
+                f"{where} cannot include {header!r}: it makes the upstream run another path "
+                f"or method than the one the route checked"
+            )
+        if not is_override(raw):
+            raise ConfigError(
+                f"{where} lists {header!r}, which is forwarded anyway; only the override "
+                f"headers the gateway removes (X-Forwarded-Prefix, X-Forwarded-Port, "
+                f"X-Forwarded-Scheme, X-Original-Host, ...) need listing; to key on another "
+                f"header use vary"
+            )
+        out.append(lower)
+    return tuple(sorted(set(out)))
 
 
 def _check_prefix(prefix: object, name: str) -> str:

@@ -50,7 +50,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             and self.parser.should_keep_alive()
             and not self.parser.should_upgrade()
         ):
-            answer = fast_hit(self.parser.get_method(), self.url, self.headers, self.client)
+            answer = fast_hit(
+                self.parser.get_method(), self.url, self.headers, self.client, self.scheme
+            )
             if answer is not None:
                 self.transport.write(answer)
                 self.cycle = _ANSWERED  # type: ignore[assignment]

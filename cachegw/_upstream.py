@@ -36,7 +36,16 @@ from cachegw._engine import Fetched
 from cachegw._errors import ConfigError
 from cachegw._target import problem
 
-__all__ = ["Upstream", "request_headers", "response_headers", "upstream_url"]
+__all__ = [
+    "GATEWAY_SET",
+    "OVERRIDES",
+    "ROUTING_OVERRIDES",
+    "Upstream",
+    "is_override",
+    "request_headers",
+    "response_headers",
+    "upstream_url",
+]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -55,7 +64,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Set by the gateway itself; a client's values are not trusted. Host is set by httpx.
-_GATEWAY_SET = frozenset(
+GATEWAY_SET = frozenset(
     {
         b"x-forwarded-for",
         b"x-forwarded-proto",
@@ -64,6 +73,37 @@ _GATEWAY_SET = frozenset(
         b"via",
         b"x-real-ip",
         b"host",
+    }
+)
+# Headers that make common frameworks answer for another path or method than the request
+# line's (Symfony and IIS read X-Original-URL / X-Rewrite-URL; Rails, Express, Laravel
+# and ASP.NET honour method overrides): forwarding one would run something other than what
+# the route and its method list checked ("one path"), so none can be allowed through.
+ROUTING_OVERRIDES = frozenset(
+    {
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-rewrite-url",
+        b"x-override-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-method",
+    }
+)
+# Every request header that tells a framework which host, scheme, port or prefix to build
+# URLs with or route on (Django's USE_X_FORWARDED_HOST/PORT, Rails and Rack, Express's
+# trust proxy, Spring's ForwardedHeaderFilter, Werkzeug's ProxyFix): removed before
+# forwarding unless a service's `forward_headers` lets it through *and keys it* (issue 10:
+# every forwarded input is keyed or dropped). Every ``X-Forwarded-*`` header is one too.
+OVERRIDES = ROUTING_OVERRIDES | frozenset(
+    {
+        b"x-original-host",
+        b"x-host",
+        b"x-http-host-override",
+        b"x-scheme",
+        b"x-url-scheme",
+        b"front-end-https",
     }
 )
 _VIA = b"1.1 cachegw"
@@ -99,13 +139,34 @@ def _connection_named(headers: Headers) -> set[bytes]:
     }
 
 
+def is_override(name: bytes) -> bool:
+    """Whether a (lower-case) request header is one the gateway removes unless allowed."""
+    return name in OVERRIDES or name.startswith(b"x-forwarded-")
+
+
 def request_headers(
-    scope: Mapping[str, Any], *, client_ip: str, proto: str, host: str | None
+    scope: Mapping[str, Any],
+    *,
+    client_ip: str,
+    proto: str,
+    host: str | None,
+    allow: frozenset[bytes] = frozenset(),
 ) -> Headers:
-    """Client headers to forward, minus hop-by-hop and spoofable ones, plus X-Forwarded-*/Via."""
+    """Client headers to forward, plus the gateway's own X-Forwarded-* and Via.
+
+    Removed: hop-by-hop headers, the ones the gateway sets itself, and every override
+    header (`is_override`) not in ``allow`` (the service's ``forward_headers``, which its
+    routes key on). ``host`` is the X-Forwarded-Host to send (a name from the service's
+    ``hosts``), or None for none.
+    """
     raw: Headers = scope["headers"]
-    drop = _HOP_BY_HOP | _GATEWAY_SET | _connection_named(raw)
-    out = [(name, value) for name, value in raw if name.lower() not in drop]
+    drop = _HOP_BY_HOP | GATEWAY_SET | _connection_named(raw)
+    out = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop or (is_override(lower) and lower not in allow):
+            continue
+        out.append((name, value))
     out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
     if host is not None:
         out.append((b"x-forwarded-host", host.encode("latin-1")))

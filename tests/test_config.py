@@ -205,6 +205,39 @@ BAD = {
             "expected one of: early_refresh, heuristic, max_body, max_ttl, methods, path,",
         ],
     ),
+    "hosts not a list": (
+        ("timeout = 10", 'timeout = 10\nhosts = "api.example"'),
+        [
+            "services[0].hosts must be a list of host names like ['api.example.com', "
+            "'www.example.com:8443'] (no scheme, path or wildcard), got 'api.example'"
+        ],
+    ),
+    "hosts with a scheme": (
+        ("timeout = 10", 'timeout = 10\nhosts = ["https://api.example"]'),
+        ["services[0].hosts must be a list of host names", "got 'https://api.example'"],
+    ),
+    "hosts empty": (
+        ("timeout = 10", "timeout = 10\nhosts = []"),
+        ["services[0].hosts must name at least one host (leave it out to serve any host)"],
+    ),
+    "forward_headers gateway-set": (
+        ("timeout = 10", 'timeout = 10\nforward_headers = ["X-Forwarded-Host"]'),
+        [
+            "services[0].forward_headers cannot include 'X-Forwarded-Host': the gateway sets "
+            "it itself (use hosts to serve and key client hosts)"
+        ],
+    ),
+    "forward_headers routing override": (
+        ("timeout = 10", 'timeout = 10\nforward_headers = ["X-HTTP-Method-Override"]'),
+        [
+            "services[0].forward_headers cannot include 'X-HTTP-Method-Override': it makes "
+            "the upstream run another path or method"
+        ],
+    ),
+    "forward_headers not an override": (
+        ("timeout = 10", 'timeout = 10\nforward_headers = ["Accept"]'),
+        ["services[0].forward_headers lists 'Accept', which is forwarded anyway", "use vary"],
+    ),
     "unknown service key": (
         ("timeout = 10", "time_out = 10"),
         ["unknown key 'time_out' in services[0]", "did you mean 'timeout'?", "upstream"],

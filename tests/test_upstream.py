@@ -80,6 +80,7 @@ def test_request_headers() -> None:
             (b"accept", b"*/*"),
             (b"content-length", b"3"),
             (b"cookie", b"a=1"),
+            *OVERRIDE_HEADERS,
         ]
     }
     out = request_headers(scope, client_ip="1.2.3.4", proto="https", host="gw.example")
@@ -92,6 +93,34 @@ def test_request_headers() -> None:
         (b"x-forwarded-host", b"gw.example"),
         (b"via", b"1.1 cachegw"),
     ]
+    # nginx's default: no X-Forwarded-Host at all when the service has no `hosts`.
+    out = request_headers(scope, client_ip="1.2.3.4", proto="http", host=None)
+    assert not any(name == b"x-forwarded-host" for name, _ in out)
+    # Allowed override headers pass, as the client sent them; the others still do not.
+    allow = frozenset({b"x-forwarded-prefix", b"x-original-host"})
+    out = request_headers(scope, client_ip="1.2.3.4", proto="http", host=None, allow=allow)
+    passed = [pair for pair in out if pair in OVERRIDE_HEADERS]
+    assert passed == [(b"x-forwarded-prefix", b"/evil"), (b"x-original-host", b"evil")]
+
+
+#: Override headers common frameworks honour (Rails, Django, Express, Symfony, IIS, Spring).
+OVERRIDE_HEADERS = [
+    (b"x-forwarded-scheme", b"http"),
+    (b"x-forwarded-prefix", b"/evil"),
+    (b"x-forwarded-port", b"1"),
+    (b"x-forwarded-server", b"evil"),
+    (b"x-forwarded-ssl", b"off"),
+    (b"x-original-url", b"/admin"),
+    (b"x-original-uri", b"/admin"),
+    (b"x-rewrite-url", b"/admin"),
+    (b"x-http-method-override", b"DELETE"),
+    (b"x-method-override", b"DELETE"),
+    (b"x-http-method", b"DELETE"),
+    (b"x-original-host", b"evil"),
+    (b"x-host", b"evil"),
+    (b"x-scheme", b"gopher"),
+    (b"front-end-https", b"off"),
+]
 
 
 def test_response_headers() -> None:

@@ -1,0 +1,266 @@
+"""Keyed or dropped (issue 10): no request input reaches the upstream unkeyed.
+
+The upstream here is an adversary of the tests' own: it honours every override header the way
+common frameworks do (Django's USE_X_FORWARDED_HOST/PORT, Rails and Rack, Express's
+``trust proxy``, Symfony's and IIS's X-Original-URL / X-Rewrite-URL, method overrides) and
+has a canary path that must never be reached. The gateway runs under uvicorn with cachegw's
+own protocol, so second requests are answered by the protocol-level fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from cachegw import Gateway, Service, create_app
+from cachegw._server import uvicorn_options
+from tests.servers import Receive, Scope, Send, run_uvicorn
+
+_PATH_OVERRIDES = ("x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url")
+_METHOD_OVERRIDES = (
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-original-method",
+)
+_HOST_OVERRIDES = ("x-forwarded-host", "x-original-host", "x-host")
+_SCHEME_OVERRIDES = ("x-forwarded-proto", "x-forwarded-scheme", "x-scheme", "x-url-scheme")
+
+
+class Framework:
+    """An upstream that believes every header a client may send."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.seen: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method = scope["method"]
+        path = scope["raw_path"].decode("latin-1")
+        self.seen.append({"method": method, "path": path, "headers": headers})
+        for name in _PATH_OVERRIDES:
+            path = headers.get(name, path)
+        for name in _METHOD_OVERRIDES:
+            method = headers.get(name, method).upper()
+        host = headers.get("host", "")
+        for name in _HOST_OVERRIDES:
+            host = headers.get(name, host)
+        scheme = "http"
+        for name in _SCHEME_OVERRIDES:
+            scheme = headers.get(name, scheme)
+        if headers.get("front-end-https", "").lower() == "on" or headers.get(
+            "x-forwarded-ssl", ""
+        ).lower() in ("on", "1"):
+            scheme = "https"
+        port = headers.get("x-forwarded-port")
+        if port:
+            host = f"{host.partition(':')[0]}:{port}"
+        prefix = headers.get("x-forwarded-prefix", "") + headers.get("x-forwarded-path", "")
+        server = headers.get("x-forwarded-server", "")
+        self.hits[path] += 1
+        status, extra = 200, []
+        if path.startswith("/canary"):
+            body = b"CANARY"
+        elif method not in ("GET", "HEAD"):
+            status, body = 405, f"method {method} not allowed".encode()
+        elif scheme != "http":
+            # Rails' force_ssl and friends: a redirect built from the scheme they were told.
+            status, body = 301, b""
+            extra = [(b"location", f"{scheme}://{host}{prefix}{path}".encode())]
+        else:
+            link = f"{scheme}://{host}{prefix}{path}"
+            body = json.dumps({"self": link, "server": server, "method": method}).encode()
+        response_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def gateway(upstream: Framework, backend: str = "memory", **service: Any) -> Iterator[str]:
+    with run_uvicorn(upstream) as origin:
+        svc = Service("svc", origin, prefix="/svc", **service)
+        svc.route("/admin/{rest:path}", ttl=60, methods=["GET", "HEAD"])
+        svc.route("/{rest:path}", ttl=60)
+        gw = Gateway(services=[svc], backend=backend)
+        with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
+            yield base
+
+
+def send(base: str, head: str) -> tuple[int, dict[str, str], bytes]:
+    """Send the request head exactly as written (``\\n`` becomes CRLF); parse the answer."""
+    port = int(base.rsplit(":", 1)[1])
+    data = head.strip("\n").replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        top, _, body = answer.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def get(base: str, path: str, host: str = "gw.example", *extra: str) -> Any:
+    return send(base, "\n".join([f"GET {path} HTTP/1.1", f"Host: {host}", *extra]))
+
+
+ATTACKS = [
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Original-Host", "evil.example"),
+    ("X-Host", "evil.example"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Scheme", "https"),
+    ("X-Url-Scheme", "https"),
+    ("X-Forwarded-Ssl", "on"),
+    ("Front-End-Https", "on"),
+    ("X-Forwarded-Port", "6666"),
+    ("X-Forwarded-Prefix", "/evil"),
+    ("X-Forwarded-Path", "/evil"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Original-URL", "/canary"),
+    ("X-Original-URI", "/canary"),
+    ("X-Rewrite-URL", "/canary"),
+    ("X-Override-URL", "/canary"),
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Original-Method", "DELETE"),
+]
+
+
+@pytest.fixture(scope="module")
+def framework() -> Iterator[tuple[Framework, str]]:
+    upstream = Framework()
+    with gateway(upstream) as base:
+        yield upstream, base
+
+
+@pytest.mark.parametrize(("header", "value"), ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_override_header_never_poisons_and_never_reaches_the_upstream(
+    framework: tuple[Framework, str], header: str, value: str
+) -> None:
+    upstream, base = framework
+    path = f"/svc/page/{header.lower()}"
+    status, _, poisoned = get(base, path, "gw.example", f"{header}: {value}")
+    seen = upstream.seen[-1]
+    assert seen["headers"].get(header.lower()) != value  # removed, or the gateway's own
+    assert status == 200 and b"evil" not in poisoned and b"https:" not in poisoned
+    for _ in range(2):  # the second one is answered by the fast path
+        status, headers, clean = get(base, path)
+        assert status == 200
+        assert json.loads(clean) == {
+            "self": f"http://{seen['headers']['host']}/page/{header.lower()}",
+            "server": "",
+            "method": "GET",
+        }
+        assert "evil" not in json.dumps(headers) and b"6666" not in clean
+    assert headers["x-cache-status"] == "HIT"
+    assert upstream.hits["/canary"] == 0
+
+
+def test_an_unsafe_request_with_a_method_override_is_stripped(
+    framework: tuple[Framework, str],
+) -> None:
+    upstream, base = framework
+    status, _, _ = send(
+        base,
+        "POST /svc/admin/users/1 HTTP/1.1\nHost: gw.example\nContent-Length: 0\n"
+        "X-HTTP-Method-Override: GET",
+    )
+    assert status == 405  # the route allows GET and HEAD; the override changes nothing
+    upstream.seen.clear()
+    send(base, "POST /svc/form HTTP/1.1\nHost: gw.example\nContent-Length: 0\nX-HTTP-Method: PUT")
+    assert [s["method"] for s in upstream.seen] == ["POST"]
+    assert "x-http-method" not in upstream.seen[0]["headers"]
+
+
+def test_client_host_never_reaches_the_upstream_by_default(
+    framework: tuple[Framework, str],
+) -> None:
+    upstream, base = framework
+    _, _, evil = get(base, "/svc/host/default", "evil.example")
+    assert b"evil.example" not in evil
+    assert "x-forwarded-host" not in upstream.seen[-1]["headers"]
+    assert upstream.seen[-1]["headers"]["host"].startswith("127.0.0.1:")
+    _, headers, clean = get(base, "/svc/host/default", "gw.example")
+    assert headers["x-cache-status"] == "HIT" and b"evil" not in clean
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The gateway's backend setting (it opens and closes the backend itself)."""
+    if request.param == "memory":
+        return "memory"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def test_hosts_list_refuses_others_and_keys_each_listed_host(backend: str) -> None:
+    upstream = Framework()
+    with gateway(upstream, backend, hosts=["api.example", "www.example:8443"]) as base:
+        for host in ("evil.example", "api.example.evil", "www.example", "www.example:1"):
+            status, headers, body = get(base, "/svc/v", host)
+            assert status == 400, host
+            assert headers["cache-control"] == "no-store" and b"evil" not in body
+        assert upstream.seen == []
+        answers = {}
+        for host in ("api.example", "www.example:8443", "API.Example:80", "api.example"):
+            status, headers, body = get(base, "/svc/v", host)
+            assert status == 200
+            answers[host] = (headers["x-cache-status"], json.loads(body)["self"])
+    assert answers == {
+        "api.example": ("HIT", "http://api.example/v"),
+        "www.example:8443": ("MISS", "http://www.example:8443/v"),
+        # Spellings of a listed name share its entry: the upstream only ever sees the name.
+        "API.Example:80": ("HIT", "http://api.example/v"),
+    }
+    assert len(upstream.seen) == 2
+    assert [s["headers"]["x-forwarded-host"] for s in upstream.seen] == [
+        "api.example",
+        "www.example:8443",
+    ]
+
+
+def test_forward_headers_are_let_through_and_keyed(backend: str) -> None:
+    upstream = Framework()
+    with gateway(upstream, backend, forward_headers=["X-Forwarded-Prefix"]) as base:
+        _, first, one = get(base, "/svc/p", "gw.example", "X-Forwarded-Prefix: /one")
+        _, clean, plain = get(base, "/svc/p")
+        _, again, one_again = get(base, "/svc/p", "gw.example", "X-Forwarded-Prefix: /one")
+        _, other, two = get(base, "/svc/p", "gw.example", "X-Forwarded-Prefix: /two")
+        _, _, scheme = get(base, "/svc/p", "gw.example", "X-Forwarded-Scheme: https")
+    assert json.loads(one)["self"].endswith("/one/p")
+    assert b"/one" not in plain and clean["x-cache-status"] == "MISS"
+    assert again["x-cache-status"] == "HIT" and one_again == one
+    assert json.loads(two)["self"].endswith("/two/p") and other["x-cache-status"] == "MISS"
+    assert "x-forwarded-prefix" in first["vary"].lower()
+    assert b"https:" not in scheme  # not allowed, so still removed
