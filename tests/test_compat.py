@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, Response
 from fastapi_cache import FastAPICache
 from fastapi_cache.coder import PickleCoder
 from fastapi_cache.types import Backend
@@ -140,6 +141,13 @@ async def missing(item_id: int) -> dict[str, int]:
 @cached(ttl=30)
 async def cached_missing() -> dict[str, int]:
     raise HTTPException(status_code=409, detail="conflict")
+
+
+@app.get("/with-task")
+@cache(expire=30)
+async def with_task(tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(COUNTS.update, ["task"])
+    return {"n": 1}
 
 
 @app.put("/put-only")
@@ -359,6 +367,27 @@ def test_http_exception_carries_the_cache_status(
     private = client.get("/missing/1", headers={"Cookie": "a=1"})
     assert private.headers["x-cache-status"] == "BYPASS"
     assert client.get("/cached-missing").headers["x-cache-status"] == "MISS"
+
+
+def test_background_tasks_run_on_a_miss_not_on_a_hit(
+    client: httpx.Client, memory: MemoryBackend
+) -> None:
+    # Background tasks run after the response is sent: wait for them, each time.
+    assert fc(client.get("/with-task")) == "MISS"
+    until(lambda: COUNTS["task"] == 1)
+    assert fc(client.get("/with-task")) == "HIT"
+    assert fc(client.get("/plain/11")) == "MISS"  # a later request's task-free cycle
+    client.get("/with-task?other=1")  # a miss whose task lands after any earlier one
+    until(lambda: COUNTS["task"] == 2)
+    time.sleep(0.2)
+    assert COUNTS["task"] == 2  # the hit's handler did not run, so it added no task
+
+
+def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_no_init_warns_once_per_route(

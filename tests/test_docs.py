@@ -105,3 +105,14 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_migration_page_shows_the_lifespan_recipe_that_the_suite_runs() -> None:
+    """docs/migration.md's test-isolation example is tests/test_recipe_lifespan.py."""
+    recipe = (ROOT / "tests" / "test_recipe_lifespan.py").read_text(encoding="utf-8")
+    code = recipe.split('"""', 2)[2].strip()
+    blocks = [
+        "\n".join(line.removeprefix("    ") for line in block.splitlines()).strip()
+        for block in re.findall(r"```python\n(.*?)```", _read("migration.md"), re.S)
+    ]
+    assert code in blocks
