@@ -621,6 +621,7 @@ class CacheEngine:
             authorized=request.authorized,
             per_principal=request.per_principal,
             policy=policy,
+            explicit=expires is not None or "max-age" in response_cc or "s-maxage" in response_cc,
         )
         if reason is not None:
             return None
@@ -852,6 +853,9 @@ def _not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
     if ims is not None:
         since = parse_http_date(ims)
         modified = next((v for n, v in entry.headers if n == b"last-modified"), None)
+        if modified is None:
+            # No Last-Modified: the Date it was generated at stands in (RFC 9111 §4.3.2).
+            modified = next((v for n, v in entry.headers if n == b"date"), None)
         stamp = parse_http_date(modified.decode("latin-1")) if modified else None
         return since is not None and stamp is not None and stamp <= since
     return False

@@ -124,12 +124,17 @@ def _norm(component: str) -> str:
     )
 
 
+_CASELESS_VALUES = frozenset({"accept-language", "accept-encoding", "accept-charset"})
+
+
 def vary_values(names: Iterable[str], headers: Mapping[str, str]) -> list[str]:
     """``name=value`` parts for the request headers a response varies on.
 
     Several field lines of one header are already joined by the caller; whitespace
-    around list items is normalised so ``gzip,br`` and ``gzip, br`` match
-    (RFC 9111 §4.1 allows such normalisation).
+    around list items is normalised so ``gzip,br`` and ``gzip, br`` match, and so is the
+    case of headers whose values are case-insensitive (language ranges, RFC 4647 §2;
+    content codings and charsets, RFC 9110 §8.4.1, §12.5.2), so ``en-US`` and ``en-us``
+    match (RFC 9111 §4.1 allows such normalisation).
     """
     out = []
     for name in names:
@@ -137,6 +142,8 @@ def vary_values(names: Iterable[str], headers: Mapping[str, str]) -> list[str]:
         if value is None:
             out.append(f"{name}\x00")  # absent differs from empty
         else:
+            if name in _CASELESS_VALUES:
+                value = value.lower()
             out.append(f"{name}={','.join(p.strip() for p in value.split(','))}")
     return out
 

@@ -38,6 +38,13 @@ DEFAULT_STATUSES: frozenset[int] = frozenset(
 )
 DEFAULT_MAX_BODY = 1024 * 1024
 
+#: Statuses whose caching rules cachegw understands (RFC 9111 §5.2.2.3 ``must-understand``):
+#: those RFC 9110 defines.
+UNDERSTOOD_STATUSES: frozenset[int] = frozenset(
+    {100, 101, *range(200, 207), *range(300, 306), 307, 308, *range(400, 418), 421, 422, 426}
+    | set(range(500, 506))
+)
+
 KeyFunc = Callable[[Request], "str | Awaitable[str]"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
@@ -454,6 +461,7 @@ def storable_response(
     authorized: bool,
     per_principal: bool,
     policy: CachePolicy,
+    explicit: bool = False,
 ) -> str | None:
     """Why a response must not be stored in a shared cache, or None when it may be.
 
@@ -461,12 +469,24 @@ def storable_response(
     ``private`` and ``Set-Cookie`` responses and ``Vary: *`` are never stored; responses
     to requests with ``Authorization``/``Cookie`` only when the entry is per-principal or
     the response says ``public``, ``s-maxage`` or ``must-revalidate``.
+
+    ``explicit``: the response has explicit freshness (``max-age``, ``s-maxage``,
+    ``Expires``). With the default ``statuses``, such a response - or one marked
+    ``public`` - may be stored whatever its final status below 500 (RFC 9111 §3);
+    5xx only when listed in ``statuses``.
     """
     if method not in ("GET", "HEAD"):
         return "method"
     if status == 206:
         return "partial"  # never stored as if it were the whole representation
-    if status not in policy.statuses:
+    if "must-understand" in response_cc and status not in UNDERSTOOD_STATUSES:
+        return "status not understood"  # RFC 9111 §5.2.2.3
+    if status not in policy.statuses and not (
+        policy.statuses == DEFAULT_STATUSES
+        and 200 <= status < 500
+        and status != 304
+        and (explicit or "public" in response_cc)
+    ):
         return "status"
     if "no-store" in request_cc:
         return "request no-store"

@@ -125,6 +125,11 @@ PINNED_REQUIRED: tuple[str, ...] = (
     # Conditional requests answered from cache.
     "conditional-304-etag",
     "conditional-etag-precedence",
+    # A range served from a stored complete response, with the newer response's headers.
+    "partial-use-headers",
+    # Statuses stored on explicit freshness are not reused once stale.
+    "status-302-stale",
+    "status-400-stale",
 )
 
 

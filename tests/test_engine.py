@@ -7,6 +7,7 @@ import logging
 import pickle
 import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
 import pytest
 from fastapi_cache.types import Backend
@@ -423,6 +424,18 @@ async def test_if_modified_since(engine: CacheEngine, headers: dict[str, str], s
     served = await engine.serve(req(**headers), POLICY, up)
     assert served.status == status
     assert (served.body == b"") is (status == 304)
+
+
+@pytest.mark.parametrize(("offset", "status"), [(0, 304), (5, 304), (-5, 200)])
+async def test_if_modified_since_without_last_modified_uses_date(
+    engine: CacheEngine, offset: int, status: int
+) -> None:
+    """RFC 9111 §4.3.2: a stored response without Last-Modified is judged by its Date."""
+    now = engine.clock()
+    up = Upstream(headers=[(b"date", formatdate(now, usegmt=True).encode())])
+    await engine.serve(req(), POLICY, up)
+    since = formatdate(now + offset, usegmt=True)
+    assert (await engine.serve(req(if_modified_since=since), POLICY, up)).status == status
 
 
 async def test_head_served_from_get_entry(engine: CacheEngine) -> None:

@@ -216,3 +216,20 @@ def test_handler_key_separates_hosts_schemes_and_mount_points() -> None:
     shared = key(per_host=False, headers=[(b"host", b"a.example")])
     assert shared == key(per_host=False, headers=[(b"host", b"b.example")], scheme="https")
     assert shared != key(per_host=False, root_path="/v2")
+
+
+def test_vary_values_case_normalised_only_where_values_are_caseless() -> None:
+    assert vary_values(["accept-language"], {"accept-language": "eN, De"}) == vary_values(
+        ["accept-language"], {"accept-language": "en, de"}
+    )
+    assert vary_values(["accept-encoding"], {"accept-encoding": "GZIP"}) == vary_values(
+        ["accept-encoding"], {"accept-encoding": "gzip"}
+    )
+    # Other headers keep their case: X-Tenant: A and a may well be different tenants.
+    assert vary_values(["x-tenant"], {"x-tenant": "A"}) != vary_values(
+        ["x-tenant"], {"x-tenant": "a"}
+    )
+    # Order is kept: without q-values it may still express a preference.
+    assert vary_values(["accept-language"], {"accept-language": "en, de"}) != vary_values(
+        ["accept-language"], {"accept-language": "de, en"}
+    )

@@ -388,6 +388,7 @@ def storable(
     authorized: bool = False,
     per_principal: bool = False,
     policy: CachePolicy | None = None,
+    explicit: bool = False,
 ) -> str | None:
     return storable_response(
         method=method,
@@ -399,6 +400,7 @@ def storable(
         authorized=authorized,
         per_principal=per_principal,
         policy=policy or CachePolicy(),
+        explicit=explicit,
     )
 
 
@@ -411,6 +413,27 @@ def storable(
         ({"status": 206}, "partial"),
         ({"status": 206, "policy": CachePolicy(statuses=[200, 206])}, "partial"),
         ({"status": 500}, "status"),
+        # Default statuses: any other final status below 500 with explicit freshness or
+        # public (RFC 9111 §3); never 5xx, never when statuses is the user's own list.
+        ({"status": 302}, "status"),
+        ({"status": 302, "explicit": True}, None),
+        ({"status": 299, "explicit": True}, None),
+        ({"status": 400, "cc": "public"}, None),
+        ({"status": 500, "explicit": True}, "status"),
+        ({"status": 599, "cc": "public", "explicit": True}, "status"),
+        ({"status": 304, "explicit": True}, "status"),
+        ({"status": 302, "explicit": True, "policy": CachePolicy(statuses=[200])}, "status"),
+        ({"status": 500, "explicit": True, "policy": CachePolicy(statuses=[500])}, None),
+        # must-understand: only statuses whose rules are known (RFC 9111 §5.2.2.3).
+        (
+            {"status": 599, "cc": "must-understand", "policy": CachePolicy(statuses=[599])},
+            "status not understood",
+        ),
+        (
+            {"status": 299, "cc": "must-understand, max-age=9", "explicit": True},
+            "status not understood",
+        ),
+        ({"cc": "must-understand, max-age=9", "explicit": True}, None),
         ({"status": 201, "policy": CachePolicy(statuses=[200, 201])}, None),
         ({"status": 203, "policy": CachePolicy(statuses=[200])}, "status"),
         ({"status": 404}, None),
