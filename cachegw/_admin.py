@@ -6,6 +6,8 @@
   ``{"tags": [...]}``, ``{"paths": [...]}``, ``{"service": "name"}``, ``{"all": true}``,
   with an optional ``"soft": true``. The token comes from the environment variable named
   by ``[admin] token_env``; while that is unset the endpoint does not exist (404).
+* ``POST /_cachegw/reload`` - same token; reads the gateway file again (see `_reload`):
+  200 with what changed, 422 with the reason when the file is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import hmac
 import json
 import os
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -105,39 +108,83 @@ def parse_purge(body: bytes, gateway: Gateway) -> PurgeRequest:
     return PurgeRequest("paths", scopes, soft)
 
 
-def _problem(status: int, detail: str, **headers: str) -> JSONResponse:
+def _problem(
+    status: int,
+    detail: str,
+    *,
+    generation: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     titles = {
         400: "Bad Request",
         401: "Unauthorized",
         404: "Not Found",
+        409: "Conflict",
         413: "Content Too Large",
+        422: "Unprocessable Content",
         503: "Service Unavailable",
     }
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": titles.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if generation is not None:
+        body["generation"] = generation
     return JSONResponse(
-        {
-            "type": "about:blank",
-            "title": titles.get(status, "Error"),
-            "status": status,
-            "detail": detail,
-        },
+        body,
         status_code=status,
         media_type="application/problem+json",
-        headers={"cache-control": "no-store", **headers},
+        headers={"cache-control": "no-store", **(headers or {})},
     )
+
+
+def _refused(runtime: _Runtime, request: Request) -> JSONResponse | None:
+    """The answer to an admin request without the right token, or None when it has it."""
+    variable = runtime.gateway.admin_token_env
+    token = os.environ.get(variable) if variable else None
+    if not token:
+        return _problem(404, "The admin API is off: no admin token is configured.")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        return _problem(
+            401,
+            "A valid 'Authorization: Bearer <token>' is required.",
+            headers={"www-authenticate": 'Bearer realm="cachegw"'},
+        )
+    return None
+
+
+def _fan_out_reload() -> bool:
+    """With ``cachegw serve --workers N``: have the supervisor pass SIGHUP to every
+    worker, so they all reload (this one finds the file unchanged). Whether it did."""
+    supervisor = os.environ.get("CACHEGW_SUPERVISOR", "")
+    if not supervisor.isdigit() or int(supervisor) != os.getppid():
+        return False
+    os.kill(int(supervisor), signal.SIGHUP)
+    return True
 
 
 def admin_router(runtime: _Runtime) -> APIRouter:
     router = APIRouter(prefix="/_cachegw")
-    gateway = runtime.gateway
 
     @router.get("/health")
     async def health() -> JSONResponse:
         engine = runtime.engine
         backend = runtime.backend
+        reloader = runtime.reloader
         info: dict[str, Any] = {
             "status": "ok",
             "backend": type(backend).__name__ if backend is not None else None,
-            "services": [s.name for s in gateway.services],
+            "services": [s.name for s in runtime.gateway.services],
+            "config": {
+                "generation": reloader.generation if reloader is not None else 1,
+                "digest": reloader.digest if reloader is not None else None,
+                "file": str(reloader.path) if reloader is not None else None,
+            },
         }
         if engine is not None:
             info["circuit"] = "open" if engine.store.breaker.open else "closed"
@@ -153,24 +200,14 @@ def admin_router(runtime: _Runtime) -> APIRouter:
 
     @router.post("/purge")
     async def purge(request: Request) -> Response:
-        variable = gateway.admin_token_env
-        token = os.environ.get(variable) if variable else None
-        if not token:
-            return _problem(404, "The admin API is off: no admin token is configured.")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            return _problem(
-                401,
-                "A valid 'Authorization: Bearer <token>' is required.",
-                **{"www-authenticate": 'Bearer realm="cachegw"'},
-            )
+        refused = _refused(runtime, request)
+        if refused is not None:
+            return refused
         body = await request.body()
         if len(body) > _MAX_BODY:
             return _problem(413, "The purge request is larger than 1 MiB.")
         try:
-            asked = parse_purge(body, gateway)
+            asked = parse_purge(body, runtime.gateway)
         except PurgeError as error:
             return _problem(error.status, error.detail)
         engine = runtime.engine
@@ -189,5 +226,27 @@ def admin_router(runtime: _Runtime) -> APIRouter:
             {"purged": asked.kind, "scopes": asked.scopes, "soft": asked.soft},
             headers={"cache-control": "no-store"},
         )
+
+    @router.post("/reload")
+    async def reload(request: Request) -> Response:
+        refused = _refused(runtime, request)
+        if refused is not None:
+            return refused
+        reloader = runtime.reloader
+        if reloader is None:
+            return _problem(
+                409, "This gateway was not started from a file: there is nothing to reload."
+            )
+        result = await reloader.reload()
+        if result.outcome == "rejected":
+            return _problem(
+                422,
+                f"{result.error} (the running configuration, generation "
+                f"{result.generation}, stays in use)",
+                generation=result.generation,
+            )
+        body = result.as_json()
+        body["workers"] = "all" if _fan_out_reload() else "this process"
+        return JSONResponse(body, headers={"cache-control": "no-store"})
 
     return router

@@ -8,8 +8,10 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
@@ -33,11 +35,12 @@ from cachegw._keys import format_tag, hash_parts, principal
 from cachegw._metrics import Metrics
 from cachegw._purge import purges_for, scopes_for
 from cachegw._ranges import ranged
+from cachegw._reload import Reloader
 from cachegw._store import L1
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import Upstream, request_headers
 
-__all__ = ["app_from_env", "create_app"]
+__all__ = ["app_from_env", "create_app", "serving_app"]
 
 logger = logging.getLogger("cachegw")
 
@@ -72,6 +75,12 @@ class _Runtime:
         from cachegw import __version__  # the package imports this module first
 
         self.metrics = Metrics(version=__version__)
+        # Set when the gateway came from a file: what `cachegw reload` and SIGHUP use.
+        self.reloader: Reloader | None = None
+        # Whether SIGHUP reloads (`cachegw serve`; not an app embedded in a test or a
+        # host process, whose signals are not ours to take).
+        self.reload_on_sighup = False
+        self._signalled: asyncio.Task[Any] | None = None
 
     async def open(self) -> None:
         gateway = self.gateway
@@ -102,8 +111,21 @@ class _Runtime:
             self.upstreams[service.name] = Upstream(
                 service.upstream, timeout=service.timeout, client=service.client
             )
+        self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
+        if self.reload_on_sighup and self.reloader is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        assert self.reloader is not None
+        task = asyncio.get_running_loop().create_task(self.reloader.reload())
+        # Keep a reference until done (the loop holds only a weak one).
+        self._signalled = task
 
     async def close(self) -> None:
+        if self.reload_on_sighup and self.reloader is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.reloader is not None:
+            await self.reloader.aclose()
         self.metrics.close()
         if self.engine is not None:
             await self.engine.aclose()
@@ -128,6 +150,8 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
     if not isinstance(gateway, Gateway):
         gateway = Gateway.from_toml(gateway)
     runtime = _Runtime(gateway)
+    if gateway.source is not None:
+        runtime.reloader = Reloader(runtime, gateway.source)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,11 +172,25 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
     app.state.cachegw = runtime
 
     app.include_router(admin_router(runtime))
+    if runtime.reloader is not None:
+        runtime.reloader.on_swap.append(app._proxy.forget)
+    return app
+
+
+def serving_app(gateway: Gateway | str | Path) -> FastAPI:
+    """The app ``cachegw serve`` runs: `create_app` plus reloading on ``SIGHUP``."""
+    app = create_app(gateway)
+    app.state.cachegw.reload_on_sighup = True
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` with several workers: reads ``CACHEGW_CONFIG``."""
+    if os.environ.get("CACHEGW_SUPERVISOR"):
+        # Until the lifespan installs the reload handler, a SIGHUP fanned out by the
+        # supervisor must not end this worker (its default action).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        return serving_app(os.environ["CACHEGW_CONFIG"])
     return create_app(os.environ["CACHEGW_CONFIG"])
 
 
@@ -190,6 +228,10 @@ class _Proxy:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
+
+    def forget(self) -> None:
+        """Drop what was memoised from the previous configuration (after a reload)."""
+        self._scope_memo = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -237,6 +279,8 @@ class _Proxy:
         if host is None:
             return _refusal(400, "Bad Request", "The Host header names no host of this service.")
         engine = self.runtime.engine
+        # Taken with the route, no await in between: a reload swaps both at once, and
+        # this request finishes with the ones it started with.
         upstream = self.runtime.upstreams.get(service.name)
         if engine is None or upstream is None:
             return _refusal(503, "Service Unavailable", "the gateway is starting")
@@ -352,7 +396,7 @@ class _Proxy:
         scopes = self._scope_memo.get(memo)
         if scopes is None:
             tags = (format_tag(t, params) for t in route.policy.tags)
-            scopes = scopes_for(service.name, rest, tags)
+            scopes = scopes_for(service.name, rest, tags, route.path)
             if len(self._scope_memo) >= _MEMO_SIZE:
                 self._scope_memo.clear()
             self._scope_memo[memo] = scopes

@@ -28,6 +28,7 @@ from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, policy_table
 from cachegw._metrics import multiprocess_dir
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy
+from cachegw._reload import ReloadingSupervisor
 from cachegw._server import uvicorn_options
 
 __all__ = ["main"]
@@ -78,9 +79,9 @@ def serve(file: Path, host: str, port: int, workers: int, log_level: str, access
         access_log=False,
     )
     if workers == 1:
-        from cachegw._app import create_app
+        from cachegw._app import serving_app
 
-        uvicorn.run(create_app(gateway), **options)
+        uvicorn.run(serving_app(gateway), **options)
         return
     if gateway.backend == "memory":
         click.echo(
@@ -90,9 +91,20 @@ def serve(file: Path, host: str, port: int, workers: int, log_level: str, access
         )
     # Workers are separate processes: each builds its app from the file, found here.
     os.environ["CACHEGW_CONFIG"] = str(file.resolve())
+    # Workers reload on SIGHUP; a reload asked over HTTP is passed on through this process.
+    os.environ["CACHEGW_SUPERVISOR"] = str(os.getpid())
     # Metrics of all workers are merged through prometheus-client's multi-process files.
     with multiprocess_dir():
-        uvicorn.run("cachegw._app:app_from_env", factory=True, workers=workers, **options)
+        config = uvicorn.Config(
+            "cachegw._app:app_from_env", factory=True, workers=workers, **options
+        )
+        sock = config.bind_socket()
+        try:
+            ReloadingSupervisor(config, sockets=[sock]).run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sock.close()
 
 
 @main.command()
@@ -156,11 +168,49 @@ def purge(
         body = {"all": True}
     if soft:
         body["soft"] = True
+    response = _admin_post(gateway, file, url, "purge", body)
+    try:
+        answer = response.json()
+    except ValueError:
+        click.echo(response.text)
+    else:
+        click.echo(json.dumps(answer, indent=2))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="Base URL of the running gateway.",
+)
+def reload(file: Path, url: str) -> None:
+    """Make the running gateway read its file again (as SIGHUP does).
+
+    FILE is the gateway's file: it gives the admin token's variable ([admin] token_env),
+    and it is checked here first, so a file the gateway would refuse is reported before
+    anything is sent. A refused reload exits with 1 and the gateway's reason; the running
+    configuration then stays in use.
+    """
+    gateway = _load(file)
+    response = _admin_post(gateway, file, url, "reload", None)
+    answer = response.json()
+    click.echo(
+        f"{answer['outcome']}: generation {answer['generation']} ({answer['digest']}), "
+        f"{answer['seconds'] * 1000:.1f} ms, workers: {answer['workers']}"
+    )
+    for scope in answer.get("soft_purged", []):
+        click.echo(f"  soft-purged {scope}")
+
+
+def _admin_post(gateway: Gateway, file: Path, url: str, action: str, body: Any) -> httpx.Response:
+    """POST to an admin endpoint of the running gateway; exits on any failure."""
     token = _admin_token(gateway, file)
-    endpoint = url.rstrip("/") + "/_cachegw/purge"
+    endpoint = url.rstrip("/") + f"/_cachegw/{action}"
     try:
         # trust_env=False: the token must not go through a proxy taken from HTTP_PROXY.
-        with httpx.Client(trust_env=False, timeout=10) as client:
+        with httpx.Client(trust_env=False, timeout=30) as client:
             response = client.post(
                 endpoint, json=body, headers={"Authorization": f"Bearer {token}"}
             )
@@ -174,14 +224,15 @@ def purge(
             f"{gateway.admin_token_env} set in its environment",
             code=1,
         )
+    if response.status_code == 422 and action == "reload":
+        try:
+            detail = response.json()["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.text
+        _fail(f"the gateway refused the reload: {detail}", code=1)
     if response.is_error:
         _fail(f"the gateway at {url} answered {response.status_code}: {response.text}", code=1)
-    try:
-        answer = response.json()
-    except ValueError:
-        click.echo(response.text)
-    else:
-        click.echo(json.dumps(answer, indent=2))
+    return response
 
 
 @main.command()

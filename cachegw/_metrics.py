@@ -188,6 +188,20 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         info.labels(version).set(1)
+        # Per worker ("liveall": a pid label in multi-process mode), so a scrape shows
+        # whether every worker took a reload: min() and max() agree once they all have.
+        self._generation = Gauge(
+            "cachegw_config_generation",
+            "Generation of the gateway file in use: 1 at start, +1 per applied reload.",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self._reloads = Counter(
+            "cachegw_config_reloads",
+            "Reloads of the gateway file, by outcome: reloaded, unchanged, rejected.",
+            ("outcome",),
+            registry=registry,
+        )
 
         # Created on first use in multi-process mode: a gateway on Redis has no memory
         # numbers, and a gauge reports 0 from the moment it exists.
@@ -256,6 +270,14 @@ class Metrics:
     def purge(self, kind: Literal["tags", "paths", "service", "all"]) -> None:
         """Count one purge request."""
         self._purges.labels(kind).inc()
+
+    def config(self, generation: int) -> None:
+        """Set the generation of the configuration in use."""
+        self._generation.set(generation)
+
+    def reload(self, outcome: Literal["reloaded", "unchanged", "rejected"]) -> None:
+        """Count one reload attempt."""
+        self._reloads.labels(outcome).inc()
 
     def watch_memory(self, memory_stats: MemoryStats | None) -> None:
         """Report the in-memory backend's size from ``memory_stats`` (None: stop)."""

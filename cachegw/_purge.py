@@ -1,10 +1,11 @@
 """Purging: take entries back before they expire, by tag, path, service or all.
 
-Every entry carries *scopes*: ``*`` (everything), ``svc:NAME``, ``path:NAME:/path`` and
-``tag:T`` for each of its tags, and the time its fetch started. A purge records, per
-scope, the time it happened; an entry is purged when one of its scopes was purged after
-its fetch started. So a purge is one write whatever the number of entries it covers —
-O(1) for a service with 100,000 entries — and reads compare a few numbers.
+Every entry carries *scopes*: ``*`` (everything), ``svc:NAME``, ``path:NAME:/path``,
+``tag:T`` for each of its tags and, in a gateway, ``route:NAME:/template``; and the
+time its fetch started. A purge records, per scope, the time it happened; an entry is
+purged when one of its scopes was purged after its fetch started. So a purge is one
+write whatever the number of entries it covers — O(1) for a service with 100,000
+entries — and reads compare a few numbers.
 
 A *hard* purge makes entries absent; a *soft* purge makes them stale, so they can still
 be served under ``stale-while-revalidate`` / ``stale-if-error`` while one request
@@ -48,9 +49,13 @@ LOG_LENGTH = 10_000
 _PRUNE_SIZE = 10_000
 
 
-def scopes_for(service: str, path: str, tags: Iterable[str]) -> list[str]:
-    """The scopes an entry answers to."""
-    return ["*", f"svc:{service}", f"path:{service}:{path}", *(f"tag:{t}" for t in tags)]
+def scopes_for(service: str, path: str, tags: Iterable[str], route: str | None = None) -> list[str]:
+    """The scopes an entry answers to (``route:NAME:/template`` when the route is given:
+    a reload soft-purges the entries of the routes it changes)."""
+    scopes = ["*", f"svc:{service}", f"path:{service}:{path}", *(f"tag:{t}" for t in tags)]
+    if route is not None:
+        scopes.append(f"route:{service}:{route}")
+    return scopes
 
 
 def purges_for(backend: object, prefix: str) -> Purges:

@@ -18,8 +18,15 @@ from tests.servers import free_port
 class GatewayProcess:
     """A `cachegw serve` subprocess; `base` is its URL once started."""
 
-    def __init__(self, config: Path, *, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.config = config
+        self.args = args or []
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_env = extra_env or {}
@@ -28,7 +35,16 @@ class GatewayProcess:
     def start(self, timeout: float = 15.0) -> None:
         env = {**os.environ, **self.extra_env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cachegw", "serve", str(self.config), "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "cachegw",
+                "serve",
+                str(self.config),
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,

@@ -134,6 +134,8 @@ def test_every_documented_metric_is_exposed() -> None:
     metrics.stale("s", "max-stale")
     metrics.coalesced("s")
     metrics.purge("service")
+    metrics.config(1)
+    metrics.reload("reloaded")
     families = text_string_to_metric_families(metrics.render()[0].decode())
     names = {f.name for f in families if not f.name.endswith("_created")}
     assert names == {
@@ -146,6 +148,8 @@ def test_every_documented_metric_is_exposed() -> None:
         "cachegw_coalesced_waiters",
         "cachegw_purges",
         "cachegw_info",
+        "cachegw_config_generation",
+        "cachegw_config_reloads",
         "cachegw_memory_entries",
         "cachegw_memory_bytes",
         "cachegw_memory_max_entries",
