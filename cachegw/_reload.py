@@ -7,14 +7,14 @@ the new one. A file that fails validation changes nothing.
 
 What happens to the cache (see docs/operations.md):
 
-* a route is *unchanged* when its service keeps its name, upstream and prefix and the
-  service's routes up to and including it are the same paths with the same policies in
-  the same order (routes match first to last, so only then does it answer the same
-  requests with the same rules). Its entries keep serving hits;
+* a route is *unchanged* when its service keeps its name, upstream, prefix, hosts and
+  forwarded headers, and the service's routes up to and including it are the same paths
+  with the same policies in the same order (routes match first to last, so only then
+  does it answer the same requests with the same rules). Its entries keep serving hits;
 * every entry of a route that changed or went away is soft-purged (stale from the
   reload on: served only under ``stale_while_revalidate`` / ``stale_if_error`` while it
-  is fetched again), and so is every entry of a service whose upstream or prefix
-  changed.
+  is fetched again), and so is every entry of a service whose upstream, prefix, hosts
+  or forwarded headers changed.
 
 The ``[cache]`` table (backend, key prefix, bounds, L1, header names) is fixed when the
 gateway starts: a reload that changes it is rejected with an error saying to restart.
@@ -89,7 +89,7 @@ def stale_scopes(old: Gateway, new: Gateway) -> list[str]:
         if after is None:
             scopes.extend(route_scope(service.name, r.path) for r in service.routes)
             continue
-        if after.upstream != service.upstream or after.prefix != service.prefix:
+        if _entries_differ(service, after):
             scopes.append(f"svc:{service.name}")
             continue
         same = True
@@ -268,6 +268,17 @@ class Reloader:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _entries_differ(old: Service, new: Service) -> bool:
+    """Whether the same request may be answered differently by the service as a whole:
+    another upstream, prefix, accepted hosts or forwarded headers."""
+    return (
+        old.upstream != new.upstream
+        or old.prefix != new.prefix
+        or old.hosts != new.hosts
+        or old.forward_headers != new.forward_headers
+    )
 
 
 def _same_client(old: Service, new: Service) -> bool:

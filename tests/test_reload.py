@@ -86,8 +86,13 @@ def generations(base: str) -> list[float]:
 # --- the rule for entries (pure) -------------------------------------------------------
 
 
-def catalog(upstream: str = "http://127.0.0.1:1", prefix: str = "/c", **ttls: int) -> Service:
-    service = Service("catalog", upstream, prefix=prefix)
+def catalog(
+    upstream: str = "http://127.0.0.1:1",
+    prefix: str = "/c",
+    hosts: list[str] | None = None,
+    **ttls: int,
+) -> Service:
+    service = Service("catalog", upstream, prefix=prefix, hosts=hosts)
     for path, ttl in (ttls or {"a": 10, "b": 10, "rest": 0}).items():
         service.route("/{x:path}" if path == "rest" else f"/{path}", ttl=ttl)
     return service
@@ -121,6 +126,8 @@ def test_removed_services_routes_and_moved_upstreams() -> None:
     moved = Gateway(services=[catalog(upstream="http://127.0.0.1:2")])
     assert stale_scopes(old, moved) == ["svc:catalog"]
     assert stale_scopes(old, Gateway(services=[catalog(prefix="/d")])) == ["svc:catalog"]
+    hosted = Gateway(services=[catalog(hosts=["api.example.com"])])
+    assert stale_scopes(old, hosted) == ["svc:catalog"]
 
 
 def test_cache_table_needs_a_restart() -> None:
