@@ -109,7 +109,10 @@ class _Runtime:
         self.engine.start()
         for service in gateway.services:
             self.upstreams[service.name] = Upstream(
-                service.upstream, timeout=service.timeout, client=service.client
+                service.upstream,
+                timeout=service.timeout,
+                client=service.client,
+                service=service.name,
             )
         self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
         if self.reload_on_sighup and self.reloader is not None:
@@ -270,9 +273,7 @@ class _Proxy:
         policy = route.policy
         method: str = scope["method"]
         if policy.methods is not None and method not in policy.methods:
-            refused = _refusal(
-                405, "Method Not Allowed", f"{method} is not allowed on {route.path}"
-            )
+            refused = _refusal(405, "Method Not Allowed", f"{method} is not allowed on {path}")
             refused.headers.append((b"allow", ", ".join(policy.methods).encode("latin-1")))
             return refused
         host = service.host_for(_host(scope["headers"])) if service.hosts is not None else ""

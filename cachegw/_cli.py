@@ -230,6 +230,9 @@ def _admin_post(gateway: Gateway, file: Path, url: str, action: str, body: Any) 
         except (ValueError, KeyError, TypeError):
             detail = response.text
         _fail(f"the gateway refused the reload: {detail}", code=1)
+    if response.status_code == 400 and action == "purge":
+        # The request itself is wrong (a path no route serves, ...): a bad argument.
+        _fail(f"the gateway rejected the purge (400): {_problem_detail(response)}", code=2)
     if response.is_error:
         _fail(f"the gateway at {url} answered {response.status_code}: {response.text}", code=1)
     return response
@@ -321,6 +324,16 @@ def _check_port(host: str, port: int) -> None:
     _bind(host, port).close()
 
 
+def _problem_detail(response: httpx.Response) -> str:
+    try:
+        problem = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(problem, dict) and isinstance(problem.get("detail"), str):
+        return problem["detail"]
+    return response.text
+
+
 def _admin_token(gateway: Gateway, file: Path) -> str:
     if gateway.admin_token_env is None:
         _fail(
@@ -409,7 +422,7 @@ Try these twice each and watch X-Cache-Status (and the upstream's "generated_at"
   curl -i {gateway}/catalog/slow         # MISS takes 1 s; then HIT, then STALE while it refreshes
   curl -i {gateway}/catalog/fresh        # upstream says max-age=5: HIT for 5 s, then MISS again
   curl -i {gateway}/catalog/private      # upstream says private: never stored
-  curl -i {gateway}/catalog/nowhere/else # the catch-all stores only what the upstream marks fresh
+  curl -i {gateway}/catalog/pages/about  # no route of its own: the catch-all stores it (max-age=60)
   curl -i {gateway}/_cachegw/health      # backend state and counters
 
 In the log below, "/catalog/..." lines are requests to the gateway; the other lines are

@@ -33,7 +33,7 @@ def _stamp(**values: object) -> dict[str, object]:
 
 async def _index(request: Request) -> JSONResponse:
     return JSONResponse(
-        _stamp(endpoints=["/items/{id}", "/slow", "/private", "/fresh"]),
+        _stamp(endpoints=["/items/{id}", "/slow", "/private", "/fresh", "/pages/{name}"]),
         headers={"Cache-Control": "no-store"},
     )
 
@@ -58,6 +58,14 @@ async def _fresh(request: Request) -> JSONResponse:
     return JSONResponse(_stamp(note="fresh for 5 s"), headers={"Cache-Control": "max-age=5"})
 
 
+async def _page(request: Request) -> JSONResponse:
+    # Declared by no route of the gateway: its catch-all stores it for the max-age.
+    name: str = request.path_params["name"]
+    return JSONResponse(
+        _stamp(page=name, note="fresh for 60 s"), headers={"Cache-Control": "max-age=60"}
+    )
+
+
 def demo_upstream() -> Starlette:
     """The demo upstream: JSON endpoints stamped with the time they were generated."""
     return Starlette(
@@ -67,6 +75,7 @@ def demo_upstream() -> Starlette:
             Route("/slow", _slow),
             Route("/private", _private),
             Route("/fresh", _fresh),
+            Route("/pages/{name:path}", _page),
         ]
     )
 
@@ -82,6 +91,6 @@ def demo_gateway(upstream: str) -> Gateway:
     )
     catalog.route("/slow", ttl=10, stale_while_revalidate=60)
     # Catch-all as a standards-following shared cache: store only what the upstream
-    # marks fresh (/fresh for its max-age), never /private.
+    # marks fresh (/fresh and /pages/... for their max-age), never /private.
     catalog.route("/{rest:path}", ttl=0, max_ttl=3600)
     return Gateway(services=[catalog], backend="memory", max_entries=1000, max_bytes="16MiB")

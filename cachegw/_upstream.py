@@ -107,6 +107,9 @@ OVERRIDES = ROUTING_OVERRIDES | frozenset(
     }
 )
 _VIA = b"1.1 cachegw"
+# RFC 9110 §7.6.3: a forwarded request's Via names the protocol version the gateway
+# received it in (the upstream is always spoken to in HTTP/1.1, so responses say 1.1).
+_REQUEST_VIA = {"1.0": b"1.0 cachegw", "1.1": _VIA, "2": b"2 cachegw", "3": b"3 cachegw"}
 # Idempotent methods (RFC 9110 §9.2.2) may be sent again when a reused connection fails.
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Idle connections are dropped before common servers drop them (Node.js: 5 s), so a
@@ -170,7 +173,7 @@ def request_headers(
     out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
     if host is not None:
         out.append((b"x-forwarded-host", host.encode("latin-1")))
-    out.append((b"via", _VIA))
+    out.append((b"via", _REQUEST_VIA.get(scope.get("http_version", "1.1"), _VIA)))
     return out
 
 
@@ -355,13 +358,23 @@ class Upstream:
     transport, its limits) and is not closed by `aclose()`.
     """
 
-    def __init__(self, base: str, *, timeout: float, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        base: str,
+        *,
+        timeout: float,
+        client: httpx.AsyncClient | None = None,
+        service: str = "",
+    ):
         root = httpx.URL(base)
         if root.scheme not in ("http", "https") or not root.host or root.query:
             raise ConfigError(
                 f"upstream must be an http(s) URL like 'http://host:port/base', got {base!r}"
             )
         self.base = base
+        # Named in error answers instead of the upstream's URL, an internal address that
+        # clients have no business seeing.
+        self.service = service
         self._root = root
         self._base_path = root.raw_path.partition(b"?")[0].rstrip(b"/").decode("ascii")
         self._timeout = timeout
@@ -417,8 +430,6 @@ class Upstream:
                 await response.aclose()
             timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
             status, title = (504, "Gateway Timeout") if timed_out else (502, "Bad Gateway")
-            detail = f"The upstream {self.base} failed: {type(exc).__name__}."
-            status, out, payload = problem(status, title, detail)
             kind = (
                 "timeout"
                 if timed_out
@@ -426,6 +437,13 @@ class Upstream:
                 if isinstance(exc, httpx.ConnectError)
                 else "protocol"
             )
+            who = f"The service {self.service!r}" if self.service else "The upstream service"
+            detail = {
+                "timeout": f"{who} did not answer within {self._timeout:g} s.",
+                "connect": f"{who} could not be reached.",
+                "protocol": f"{who} sent an invalid response.",
+            }[kind]
+            status, out, payload = problem(status, title, detail)
             return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
         out = response_headers(response.raw_headers)
         if streamed:

@@ -178,6 +178,12 @@ class AdminStub:
         self.requests.append((auth, await request.json()))
         if auth != "Bearer s3cret":
             return JSONResponse({"detail": "bad token"}, status_code=401)
+        body = self.requests[-1][1]
+        if body.get("paths") == ["/nowhere"]:
+            problem = {"title": "Bad Request", "detail": "no route serves /nowhere"}
+            return JSONResponse(problem, status_code=400)
+        if body.get("tags") == ["redis-down"]:
+            return JSONResponse({"title": "Service Unavailable"}, status_code=503)
         return JSONResponse({"purged": 3})
 
 
@@ -232,6 +238,26 @@ def test_purge_wrong_token(gateway_file: Path, admin: tuple[AdminStub, str]) -> 
     )
     assert result.exit_code == 1
     assert "refused the admin token (401)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--path", "/nowhere"], 2, "the gateway rejected the purge (400): no route serves"),
+        (["--tag", "redis-down"], 1, "answered 503"),
+    ],
+)
+def test_purge_exit_codes_of_refusals(
+    gateway_file: Path, admin: tuple[AdminStub, str], args: list[str], code: int, message: str
+) -> None:
+    """As docs/operations.md says: 2 for a purge the gateway finds bad (400), 1 when it
+    cannot do it (503)."""
+    _, url = admin
+    result = run(
+        "purge", str(gateway_file), *args, "--url", url, env={"CACHEGW_ADMIN_TOKEN": "s3cret"}
+    )
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
 
 
 def test_purge_needs_one_selector(gateway_file: Path) -> None:
@@ -300,6 +326,10 @@ def test_demo_miss_then_hit() -> None:
                 time.sleep(0.05)
             first = client.get("/catalog/items/42")
             second = client.get("/catalog/items/42")
+            # The catch-all's example answers something it stores, not a 404.
+            page = [client.get("/catalog/pages/about") for _ in range(2)]
+            assert [r.status_code for r in page] == [200, 200]
+            assert [r.headers["x-cache-status"] for r in page] == ["MISS", "HIT"]
         assert first.status_code == second.status_code == 200
         assert first.headers["x-cache-status"] == "MISS"
         assert second.headers["x-cache-status"] == "HIT"
@@ -315,4 +345,5 @@ def test_demo_miss_then_hit() -> None:
     assert proc.returncode == 0, output.decode()
     text = output.decode()
     assert f"curl -i {base}/catalog/items/42" in text
+    assert f"curl -i {base}/catalog/pages/about" in text
     assert "Traceback" not in text

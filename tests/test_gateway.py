@@ -143,6 +143,8 @@ def test_methods_knob_gives_405() -> None:
     with gateway_for(stub, ("/items/{item_id}", {"ttl": 60, "methods": ["GET"]})) as (client, _):
         response = client.delete("/svc/items/1")
     assert response.status_code == 405
+    # The path the client asked for, not the route template.
+    assert response.json()["detail"] == "DELETE is not allowed on /svc/items/1"
     assert "GET" in response.headers["allow"]
     assert sum(stub.hits.values()) == 0
 
@@ -347,6 +349,23 @@ def test_hop_by_hop_headers_removed_and_forwarded_headers_set_by_gateway() -> No
     assert "forwarded" not in seen
     assert seen["x-end-to-end"] == "kept"
     assert "cachegw" in seen["via"]
+
+
+def test_via_names_the_protocol_version_the_client_used() -> None:
+    """RFC 9110 §7.6.3: the forwarded request's Via has the version the gateway received."""
+    stub = StubUpstream()
+    with gateway_for(stub) as (_, base):
+        vias = {}
+        for version in ("1.0", "1.1"):
+            answer = raw_request(
+                base,
+                f"GET /svc/echo?v={version} HTTP/{version}\r\nHost: gw\r\n"
+                "Connection: close\r\n\r\n".encode(),
+            )
+            assert status_of(answer) == 200
+            body = json.loads(answer.partition(b"\r\n\r\n")[2])
+            vias[version] = {k.lower(): v for k, v in body["headers"]}["via"]
+    assert vias == {"1.0": "1.0 cachegw", "1.1": "1.1 cachegw"}
 
 
 def test_hop_by_hop_response_headers_removed() -> None:

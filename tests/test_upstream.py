@@ -272,17 +272,22 @@ async def test_refused_is_fast_502() -> None:
     assert time.perf_counter() - start < 0.5
     assert fetched.status == 502 and fetched.failed
     assert dict(fetched.headers)[b"content-type"] == b"application/problem+json"
+    assert json.loads(fetched.body or b"")["detail"] == "The upstream service could not be reached."
     await up.aclose()
 
 
 async def test_slow_upstream_504(stub_server: tuple[StubUpstream, str]) -> None:
     stub, base = stub_server
     stub.route("/slow", delay=1.0, body=b"late")
-    up = Upstream(base, timeout=0.2)
+    up = Upstream(base, timeout=0.2, service="catalog")
     start = time.perf_counter()
     fetched = await up.fetch("GET", "/slow", b"", [], None, max_body=1000)
     assert time.perf_counter() - start < 0.8
     assert fetched.status == 504 and fetched.failed
+    # The problem names the service, never the upstream's (internal) address.
+    detail = json.loads(fetched.body or b"")["detail"]
+    assert detail == "The service 'catalog' did not answer within 0.2 s."
+    assert base.split("//")[1] not in (fetched.body or b"").decode()
     await up.aclose()
 
 
