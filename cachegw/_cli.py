@@ -329,9 +329,8 @@ def _problem_detail(response: httpx.Response) -> str:
         problem = response.json()
     except ValueError:
         return response.text
-    if isinstance(problem, dict) and isinstance(problem.get("detail"), str):
-        return problem["detail"]
-    return response.text
+    detail = problem.get("detail") if isinstance(problem, dict) else None
+    return detail if isinstance(detail, str) else response.text
 
 
 def _admin_token(gateway: Gateway, file: Path) -> str:
