@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 from cachegw._backends import MemoryBackend
 from cachegw._purge import scopes_for
+from cachegw._target import BadTarget, check_target
 
 if TYPE_CHECKING:
     from cachegw._app import _Runtime
@@ -100,7 +101,13 @@ def parse_purge(body: bytes, gateway: Gateway) -> PurgeRequest:
                 f"paths must be gateway paths like '/catalog/items/42' without a query "
                 f"(a path purge covers every query string), got {path!r}.",
             )
-        matched = gateway.match(path)
+        try:
+            # The path entries were stored under: one spelling of it (see _target).
+            normal = check_target({"raw_path": path.encode("ascii")})
+        except (BadTarget, UnicodeEncodeError) as exc:
+            reason = exc.detail if isinstance(exc, BadTarget) else "It is not ASCII."
+            raise PurgeError(400, f"The path {path!r} is refused: {reason}") from None
+        matched = gateway.match(normal)
         if matched is None:
             raise PurgeError(400, f"No declared route serves the path {path!r}.")
         service, _, rest, _ = matched

@@ -5,8 +5,13 @@ sees and what the upstream sees is a hole (REFERENCE.md, "Attacks"): ASGI server
 the app a *decoded* path (`/svc/a%2F..%2F..%2Fadmin` reads as `/svc/a/../../admin`), httpx
 and upstream frameworks resolve `..`, `;` hides parameters from the key (cloaking), `%25`
 decodes twice, `//x` reads as a host. So the gateway works on `scope["raw_path"]` (bytes,
-as sent) and refuses every target whose meaning could differ between two parsers, instead
-of trying to normalise it.
+as sent) and refuses every target whose meaning could differ between two parsers.
+
+What is left has one meaning, and one spelling is chosen for it (issue 10, "one path"):
+percent-encoded unreserved characters are decoded and the remaining escapes upper-cased
+(RFC 3986 §6.2.2.1-2), so `/%61dmin` is routed, method-checked, keyed and forwarded as
+`/admin`. Escapes must decode to well-formed UTF-8 (RFC 3629 §3: no overlong forms, no
+surrogates): `%C0%AF` is `/` to some decoders and nothing to others.
 
 Absolute-form targets (`GET http://evil/x HTTP/1.1`): uvicorn's h11 protocol puts the whole
 URL in `raw_path` (rejected here: it does not start with `/`); its httptools protocol keeps
@@ -29,7 +34,7 @@ import re
 import string
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 __all__ = ["BadTarget", "check_headers", "check_target", "problem"]
 
@@ -40,6 +45,15 @@ _ALLOWED = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode(
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
 # Encoded "/", "\" and "%" (double encoding), and every encoded control character.
 _FORBIDDEN_ESCAPES = frozenset({0x2F, 0x5C, 0x25, 0x7F, *range(0x20)})
+_UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
+# Each escape's normal spelling: an unreserved character itself, else upper-case hex.
+_NORMAL = {
+    f"{byte:02x}".encode(): bytes([byte]) if byte in _UNRESERVED else f"%{byte:02X}".encode()
+    for byte in range(256)
+}
+_NORMAL.update({key.upper(): value for key, value in _NORMAL.items()})
+_NORMAL.update({key[:1].upper() + key[1:]: value for key, value in _NORMAL.items()})
+_NORMAL.update({key[:1] + key[1:].upper(): value for key, value in _NORMAL.items()})
 
 
 class BadTarget(Exception):
@@ -52,7 +66,8 @@ class BadTarget(Exception):
 
 
 def check_target(scope: Mapping[str, Any]) -> str:
-    """Return the still-encoded request path to route on and forward, or raise `BadTarget`."""
+    """Return the request path to route on, check, key and forward (still percent-encoded,
+    in its normal form: see the module docstring), or raise `BadTarget`."""
     target = scope.get("extensions", {}).get("cachegw.request_target")
     if target is not None and not target.startswith(b"/"):
         # Kept by cachegw's uvicorn protocol: httptools alone would reduce an absolute-form
@@ -69,19 +84,32 @@ def check_target(scope: Mapping[str, Any]) -> str:
     if b"//" in raw:
         raise BadTarget(400, "The request path contains an empty segment ('//').")
     if b"%" in raw:
-        for match in _ESCAPE.finditer(raw):
-            if match.group(1) is None:
-                raise BadTarget(400, "The request path contains a malformed percent escape.")
-            if int(match.group(1), 16) in _FORBIDDEN_ESCAPES:
-                raise BadTarget(
-                    400, f"The request path contains a forbidden escape {match.group()!r}."
-                )
-    if b"." in raw or b"%" in raw:  # a dot segment, plain or encoded
+        raw = _normalise(raw)
+    if b"." in raw:
         for segment in raw.split(b"/"):
-            if unquote(segment.decode("ascii")) in (".", ".."):
+            if segment in (b".", b".."):
                 raise BadTarget(400, "The request path contains a '.' or '..' segment.")
     path: str = raw.decode("ascii")
     return path
+
+
+def _normalise(raw: bytes) -> bytes:
+    """``raw`` with escapes checked and in normal form; `BadTarget` for a refused one."""
+    for match in _ESCAPE.finditer(raw):
+        if match.group(1) is None:
+            raise BadTarget(400, "The request path contains a malformed percent escape.")
+        if int(match.group(1), 16) in _FORBIDDEN_ESCAPES:
+            raise BadTarget(400, f"The request path contains a forbidden escape {match.group()!r}.")
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadTarget(
+            400,
+            "The request path's percent escapes are not well-formed UTF-8 "
+            "(overlong forms and invalid sequences are refused).",
+        ) from None
+    parts = raw.split(b"%")
+    return parts[0] + b"".join(_NORMAL[part[:2]] + part[2:] for part in parts[1:])
 
 
 def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = 16384) -> None:

@@ -56,6 +56,8 @@ GATEWAY = Gateway(
         (b'{"service": "catalog"}', ["svc:catalog"]),
         (b'{"all": true, "soft": true}', ["*"]),
         (b'{"paths": ["/catalog/items/42"]}', ["path:catalog:/items/42"]),
+        # The one spelling entries are stored under (RFC 3986 §6.2.2).
+        (b'{"paths": ["/catalog/%69tems/%c3%a9"]}', ["path:catalog:/items/%C3%A9"]),
     ],
 )
 def test_parse_purge(body: bytes, scopes: list[str]) -> None:
@@ -76,6 +78,8 @@ def test_parse_purge(body: bytes, scopes: list[str]) -> None:
         (b'{"service": "nope"}', "must name a service"),
         (b'{"paths": ["/catalog/items/1?x=1"]}', "without a query"),
         (b'{"paths": ["/elsewhere"]}', "No declared route"),
+        (b'{"paths": ["/catalog/a/../items/1"]}', "is refused: The request path contains a '.'"),
+        (b'{"paths": ["/catalog/caf\\u00e9"]}', "It is not ASCII"),
         (b'{"tags": ["a"], "soft": "yes"}', "'soft' must be true or false"),
     ],
 )

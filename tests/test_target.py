@@ -27,13 +27,33 @@ def scope(raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> 
         b"/a%20b/caf%C3%A9",
         b"/@evil.com/x",
         b"/a:b/~x/-/_/a.b/..a/a../...",
-        b"/%41%62",
         b"/x=1&y=2,z!$'()*+",
-        b"/a%3bb/c",  # an encoded ";" is an ordinary data byte
+        b"/a%3Bb/c",  # an encoded ";" is an ordinary data byte
     ],
 )
 def test_accepted(raw: bytes) -> None:
     assert check_target(scope(raw)) == raw.decode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        # RFC 3986 §6.2.2.2: encoded unreserved characters are the characters themselves.
+        (b"/%41%62", "/Ab"),
+        (b"/svc/%61dmin/users", "/svc/admin/users"),
+        (b"/%61%64%6D%69%6e", "/admin"),
+        (b"/%7e%2D%5f%2E%30", "/~-_.0"),
+        (b"/a%2Ex/x%2e", "/a.x/x."),
+        # §6.2.2.1: other escapes keep their meaning, in upper case.
+        (b"/a%3bb/c", "/a%3Bb/c"),
+        (b"/caf%c3%a9", "/caf%C3%A9"),
+        (b"/a%20b", "/a%20b"),
+        (b"/%e2%82%ac%41", "/%E2%82%ACA"),
+    ],
+)
+def test_normal_form(raw: bytes, normal: str) -> None:
+    assert check_target(scope(raw)) == normal
+    assert check_target(scope(normal.encode())) == normal  # idempotent
 
 
 @pytest.mark.parametrize(
@@ -77,6 +97,13 @@ def test_accepted(raw: bytes) -> None:
         b"/a\x7fb",
         b"/a%zz",
         b"/a%4",
+        b"/a%C0%AF",  # overlong "/"
+        b"/a%c0%ae%c0%ae/b",  # overlong ".."
+        b"/a%E0%80%AF",  # overlong "/", three bytes
+        b"/a%ED%A0%80",  # a UTF-16 surrogate
+        b"/a%FF",
+        b"/a%C3",  # truncated sequence
+        b"/a%C3b",
         b"/a%",
         b"/a%g0",
         b"/a#frag",
