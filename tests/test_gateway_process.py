@@ -100,6 +100,7 @@ def test_two_processes_share_redis_entries_and_invalidation(tmp_path: Path, redi
     assert stub.hits["/items/7"] == 3  # two GET misses and the POST
 
 
+@pytest.mark.redis
 def test_redis_outage_degrades_to_uncached_proxying(tmp_path: Path) -> None:
     stub = StubUpstream()
     stub.route("/items/1", body=b"one")

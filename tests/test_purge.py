@@ -359,6 +359,7 @@ def test_decorator_purge_needs_a_selector() -> None:
         asyncio.run(purge())
 
 
+@pytest.mark.redis
 def test_purge_with_redis_down_is_a_503_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

