@@ -24,7 +24,7 @@ from fastapi_cache.types import Backend
 from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
-from cachegw._accesslog import access_log_enabled, log_access
+from cachegw._accesslog import access_log_enabled, flush_access_log, log_access, log_hit
 from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
@@ -137,6 +137,7 @@ class _Runtime:
         self.upstreams.clear()
         if isinstance(self.backend, RedisBackend) and not isinstance(self.gateway.backend, Backend):
             await self.backend.aclose()
+        flush_access_log()
 
 
 def create_app(gateway: Gateway | str | Path) -> FastAPI:
@@ -231,6 +232,8 @@ class _Proxy:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
+        # The last fast-path answer per key and method: see `_fast_hit`.
+        self._answers: dict[tuple[str, str], tuple[Entry, tuple[int, int], bytes, int, int]] = {}
 
     def forget(self) -> None:
         """Drop what was memoised from the previous configuration (after a reload)."""
@@ -532,35 +535,45 @@ def _fast_hit(
     left = entry.ttl_left(now)
     if left <= 0:
         return None
-    served = engine._from_entry(
-        entry,
-        RequestInfo(method=verb, key=key, headers=_NO_HEADERS),
-        now,
-        "HIT",
-        f"hit; ttl={int(left)}",
-    )
-    answer = _response_bytes(served)
-    if answer is None:
-        return None
+    # The answer depends on the entry, the method and, through Age and Cache-Status, on
+    # two whole numbers of seconds: the bytes are built once for those.
+    seconds = (int(entry.age(now)), int(left))
+    memo = proxy._answers.get((key, verb))
+    if memo is not None and memo[0] is entry and memo[1] == seconds:
+        answer, status, sent = memo[2], memo[3], memo[4]
+    else:
+        served = engine._from_entry(
+            entry,
+            RequestInfo(method=verb, key=key, headers=_NO_HEADERS),
+            now,
+            "HIT",
+            f"hit; ttl={seconds[1]}",
+        )
+        built = _response_bytes(served)
+        if built is None:
+            return None
+        answer, status, sent = built, served.status, len(served.body)
+        if len(proxy._answers) >= _MEMO_SIZE:
+            proxy._answers.clear()
+        proxy._answers[(key, verb)] = (entry, seconds, answer, status, sent)
     engine.stats["HIT"] += 1
     runtime.metrics.request(service.name, route.path, "HIT")
     if access_log_enabled():
-        scope = {
-            "method": verb,
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "headers": headers,
-            "client": client,
-        }
-        log_access(
-            scope,
-            status=served.status,
-            bytes_sent=len(served.body),
-            duration=0.0,
+        user_agent = b""
+        for name, value in headers:
+            if name == b"user-agent":
+                user_agent = value
+                break
+        log_hit(
+            verb,
+            raw_path,
+            query,
+            user_agent,
+            client,
+            status=status,
+            bytes_sent=sent,
             service=service.name,
             route=route.path,
-            cache_status="HIT",
             key=key,
         )
     return answer

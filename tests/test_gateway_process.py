@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -166,3 +167,27 @@ def test_l1_copies_follow_changes_made_by_another_process(tmp_path: Path, redis_
             again_a = httpx.get(url_a)
     assert (after.headers["x-cache-status"], after.content) == ("MISS", b"v2")
     assert (again_a.headers["x-cache-status"], again_a.content) == ("HIT", b"v2")
+
+
+def test_access_log_loses_no_line_at_sigterm(tmp_path: Path) -> None:
+    # Lines are buffered (written once a second or at exit): a SIGTERM right after the
+    # last response must still get every line out, hits from the protocol-level fast
+    # path and misses from the ordinary path alike. (Fewer than 64 KiB of lines: the
+    # test reads the output only once the process has ended.)
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"one")
+    with run_uvicorn(stub) as upstream:
+        config = write_config(tmp_path, upstream, "memory")
+        with gateway_processes(config) as [gw], httpx.Client(base_url=gw.base) as client:
+            statuses = [client.get("/catalog/items/1").headers["x-cache-status"]]
+            statuses += [
+                client.get("/catalog/items/1").headers["x-cache-status"] for _ in range(120)
+            ]
+            statuses += [
+                client.get(f"/catalog/other/{i}").headers["x-cache-status"] for i in range(10)
+            ]
+            output = gw.stop()
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"time"')]
+    assert [line["cache_status"] for line in lines] == statuses
+    assert statuses.count("HIT") == 120
+    assert [line["path"] for line in lines[-10:]] == [f"/catalog/other/{i}" for i in range(10)]

@@ -14,21 +14,27 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachegw import MemoryBackend
 from cachegw._accesslog import (
     ACCESS_LOGGER,
+    BufferedAccessHandler,
+    access_line,
     access_record,
     enable_access_log,
     log_access,
     log_config,
+    log_hit,
 )
 from cachegw._errors import ConfigError
 from cachegw._metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
@@ -481,13 +487,125 @@ def test_enable_access_log_writes_bare_json_lines() -> None:
     try:
         log_access(scope(), status=304, bytes_sent=0, duration=0.001, cache_status="HIT")
         log_access(scope(method="HEAD"), status=200, bytes_sent=0, duration=0.001)
+        handler.flush()
     finally:
         logger.removeHandler(handler)
+        handler.close()
         logger.setLevel(logging.NOTSET)
         logger.propagate = True
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["method"] for line in lines] == ["GET", "HEAD"]
     assert json.loads(lines[0])["cache_status"] == "HIT"
+
+
+_text = st.text(st.characters(codec="latin-1"), max_size=60)
+
+
+@settings(database=None)  # no .hypothesis directory in the checkout
+@given(
+    path=_text,
+    query=_text,
+    user_agent=_text,
+    method=st.sampled_from(["GET", "HEAD", "POST"]),
+    status=st.integers(100, 599),
+    duration=st.floats(0, 100, allow_nan=False),
+    upstream=st.none() | st.floats(0, 100, allow_nan=False),
+    key=st.none() | st.text("0123456789abcdef:", max_size=70),
+    route=_text,
+)
+def test_formatted_line_is_the_json_of_the_record(
+    path: str,
+    query: str,
+    user_agent: str,
+    method: str,
+    status: int,
+    duration: float,
+    upstream: float | None,
+    key: str | None,
+    route: str,
+) -> None:
+    # The hot path formats the line itself; it must say exactly what the record says.
+    fields: dict[str, Any] = {
+        "status": status,
+        "bytes_sent": 7,
+        "duration": duration,
+        "service": "svc",
+        "route": route,
+        "cache_status": "HIT",
+        "upstream": upstream,
+        "key": key,
+    }
+    request = scope(
+        raw_path=path.encode("latin-1"),
+        query_string=query.encode("latin-1"),
+        headers=[(b"user-agent", user_agent.encode("latin-1"))],
+        method=method,
+    )
+    line = access_line(request, **fields)
+    assert "\n" not in line and "\r" not in line
+    parsed = json.loads(line)
+    record = access_record(request, **fields)
+    assert list(parsed) == list(record)
+    assert {**parsed, "time": None} == {**record, "time": None}
+
+
+def test_a_fast_path_hit_line_is_the_ordinary_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    request = scope(headers=[(b"user-agent", b'ua"\n')])
+    fields: dict[str, Any] = {
+        "status": 200,
+        "bytes_sent": 3,
+        "service": "catalog",
+        "route": "/items/{item_id}",
+        "key": KEY,
+    }
+    expected = json.loads(access_line(request, duration=0.0, cache_status="HIT", **fields))
+    for _ in range(2):  # formatted, then reused
+        log_hit(
+            "GET",
+            request["raw_path"],
+            request["query_string"],
+            b'ua"\n',
+            request["client"],
+            **fields,
+        )
+        line = json.loads(caplog.records[-1].getMessage())
+        assert {**line, "time": None} == {**expected, "time": None}
+    other = scope(raw_path=b"/catalog/items/43")
+    log_hit("GET", other["raw_path"], b"", b"", None, **fields)
+    assert json.loads(caplog.records[-1].getMessage())["path"] == "/catalog/items/43"
+
+
+def test_buffered_lines_are_written_by_the_timer_and_on_flush() -> None:
+    stream = io.StringIO()
+    handler = BufferedAccessHandler(stream, flush_interval=0.05)
+    try:
+        handler.write("one")
+        assert stream.getvalue() == ""  # buffered, not written by the request
+        deadline = time.monotonic() + 10
+        while stream.getvalue() != "one\n" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "one\n"  # the timer wrote it
+    finally:
+        handler.close()
+    quiet = BufferedAccessHandler(io.StringIO(), flush_interval=3600)
+    quiet.write("two")
+    quiet.write("three")
+    quiet.close()  # logging.shutdown closes handlers at exit
+    assert quiet.stream.getvalue() == "two\nthree\n"  # type: ignore[attr-defined]
+
+
+def test_a_full_buffer_is_written_at_once() -> None:
+    stream = io.StringIO()
+    handler = BufferedAccessHandler(stream, flush_interval=3600, buffer_bytes=100)
+    try:
+        for i in range(9):
+            handler.write(f"{i:09d}")  # 10 bytes with its newline
+        assert stream.getvalue() == ""
+        handler.write("000000009")  # 100 bytes: memory stays bounded
+        assert stream.getvalue().splitlines() == [f"{i:09d}" for i in range(10)]
+    finally:
+        handler.close()
 
 
 _UNDER_UVICORN_CONFIG = textwrap.dedent(

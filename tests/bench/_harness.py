@@ -93,16 +93,23 @@ def uvicorn_command(app: str, port: int, *, factory: bool = True) -> list[str]:
 
 
 def spawn(
-    command: Sequence[str], cpu: int, env: dict[str, str] | None = None
+    command: Sequence[str],
+    cpu: int,
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a server process (cwd = the repository root) pinned to ``cpu``."""
+    """Start a server process (cwd = the repository root) pinned to ``cpu``; its standard
+    output goes to the file ``stdout`` (an access log), else nowhere."""
+    out: Any = subprocess.DEVNULL if stdout is None else stdout.open("ab")
     proc = subprocess.Popen(
         list(command),
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+        stdout=out,
         stderr=subprocess.PIPE,
         env=None if env is None else {**os.environ, **env},
     )
+    if stdout is not None:
+        out.close()  # the child has its own descriptor
     pin(proc.pid, cpu)
     return proc
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class Server:
     #: The process whose CPU time is measured, when it is not ``proc`` (nginx's worker).
     worker: Callable[[Server], int] | None = None
     cleanup: Callable[[], None] | None = None
+    stdout: Path | None = None  # where its standard output (an access log) goes
     _pid: int = 0
 
     @property
@@ -110,6 +111,47 @@ def uvicorn_server(
     """A ``uvicorn --factory`` server of ``module:factory`` under tests/bench."""
     port = free_port()
     return Server(name, uvicorn_command(app, port), cpu, port, env)
+
+
+_SERVE_TOML = """\
+# What a user writes: the defaults everywhere except the backend.
+[cache]
+backend = "{backend}"
+{cache_extra}
+[[services]]
+name = "bench"
+upstream = "{upstream}"
+prefix = "/svc"
+
+  [[services.routes]]
+  path = "/cached/{{rest:path}}"
+  ttl = 3600
+
+  [[services.routes]]
+  path = "/uncached/{{rest:path}}"
+  ttl = 0
+"""
+
+
+def serve_server(
+    name: str, upstream: str, backend: str, *, options: Sequence[str] = (), cache_extra: str = ""
+) -> Server:
+    """``cachegw serve gateway.toml`` as a user starts it: a TOML file, the CLI, its
+    defaults (access log on, to a file here) unless ``options`` say otherwise."""
+    tmp = Path(tempfile.mkdtemp(prefix="cachegw-bench-serve-"))
+    config = tmp / "gateway.toml"
+    config.write_text(
+        _SERVE_TOML.format(backend=backend, upstream=upstream, cache_extra=cache_extra)
+    )
+    port = free_port()
+    command = [
+        sys.executable, "-m", "cachegw", "serve", str(config),
+        "--host", "127.0.0.1", "--port", str(port), *options,
+    ]  # fmt: skip
+    return Server(
+        name, command, SERVER_CPU, port, stdout=tmp / "access.log",
+        cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True),
+    )  # fmt: skip
 
 
 def gateway_server(
@@ -206,7 +248,7 @@ def start_redis() -> Any:
 
 
 def start(server: Server) -> None:
-    server.proc = spawn(server.command, server.cpu, server.env)
+    server.proc = spawn(server.command, server.cpu, server.env, server.stdout)
 
 
 def stop(server: Server) -> None:

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from _harness import CLIENT_CPU, SetupError
 from _suite import (
@@ -49,31 +51,35 @@ from _suite import (
     Server,
     Target,
     add_arguments,
-    gateway_server,
     nginx_server,
     prologue,
     run_suite,
+    serve_server,
     start_redis,
     uvicorn_server,
 )
 from apps import REDIS_ENV
 from gateway_apps import BODY, KEEPALIVE_ENV, UPSTREAM_ENV
 
-ISSUE = "issue 6"
 RATIOS = [
-    Ratio("hit memory / fastapi-cache2 in-memory hit", "gw_hit_memory", "fc2_memory", 6.0, ISSUE),
-    Ratio("hit memory / raw ASGI", "gw_hit_memory", "raw_asgi", 0.5, ISSUE),
-    Ratio("Redis hit (no L1) / fastapi-cache2 Redis hit", "gw_hit_redis", "fc2_redis", 4.0, ISSUE),
-    Ratio("Redis hit + L1 / hit memory", "gw_hit_redis_l1", "gw_hit_memory", 0.8, ISSUE),
-    Ratio("miss / naive httpx proxy", "gw_miss", "naive", 5.0, ISSUE),
+    # Issue 12: the defaults are the fast configuration.
+    Ratio("access log on / off (memory hit)", "serve_memory", "serve_memory_nolog", 0.9, "#12"),
+    Ratio("access log on / raw ASGI (memory hit)", "serve_memory", "raw_asgi", 0.9, "#12"),
+    Ratio("@cached memory hit / bare FastAPI bytes", "cached_memory", "bare_bytes", 1.5, "#12"),
+    Ratio("@cached memory hit / fastapi-cache2 memory", "cached_memory", "fc2_memory", 4.0, "#12"),
+    Ratio("@cached Redis hit / fastapi-cache2 Redis hit", "cached_redis", "fc2_redis", 4.0, "#12"),
+    # Issue 6, measured on `cachegw serve` with its defaults.
+    Ratio("serve memory hit / fastapi-cache2 memory hit", "serve_memory", "fc2_memory", 6.0, "#6"),
+    Ratio("serve memory hit / raw ASGI", "serve_memory", "raw_asgi", 0.5, "#6"),
+    Ratio("Redis hit, no L1 / fastapi-cache2 Redis", "serve_redis_nol1", "fc2_redis", 4.0, "#6"),
+    Ratio("serve Redis hit (L1) / serve memory hit", "serve_redis", "serve_memory", 0.8, "#6"),
+    Ratio("serve miss / naive httpx proxy", "serve_miss", "naive", 5.0, "#6"),
     # For information.
-    Ratio("Redis hit + L1 / fastapi-cache2 Redis hit", "gw_hit_redis_l1", "fc2_redis", None),
-    Ratio("Redis hit (no L1) / hit memory", "gw_hit_redis", "gw_hit_memory", None),
-    Ratio("hit memory / bare FastAPI (dict)", "gw_hit_memory", "bare", None),
-    Ratio("hit memory / bare FastAPI bytes", "gw_hit_memory", "bare_bytes", None),
-    Ratio("hit memory / nginx proxy_cache hit", "gw_hit_memory", "nginx", None),
-    Ratio("@cached hit / fastapi-cache2 in-memory hit", "cached_memory", "fc2_memory", None),
-    Ratio("miss / naive, keep-alive 100", "gw_miss", "naive_ka", None),
+    Ratio("serve Redis hit (L1) / fastapi-cache2 Redis hit", "serve_redis", "fc2_redis", None),
+    Ratio("serve memory hit / bare FastAPI bytes", "serve_memory", "bare_bytes", None),
+    Ratio("serve memory hit / nginx proxy_cache hit", "serve_memory", "nginx", None),
+    Ratio("@cached memory hit / raw ASGI", "cached_memory", "raw_asgi", None),
+    Ratio("serve miss / naive, keep-alive 100", "serve_miss", "naive_ka", None),
 ]
 NOTES = [
     "naive proxy: one httpx.AsyncClient shared by all requests (default transport and "
@@ -103,7 +109,7 @@ def main() -> int:
     redis_proc = None
     # (target, server), in the order of the table. Servers are built lazily: Redis and
     # nginx only start when a target needs them.
-    gw_memory = gateway_server("gateway (memory)", upstream_url, "memory")
+    serve_memory = serve_server("cachegw serve (memory)", upstream_url, "memory")
     try:
         redis_url = ""
 
@@ -114,34 +120,81 @@ def main() -> int:
                 redis_url = redis_proc.url
             return redis_url
 
-        def gw_redis(name: str, l1: int | None) -> Server:
-            return gateway_server(name, upstream_url, redis(), l1_entries=l1)
-
         def gw(key: str, name: str, server: Server, path: str, expect: str) -> Target:
             return Target(key, name, server, path, expect, gateway=True)
 
-        builders = {
-            "gw_hit_memory": lambda: gw(
-                "gw_hit_memory", "gateway hit, memory", gw_memory, hit, "HIT"
+        def app(key: str, name: str, factory: str, expect: str | None = None, **kw: Any) -> Target:
+            env = {REDIS_ENV: redis()} if "redis" in key else None
+            server = uvicorn_server(name, factory, env=env)
+            return Target(key, name, server, "/items", expect, **kw)
+
+        builders: dict[str, Callable[[], Target | None]] = {
+            # Headline rows: `cachegw serve gateway.toml`, defaults (access log on).
+            "serve_memory": lambda: gw(
+                "serve_memory", "cachegw serve: hit, memory", serve_memory, hit, "HIT"
             ),
-            "gw_hit_redis_l1": lambda: gw(
-                "gw_hit_redis_l1",
-                "gateway hit, Redis + L1 (default)",
-                gw_redis("gateway (Redis, L1)", None),
+            "serve_redis": lambda: gw(
+                "serve_redis",
+                "cachegw serve: hit, Redis",
+                serve_server("cachegw serve (Redis)", upstream_url, redis()),
                 hit,
                 "HIT",
             ),
-            "gw_hit_redis": lambda: gw(
-                "gw_hit_redis",
-                "gateway hit, Redis, no L1",
-                gw_redis("gateway (Redis, l1_entries=0)", 0),
+            "serve_miss": lambda: gw(
+                "serve_miss", "cachegw serve: miss (ttl=0)", serve_memory, miss, "MISS"
+            ),
+            # Other configurations, labelled.
+            "serve_memory_nolog": lambda: gw(
+                "serve_memory_nolog",
+                "[--no-access-log] hit, memory",
+                serve_server(
+                    "cachegw serve --no-access-log",
+                    upstream_url,
+                    "memory",
+                    options=["--no-access-log"],
+                ),
                 hit,
                 "HIT",
             ),
-            "gw_miss": lambda: gw("gw_miss", "gateway miss (ttl=0)", gw_memory, miss, "MISS"),
+            "serve_redis_nol1": lambda: gw(
+                "serve_redis_nol1",
+                "[l1_entries = 0] hit, Redis",
+                serve_server(
+                    "cachegw serve (Redis, l1_entries = 0)",
+                    upstream_url,
+                    redis(),
+                    cache_extra="l1_entries = 0\n",
+                ),
+                hit,
+                "HIT",
+            ),
+            "cached_memory": lambda: app(
+                "cached_memory", "@cached hit, memory", "apps:cachegw_memory", "HIT"
+            ),
+            "cached_redis": lambda: app(
+                "cached_redis", "@cached hit, Redis", "apps:cachegw_redis", "HIT"
+            ),
+            # Baselines.
+            "raw_asgi": lambda: app("raw_asgi", "raw ASGI", "gateway_apps:raw_asgi"),
+            "bare": lambda: app("bare", "bare FastAPI (dict)", "apps:bare"),
+            "bare_bytes": lambda: app("bare_bytes", "bare FastAPI, bytes", "apps:bare_bytes"),
+            "fc2_memory": lambda: app(
+                "fc2_memory",
+                "fastapi-cache2 hit, memory",
+                "apps:fastapi_cache2",
+                "HIT",
+                header="x-fastapi-cache",
+            ),
+            "fc2_redis": lambda: app(
+                "fc2_redis",
+                "fastapi-cache2 hit, Redis",
+                "apps:fastapi_cache2_redis",
+                "HIT",
+                header="x-fastapi-cache",
+            ),
             "naive": lambda: Target(
                 "naive",
-                "naive httpx proxy (shared client)",
+                "naive httpx proxy",
                 uvicorn_server("naive proxy", "gateway_apps:naive_proxy", env=naive_env),
                 "/uncached/items",
             ),
@@ -154,51 +207,6 @@ def main() -> int:
                     env={**naive_env, KEEPALIVE_ENV: "100"},
                 ),
                 "/uncached/items",
-            ),
-            "bare": lambda: Target(
-                "bare",
-                "bare FastAPI (dict)",
-                uvicorn_server("bare FastAPI", "apps:bare"),
-                "/items",
-            ),
-            "bare_bytes": lambda: Target(
-                "bare_bytes",
-                "bare FastAPI, bytes Response",
-                uvicorn_server("bare FastAPI, bytes", "apps:bare_bytes"),
-                "/items",
-            ),
-            "raw_asgi": lambda: Target(
-                "raw_asgi",
-                "raw ASGI",
-                uvicorn_server("raw ASGI", "gateway_apps:raw_asgi"),
-                "/items",
-            ),
-            "fc2_memory": lambda: Target(
-                "fc2_memory",
-                "fastapi-cache2 @cache hit, InMemory",
-                uvicorn_server("fastapi-cache2 (memory)", "apps:fastapi_cache2"),
-                "/items",
-                "HIT",
-                header="x-fastapi-cache",
-            ),
-            "fc2_redis": lambda: Target(
-                "fc2_redis",
-                "fastapi-cache2 @cache hit, Redis",
-                uvicorn_server(
-                    "fastapi-cache2 (Redis)",
-                    "apps:fastapi_cache2_redis",
-                    env={REDIS_ENV: redis()},
-                ),
-                "/items",
-                "HIT",
-                header="x-fastapi-cache",
-            ),
-            "cached_memory": lambda: Target(
-                "cached_memory",
-                "cachegw @cached hit, memory",
-                uvicorn_server("cachegw @cached", "apps:cachegw_memory"),
-                "/items",
-                "HIT",
             ),
             "nginx": lambda: nginx_target(upstream, notes),
         }

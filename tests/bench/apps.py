@@ -122,3 +122,18 @@ def cachegw_fc2_memory() -> FastAPI:
         return PAYLOAD
 
     return app
+
+
+def cachegw_redis() -> FastAPI:
+    """cachegw's ``@cached`` on cachegw's ``RedisBackend`` (URL in ``CACHEGW_BENCH_REDIS``)."""
+    from cachegw import RedisBackend
+
+    url = os.environ[REDIS_ENV]
+    app = FastAPI(lifespan=_lifespan(lambda: RedisBackend.from_url(url)))
+
+    @app.get("/items")
+    @cached(ttl=60)
+    async def items():  # type: ignore[no-untyped-def]
+        return PAYLOAD
+
+    return app
