@@ -1,40 +1,41 @@
-"""Every cache and baseline side by side in one run: the issue 6 ratios, PASS or FAIL.
+"""Every cache and baseline side by side in one run, with the issue 12 and issue 6
+targets judged PASS or FAIL, and a markdown table ready for docs/performance.md.
 
 One command, one run, this machine. Every server under test is one process pinned to
 CPU 0; wrk (1 thread, keep-alive), the upstream origin and redis-server run on CPU 1, the
-same for every target. All targets answer ``GET`` with the same ~1 KiB JSON:
+same for every target. All targets answer ``GET`` with the same ~1 KiB JSON.
 
-  gw_hit_memory      cachegw gateway hit, memory backend (run with
-                     ``cachegw._server.uvicorn_options()``, like ``cachegw serve``)
-  gw_hit_redis_l1    gateway hit, Redis backend, in-process L1 on (the default: 4096
-                     entries, 1 s copies)
-  gw_hit_redis       gateway hit, Redis backend, ``l1_entries=0``: every hit reads Redis
-  gw_miss            the memory gateway, a ``ttl=0`` route: every request is forwarded
-  naive              FastAPI + ONE shared ``httpx.AsyncClient`` proxy, no cache (the miss
-                     path's baseline)
-  naive_ka           the same with ``max_keepalive_connections=100`` (reference)
-  bare               bare FastAPI route returning the dict
-  bare_bytes         bare FastAPI route returning the bytes (reference)
-  raw_asgi           raw ASGI callable returning the same bytes (the ceiling for Python)
-  fc2_memory         FastAPI + fastapi-cache2 ``@cache`` hit, InMemoryBackend
-  fc2_redis          FastAPI + fastapi-cache2 ``@cache`` hit, RedisBackend (redis.asyncio)
-  cached_memory      FastAPI + cachegw ``@cached`` hit, MemoryBackend
-  nginx              nginx proxy_cache hit (1 worker, ``proxy_cache_valid 200 60s``, cache
-                     in a temporary directory) in front of the same upstream; skipped with
-                     a note when nginx is not installed
+Headline rows measure what a user runs: ``cachegw serve gateway.toml`` started from a
+TOML file with the CLI's defaults (access log on, written to a file; in-process L1 in
+front of Redis):
+
+  serve_memory        hit, ``backend = "memory"``
+  serve_redis         hit, ``backend = "redis://..."``
+  serve_miss          the memory gateway, a ``ttl = 0`` route: every request forwarded
+
+Other configurations, labelled in the table:
+
+  serve_memory_nolog  ``cachegw serve --no-access-log``, memory hit
+  serve_redis_nol1    ``l1_entries = 0``: every hit reads Redis
+  cached_memory       FastAPI + cachegw ``@cached`` hit, MemoryBackend
+  cached_redis        FastAPI + cachegw ``@cached`` hit, RedisBackend
+
+Baselines: ``raw_asgi`` (a raw ASGI callable returning the bytes: the ceiling for Python),
+``bare`` / ``bare_bytes`` (a bare FastAPI route returning the dict / the bytes),
+``fc2_memory`` / ``fc2_redis`` (fastapi-cache2 ``@cache`` hits), ``naive`` / ``naive_ka``
+(FastAPI + one shared ``httpx.AsyncClient``, no cache; keep-alive 20 / 100) and ``nginx``
+(proxy_cache hit, 1 worker; skipped with a note when nginx is not installed).
 
 Before every measurement every cache must answer ``HIT`` (``X-Cache-Status``, or
 ``X-FastAPI-Cache`` for fastapi-cache2) twice without reaching the upstream, the ``ttl=0``
 route ``MISS`` twice with two upstream requests, and every body must equal the reference
-JSON, or the run aborts. During the window the gateway's counters and the upstream's hit
-counter are read before and after ("check" column). Rounds are interleaved (the order
-rotates) and medians are reported. Default: 3 rounds x 13 targets x (1 + 5) s, ~4.5 min.
+JSON, or the run aborts. Rounds are interleaved (the order rotates) and medians reported.
 
     .venv/bin/python tests/bench/all.py [--seconds 5] [--rounds 3] [--connections 50]
-        [--only gw_hit_memory,fc2_memory] [--json /tmp/bench.json] [--no-wrk]
+        [--only serve_memory,fc2_memory] [--json /tmp/bench.json] [--no-wrk]
 
 Then ``.venv/bin/python tests/bench/plot.py /tmp/bench.json`` draws docs/img/performance.png.
-Exit status: 0 when every issue 6 ratio meets its target, 1 when one misses, 2 when the
+Exit status: 0 when every judged ratio meets its target, 1 when one misses, 2 when the
 setup is wrong (a server does not start, a cache does not hit, a miss is not forwarded).
 """
 
