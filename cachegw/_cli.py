@@ -11,7 +11,9 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
+import string
 import sys
 import threading
 import time
@@ -113,8 +115,70 @@ def check(file: Path) -> None:
     """Validate FILE and print every route with its effective policy."""
     gateway = _load(file)
     click.echo(_route_table(gateway))
+    found = _lint(gateway)
+    for warning in found:
+        click.echo(f"warning: {file}: {warning}", err=True)
     routes = sum(len(service.routes) for service in gateway.services)
-    click.echo(f"OK: {_plural(len(gateway.services), 'service')}, {_plural(routes, 'route')}")
+    click.echo(
+        f"OK: {_plural(len(gateway.services), 'service')}, {_plural(routes, 'route')}"
+        + (f", {_plural(len(found), 'warning')}" if found else "")
+    )
+
+
+def _lint(gateway: Gateway) -> list[str]:
+    """Declarations that are valid but almost certainly not what was meant.
+
+    - A route that can never match because an earlier catch-all of its service
+      (``/{rest:path}``, ``/files/{rest:path}``) takes every path it would (the first
+      declared route that matches wins).
+    - A tag placeholder naming no path param of its route: the tag is then stored
+      literally (``item:{id}``), so one purge takes back every entry of the route.
+    """
+    found = []
+    for i, service in enumerate(gateway.services):
+        catch_alls: list[tuple[str, str]] = []
+        for j, route in enumerate(service.routes):
+            where = f"services[{i}].routes[{j}] ({service.name} {route.path})"
+            shadow = next((path for path, lead in catch_alls if route.path.startswith(lead)), None)
+            if shadow is not None:
+                found.append(
+                    f"{where} is never used: the earlier catch-all {shadow} takes every path "
+                    "it would match (the first declared route that matches wins; declare the "
+                    "catch-all last)"
+                )
+            lead = _catch_all_lead(route.path)
+            if lead is not None:
+                catch_alls.append((route.path, lead))
+            params = set(route.convertors)
+            for tag in route.policy.tags:
+                missing = [name for name in _placeholders(tag) if name not in params]
+                if missing:
+                    have = ", ".join(sorted(params)) or "none"
+                    found.append(
+                        f"{where}: tag {tag!r} names {', '.join(missing)}, which is not a path "
+                        f"param of {route.path} (its params: {have}); it is stored as written"
+                    )
+    return found
+
+
+def _catch_all_lead(path: str) -> str | None:
+    """``/files/`` for ``/files/{rest:path}``: the literal start of a route that takes
+    every path beginning with it; None for any other route."""
+    lead, brace, rest = path.partition("{")
+    if brace and "{" not in lead and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*:path\}", rest):
+        return lead
+    return None
+
+
+def _placeholders(template: str) -> list[str]:
+    try:
+        return [
+            name.split(".")[0].split("[")[0]
+            for _, name, _, _ in string.Formatter().parse(template)
+            if name
+        ]
+    except ValueError:
+        return []
 
 
 @main.command()

@@ -10,7 +10,10 @@ name becomes the dotted key of the file, so ``ttl must be ..., got -5`` reads::
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
+import math
 import re
 import tomllib
 from collections.abc import Collection, Iterator, Mapping
@@ -79,7 +82,7 @@ class _Loader:
         self._check_keys(cache, _CACHE_KEYS, "cache")
         self._check_keys(admin, _ADMIN_KEYS, "admin")
         settings: dict[str, Any] = {}
-        with self._at("cache", _CACHE_KEYS):
+        with self._at("cache", _CACHE_KEYS, values=cache):
             if "max_bytes" in cache:
                 settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")
             if "max_entries" in cache:
@@ -100,7 +103,9 @@ class _Loader:
         if "expose_tag_headers" in cache:
             value = cache["expose_tag_headers"]
             if not isinstance(value, bool):
-                raise self._error(f"cache.expose_tag_headers must be true or false, got {value!r}")
+                raise self._error(
+                    f"cache.expose_tag_headers must be true or false, got {_toml(value)}"
+                )
             settings["expose_tag_headers"] = value
         if "token_env" in admin:
             settings["admin_token_env"] = self._string(
@@ -109,9 +114,10 @@ class _Loader:
         backend = cache.get("backend", "memory")
         if not isinstance(backend, str):
             raise self._error(
-                f"cache.backend must be 'memory' or a redis:// URL as a string, got {backend!r}"
+                "cache.backend must be 'memory' or a redis:// URL as a string, "
+                f"got {_toml(backend)}"
             )
-        with self._at("cache", _CACHE_KEYS):
+        with self._at("cache", _CACHE_KEYS, values=cache):
             gateway = Gateway(backend=backend, source=self.source, **settings)
         if backend != "memory":
             self._check_redis_url(backend)
@@ -124,12 +130,12 @@ class _Loader:
         if not _is_array_of_tables(services):
             raise self._error(
                 f"services must be an array of tables: write each service as [[services]], "
-                f"got {services!r}"
+                f"got {_toml(services)}"
             )
         for index, values in enumerate(services):
             service = self._service(values, f"services[{index}]")
             # Added one by one so a duplicate name or prefix is blamed on the later service.
-            with self._at(f"services[{index}]", ("name", "prefix")):
+            with self._at(f"services[{index}]", ("name", "prefix"), values=values):
                 gateway.add(service)
         return gateway
 
@@ -153,7 +159,7 @@ class _Loader:
         # The declarations add "of service 'x'" / "in route ..." to their messages;
         # the key path already says where.
         strip = [f" of service {name!r}", f" in service {name!r}"]
-        with self._at(where, _SERVICE_KEYS, strip):
+        with self._at(where, _SERVICE_KEYS, strip, values=values):
             service = Service(
                 name,
                 values["upstream"],
@@ -167,7 +173,7 @@ class _Loader:
         if not _is_array_of_tables(routes):
             raise self._error(
                 f"{where}.routes must be an array of tables: write each route as "
-                f"[[services.routes]], got {routes!r}"
+                f"[[services.routes]], got {_toml(routes)}"
             )
         for index, route in enumerate(routes):
             route_where = f"{where}.routes[{index}]"
@@ -177,7 +183,9 @@ class _Loader:
             # An error about a knob the route inherits is blamed on the route (the
             # combination is wrong) and says where the inherited value is set.
             inherited = {k: where for k in values if k in KNOBS and k not in route}
-            with self._at(route_where, route.keys(), [f" in route {path!r}", *strip], inherited):
+            with self._at(
+                route_where, route.keys(), [f" in route {path!r}", *strip], inherited, route
+            ):
                 service.route(path, **{k: v for k, v in route.items() if k != "path"})
         return service
 
@@ -189,7 +197,7 @@ class _Loader:
         except ValueError as exc:
             raise self._error(
                 f"cache.backend is not a valid Redis URL ({exc}); expected a URL like "
-                f"'redis://127.0.0.1:6379/0', got {url!r}"
+                f"'redis://127.0.0.1:6379/0', got {_toml(url)}"
             ) from None
 
     # --- shape checks -------------------------------------------------------------
@@ -198,7 +206,7 @@ class _Loader:
         table = data.get(name, {})
         if not isinstance(table, Mapping):
             raise self._error(
-                f"{name} must be a table: write [{name}] on its own line, got {table!r}"
+                f"{name} must be a table: write [{name}] on its own line, got {_toml(table)}"
             )
         return table
 
@@ -227,7 +235,7 @@ class _Loader:
     ) -> str:
         value = table[key]
         if not isinstance(value, str) or not pattern.match(value):
-            raise self._error(f"{where}.{key} must be {form}, got {value!r}")
+            raise self._error(f"{where}.{key} must be {form}, got {_toml(value)}")
         return value
 
     # --- messages ---------------------------------------------------------------------
@@ -242,30 +250,71 @@ class _Loader:
         keys: Collection[str],
         strip: Collection[str] = (),
         inherited: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
     ) -> Iterator[None]:
-        """Re-raise a declaration's `ConfigError` with the file and the key path."""
+        """Re-raise a declaration's `ConfigError` with the file and the key path, and
+        the value as written in ``values`` (the table), spelt as TOML."""
         try:
             yield
         except ConfigError as exc:
             message = str(exc)
             for suffix in (*strip, f" in {self.source}"):
                 message = message.replace(suffix, "")
-            raise self._error(_locate(message, where, keys, inherited or {})) from None
+            located = _locate(message, where, keys, inherited or {}, values or {})
+            raise self._error(located) from None
 
 
-def _locate(message: str, where: str, keys: Collection[str], inherited: Mapping[str, str]) -> str:
+def _locate(
+    message: str,
+    where: str,
+    keys: Collection[str],
+    inherited: Mapping[str, str],
+    values: Mapping[str, Any],
+) -> str:
     """``ttl must be ...`` → ``services[0].ttl must be ...`` when ``ttl`` is one of ``keys``.
 
-    A message about a knob the table inherits says where that knob is set.
+    The declarations quote the value they were given in Python's spelling, after
+    conversion (``True``, ``300``); the file's reader wrote TOML (``true``, ``"5m"``), so
+    the ``got ...`` that ends the message becomes the value as written. A message about a
+    knob the table inherits says where that knob is set.
     """
     for lead in ("", "service "):
         for key in sorted(keys, key=len, reverse=True):
             if message.startswith(f"{lead}{key} "):
-                return f"{where}.{key}{message[len(lead) + len(key) :]}"
+                rest = message[len(lead) + len(key) :]
+                got = rest.rfind(", got ")
+                if got >= 0 and key in values:
+                    rest = f"{rest[:got]}, got {_toml(values[key])}"
+                if key == "max_ttl" and "ttl" in values:  # "≥ ttl (300)": as written too
+                    found = re.search(r" ttl \([^)]*\)", rest)
+                    if found is not None:
+                        written = f" ttl ({_toml(values['ttl'])})"
+                        rest = rest[: found.start()] + written + rest[found.end() :]
+                return f"{where}.{key}{rest}"
     for key, origin in inherited.items():
         if message.startswith(f"{key} "):
             return f"{where}: {message} ({key} is inherited from {origin}.{key})"
     return f"{where}: {message}"
+
+
+def _toml(value: object) -> str:
+    """``value`` spelt as TOML: ``true``, ``"5m"``, ``["GET", true]``, ``{ a = 1 }``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # A literal string when it can be one (what most people write), else a basic one.
+        return f"'{value}'" if "'" not in value and value.isprintable() else json.dumps(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    return repr(value)
 
 
 def _is_array_of_tables(value: object) -> bool:

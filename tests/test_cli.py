@@ -130,6 +130,54 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
     assert lines[-1] == "OK: 2 services, 4 routes"
 
 
+LINTED = """
+[cache]
+backend = "memory"
+
+[[services]]
+name = "files"
+upstream = "http://127.0.0.1:9001"
+prefix = "/files"
+
+  [[services.routes]]
+  path = "/docs/{rest:path}"
+  ttl = 60
+
+  [[services.routes]]
+  path = "/docs/{name}"
+  tags = ["doc:{name}"]
+
+  [[services.routes]]
+  path = "/items/{item_id}"
+  tags = ["items", "item:{id}"]
+
+  [[services.routes]]
+  path = "/{rest:path}"
+
+  [[services.routes]]
+  path = "/late"
+"""
+
+
+def test_check_warns_on_shadowed_routes_and_unknown_tag_params(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(LINTED, encoding="utf-8")
+    result = run("check", str(path))
+    assert result.exit_code == 0, result.output  # warnings, not errors
+    assert result.stderr.splitlines() == [
+        f"warning: {path}: services[0].routes[1] (files /docs/{{name}}) is never used: the "
+        "earlier catch-all /docs/{rest:path} takes every path it would match (the first "
+        "declared route that matches wins; declare the catch-all last)",
+        f"warning: {path}: services[0].routes[2] (files /items/{{item_id}}): tag 'item:{{id}}' "
+        "names id, which is not a path param of /items/{item_id} (its params: item_id); it is "
+        "stored as written",
+        f"warning: {path}: services[0].routes[4] (files /late) is never used: the earlier "
+        "catch-all /{rest:path} takes every path it would match (the first declared route "
+        "that matches wins; declare the catch-all last)",
+    ]
+    assert result.stdout.splitlines()[-1] == "OK: 1 service, 5 routes, 3 warnings"
+
+
 def test_check_bad_file(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(GOOD.replace("ttl = 60", "ttl = -5"), encoding="utf-8")

@@ -168,13 +168,24 @@ BAD = {
     ),
     "service knob": (
         ("ttl = 30", "ttl = true"),
-        ["services[0].ttl must be a number of seconds ≥ 0", "got True"],
+        ["services[0].ttl must be a number of seconds ≥ 0", "got true"],
     ),
     "max_ttl below inherited ttl": (
         ("ttl = 30", "ttl = 30\nmax_ttl = 40"),
         [
             "services[0].routes[0]: max_ttl must be ≥ ttl (60), got 40",
             "inherited from services[0].max_ttl",
+        ],
+    ),
+    "values as written, in TOML": (
+        ("ttl = 60", 'ttl = "5m"\nmax_ttl = "1m"'),
+        ["services[0].routes[0].max_ttl must be ≥ ttl ('5m'), got '1m'"],
+    ),
+    "booleans in a list, in TOML": (
+        ('vary = ["Accept-Language"]', 'vary = ["Accept-Language", true]'),
+        [
+            "services[0].routes[0].vary must be a list of header names",
+            "got ['Accept-Language', true]",
         ],
     ),
     "vary type": (
@@ -214,7 +225,7 @@ BAD = {
     ),
     "hosts with a scheme": (
         ("timeout = 10", 'timeout = 10\nhosts = ["https://api.example"]'),
-        ["services[0].hosts must be a list of host names", "got 'https://api.example'"],
+        ["services[0].hosts must be a list of host names", "got ['https://api.example']"],
     ),
     "hosts empty": (
         ("timeout = 10", "timeout = 10\nhosts = []"),
