@@ -63,6 +63,7 @@ _NOT_UPDATED = frozenset(
 SURROGATE_TARGET = "cachegw"
 # Tags an upstream gives its response for purging (Fastly / Varnish xkey, Cloudflare).
 _TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
+_NO_DIRECTIVES = CacheControl({})
 
 
 @dataclass(slots=True)
@@ -76,6 +77,9 @@ class RequestInfo:
     scopes: list[str] = field(default_factory=list)  # purge scopes: see _purge.scopes_for
     service: str = ""  # for metrics
     started: float = 0.0  # when the engine began serving it (wall clock)
+    # The client asked for an answer checked with the origin (no-cache, max-age=0): an
+    # entry stored before it arrived does not do.
+    forced: bool = False
     primary: Item | None = None  # what the primary key held when it was looked up
 
     @property
@@ -229,12 +233,16 @@ class CacheEngine:
             self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
-        request_cc = _request_cache_control(request.headers)
-        bypass_read = (
-            "no-cache" in request_cc
-            or request_cc.seconds("max-age") == 0
-            or (not request_cc and "no-cache" in request.headers.get("pragma", "").lower())
-        )
+        if policy.ignore_request_cache_control:
+            request_cc = _NO_DIRECTIVES
+            bypass_read = False
+        else:
+            request_cc = _request_cache_control(request.headers)
+            bypass_read = (
+                "no-cache" in request_cc
+                or request_cc.seconds("max-age") == 0
+                or (not request_cc and "no-cache" in request.headers.get("pragma", "").lower())
+            )
         # Credentials make a request private unless the route keys on the principal.
         shared_only = request.authorized and not request.per_principal
 
@@ -285,10 +293,10 @@ class CacheEngine:
             headers = [(b"content-length", b"0"), *self._cache_headers("MISS", "fwd=miss")]
             return Served(504, headers, b"", cache_status="MISS")
 
-        if method == "HEAD" or shared_only or bypass_read or isinstance(primary, HitForMiss):
+        if method == "HEAD" or shared_only or isinstance(primary, HitForMiss):
             # Not coalesced: HEAD has no body to store, a request with credentials may get
-            # a private answer, a client asking to bypass wants its own fetch, and the
-            # last response for this key could not be stored (hit-for-miss).
+            # a private answer, and the last response for this key could not be stored
+            # (hit-for-miss).
             fetched = await _conditional(fetch, _validators(stale) if method == "GET" else [])
             status = "BYPASS" if bypass_read else "MISS"
             detail = "fwd=request" if bypass_read else "fwd=uri-miss"
@@ -310,6 +318,11 @@ class CacheEngine:
                 )
             return self._passed(fetched, status, detail)
 
+        # Coalesced, also for a client asking for an answer checked with the origin
+        # (no-cache, Pragma, max-age=0): it shares the one upstream request in flight for
+        # the key (RFC 9111 §4: a response obtained from the origin after the request
+        # arrived satisfies it), so such requests cannot turn the cache off (issue 10).
+        request.forced = bypass_read
         return await self._miss(request, policy, fetch, request_cc, stale, primary is None)
 
     async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
@@ -327,6 +340,8 @@ class CacheEngine:
             return primary
         if found is None or self.purges.verdict(found.tags, found.fetched_at) is not None:
             return None
+        if request.forced and found.stored_at < request.started:
+            return None  # the entry the client asked to have checked, not a new answer
         return found if found.ttl_left(self.clock()) > 0 else None
 
     async def _miss(
@@ -429,8 +444,10 @@ class CacheEngine:
             self._flights.pop(request.key, None)
             flight.done.set()
         status = "EXPIRED" if stale is not None else "MISS"
-        self.stats[status] += 1
         fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
+        if request.forced:
+            status, fwd = "BYPASS", "fwd=request"
+        self.stats[status] += 1
         if entry is None:
             return self._passed(fetched, status, fwd)
         return self._from_entry(entry, request, self.clock(), status, fwd + _stored(entry))

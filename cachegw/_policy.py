@@ -123,6 +123,10 @@ class CachePolicy:
       one background refresh early with a probability that rises as expiry nears and with
       how long the fetch took, so a hot key is refreshed before it expires instead of all
       at once after. ``1`` is the paper's default; ``0``, the default, turns it off.
+    * **ignore_request_cache_control** - ``True`` ignores the request's ``Cache-Control``
+      and ``Pragma`` (as nginx and Varnish do by default). By default they are honoured:
+      ``no-cache``, ``Pragma: no-cache`` and ``max-age=0`` make the cache ask the origin,
+      with at most one upstream request per key in flight for all such requests.
     * **key** - `(request) -> str` (may be async) whose result is part of the key. Giving
       one declares the entries per-principal: requests with `Authorization` or `Cookie`
       may then use them.
@@ -139,6 +143,7 @@ class CachePolicy:
     max_body: int = DEFAULT_MAX_BODY
     heuristic: float = 0.0
     early_refresh: float = 0.0
+    ignore_request_cache_control: bool = False
     key: KeyFunc | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +196,11 @@ class CachePolicy:
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 100:
             raise ConfigError(f"early_refresh must be a number from 0 to 100, got {beta!r}")
         setattr_(self, "early_refresh", float(beta))
+        if not isinstance(self.ignore_request_cache_control, bool):
+            raise ConfigError(
+                f"ignore_request_cache_control must be true or false, "
+                f"got {self.ignore_request_cache_control!r}"
+            )
         if self.key is not None and not callable(self.key):
             raise ConfigError(f"key must be a callable (request) -> str, got {self.key!r}")
 
@@ -214,6 +224,8 @@ class CachePolicy:
             parts.append(f"heuristic={self.heuristic:g}")
         if self.early_refresh:
             parts.append(f"early_refresh={self.early_refresh:g}")
+        if self.ignore_request_cache_control:
+            parts.append("ignore_request_cache_control=True")
         if self.key is not None:
             parts.append(f"key={getattr(self.key, '__qualname__', repr(self.key))}")
         return f"CachePolicy({', '.join(parts)})"
@@ -264,6 +276,7 @@ KNOBS = frozenset(
         "max_body",
         "heuristic",
         "early_refresh",
+        "ignore_request_cache_control",
     }
 )
 

@@ -213,7 +213,7 @@ BAD = {
         [
             "unknown key 'tll' in services[0].routes[0]",
             "did you mean 'ttl'?",
-            "expected one of: early_refresh, heuristic, max_body, max_ttl, methods, path,",
+            "expected one of: early_refresh, heuristic, ignore_request_cache_control, max_body,",
         ],
     ),
     "hosts not a list": (
@@ -248,6 +248,10 @@ BAD = {
     "forward_headers not an override": (
         ("timeout = 10", 'timeout = 10\nforward_headers = ["Accept"]'),
         ["services[0].forward_headers lists 'Accept', which is forwarded anyway", "use vary"],
+    ),
+    "ignore_request_cache_control": (
+        ("ttl = 60", 'ttl = 60\nignore_request_cache_control = "yes"'),
+        ["services[0].routes[0].ignore_request_cache_control must be true or false, got 'yes'"],
     ),
     "unknown service key": (
         ("timeout = 10", "time_out = 10"),

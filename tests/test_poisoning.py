@@ -13,6 +13,7 @@ import json
 import socket
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 from cachegw import Gateway, Service, create_app
 from cachegw._server import uvicorn_options
-from tests.servers import Receive, Scope, Send, run_uvicorn
+from tests.servers import Receive, Scope, Send, StubUpstream, run_uvicorn
 
 _PATH_OVERRIDES = ("x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url")
 _METHOD_OVERRIDES = (
@@ -264,3 +265,54 @@ def test_forward_headers_are_let_through_and_keyed(backend: str) -> None:
     assert json.loads(two)["self"].endswith("/two/p") and other["x-cache-status"] == "MISS"
     assert "x-forwarded-prefix" in first["vary"].lower()
     assert b"https:" not in scheme  # not allowed, so still removed
+
+
+# -- request directives cannot turn the cache off ------------------------------------------
+
+DIRECTIVES = [
+    "Cache-Control: no-cache",
+    "Pragma: no-cache",
+    "Cache-Control: max-age=0",
+    "cache-control: x-other, NO-CACHE",
+]
+
+
+@contextmanager
+def slow_gateway(backend: str, **route: Any) -> Iterator[tuple[StubUpstream, str]]:
+    stub = StubUpstream()
+    for name in ("a", "b", "c", "d", "e"):
+        stub.route(f"/slow/{name}", body=f'{{"page": "{name}"}}'.encode(), delay=0.3)
+    with run_uvicorn(stub) as origin:
+        svc = Service("svc", origin, prefix="/svc")
+        svc.route("/{rest:path}", ttl=60, **route)
+        gw = Gateway(services=[svc], backend=backend)
+        with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
+            yield stub, base
+
+
+def parallel(base: str, path: str, header: str, n: int = 50) -> list[Any]:
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: get(base, path, "gw.example", header), range(n)))
+
+
+@pytest.mark.parametrize("header", DIRECTIVES)
+def test_parallel_no_cache_requests_share_one_upstream_request(backend: str, header: str) -> None:
+    with slow_gateway(backend) as (stub, base):
+        name = "abcd"[DIRECTIVES.index(header)]
+        path = f"/slow/{name}"
+        cold = parallel(base, f"/svc{path}", header)
+        assert stub.hits[path] <= 2
+        # With a fresh entry: one request checks it with the origin for everyone.
+        before = stub.hits[path]
+        warm = parallel(base, f"/svc{path}", header)
+        assert stub.hits[path] - before <= 2
+    for status, _, body in cold + warm:
+        assert status == 200 and json.loads(body) == {"page": name}
+
+
+def test_ignore_request_cache_control(backend: str) -> None:
+    with slow_gateway(backend, ignore_request_cache_control=True) as (stub, base):
+        get(base, "/svc/slow/e")
+        answers = [get(base, "/svc/slow/e", "gw.example", header) for header in DIRECTIVES]
+    assert [headers["x-cache-status"] for _, headers, _ in answers] == ["HIT"] * 4
+    assert stub.hits["/slow/e"] == 1
