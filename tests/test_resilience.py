@@ -62,8 +62,9 @@ def write_config(directory: Path, backend: str, upstream: str, name: str = "gate
 
 
 def primary_key(rest: str, query: str = "") -> str:
-    """The gateway's primary key for GET /svc{rest} (see _GatewayMiddleware._key)."""
-    return hash_parts(PREFIX, (SERVICE, rest, query, ""))
+    """The gateway's primary key for GET /svc{rest} over plain HTTP, on a service without
+    ``hosts`` (see _GatewayMiddleware._key: service, path, query, key extra, scheme, host)."""
+    return hash_parts(PREFIX, (SERVICE, rest, query, "", "http", ""))
 
 
 def added_latency(answers: list[Answer], upstream_sent: float) -> list[float]:
