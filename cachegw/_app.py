@@ -9,6 +9,8 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -38,7 +40,7 @@ from cachegw._ranges import ranged
 from cachegw._reload import Reloader
 from cachegw._store import L1
 from cachegw._target import BadTarget, check_headers, check_target, problem
-from cachegw._upstream import Upstream, request_headers
+from cachegw._upstream import Upstream, request_headers, upstream_for
 
 __all__ = ["app_from_env", "create_app", "serving_app"]
 
@@ -103,17 +105,12 @@ class _Runtime:
             coordinator=coordinator_for(backend, gateway.prefix),
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.
-            lock_ttl=max((s.timeout for s in gateway.services), default=10.0) + 1.0,
+            lock_ttl=max((s.exchange_bound for s in gateway.services), default=10.0) + 1.0,
             l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
         )
         self.engine.start()
         for service in gateway.services:
-            self.upstreams[service.name] = Upstream(
-                service.upstream,
-                timeout=service.timeout,
-                client=service.client,
-                service=service.name,
-            )
+            self.upstreams[service.name] = upstream_for(service)
         self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
         if self.reload_on_sighup and self.reloader is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -189,13 +186,18 @@ def serving_app(gateway: Gateway | str | Path) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory`` with several workers: reads ``CACHEGW_CONFIG``."""
+    """Factory for ``uvicorn --factory`` with several workers: reads ``CACHEGW_CONFIG``
+    (and ``CACHEGW_SERVER_LIMITS``, the command line's overrides of ``[server]``)."""
+    gateway = Gateway.from_toml(os.environ["CACHEGW_CONFIG"])
+    overrides = json.loads(os.environ.get("CACHEGW_SERVER_LIMITS") or "{}")
+    if overrides:
+        gateway.server = dataclasses.replace(gateway.server, **overrides)
     if os.environ.get("CACHEGW_SUPERVISOR"):
         # Until the lifespan installs the reload handler, a SIGHUP fanned out by the
         # supervisor must not end this worker (its default action).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        return serving_app(os.environ["CACHEGW_CONFIG"])
-    return create_app(os.environ["CACHEGW_CONFIG"])
+        return serving_app(gateway)
+    return create_app(gateway)
 
 
 class _GatewayApp(FastAPI):
@@ -208,7 +210,9 @@ class _GatewayApp(FastAPI):
     def __init__(self, runtime: _Runtime, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._proxy = _Proxy(runtime)
-        self.fast_hit = self._proxy.fast_hit  # used by cachegw's own uvicorn protocol
+        # Used by cachegw's own uvicorn protocol (cachegw._server).
+        self.fast_hit = self._proxy.fast_hit
+        self.server_limits = runtime.gateway.server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/_cachegw/"):
@@ -244,11 +248,13 @@ class _Proxy:
         trace = _Trace()
         try:
             served = await self._handle(scope, receive, trace)
+        except _BodyEnded as ended:
+            served = ended.served()
         except Exception:
             # A bug of ours: never a traceback to the client, always a log line.
             logger.exception("cachegw: error serving %s %s", scope["method"], scope["path"])
             served = _refusal(500, "Internal Server Error", "The gateway failed; see its log.")
-        sent = await _send_served(send, served)
+        sent = await _send_served(send, served, scope)
         self.runtime.metrics.request(trace.service, trace.route, served.cache_status)
         log_access(
             scope,
@@ -302,11 +308,17 @@ class _Proxy:
         cacheable = not (method in ("GET", "HEAD") and has_body)
         metrics = self.runtime.metrics
 
+        ended: list[_BodyEnded] = []
+
         async def body() -> AsyncIterator[bytes]:
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
-                    return
+                    # The body ended early (client gone, framing error, body timeout):
+                    # raising, not returning, makes the upstream request fail unfinished
+                    # instead of going out as complete with what had arrived.
+                    ended.append(_BodyEnded(scope))
+                    raise ended[-1]
                 chunk = message.get("body", b"")
                 if chunk:
                     yield chunk
@@ -345,6 +357,8 @@ class _Proxy:
             )
             took = time.perf_counter() - began
             trace.upstream = took
+            if ended:
+                raise ended[-1]  # not the upstream's failure
             error = fetched.error or ("status_5xx" if fetched.status >= 500 else None)
             metrics.upstream(service.name, took, error)
             return fetched
@@ -596,6 +610,12 @@ def _response_bytes(served: Served) -> bytes | None:
     return b"".join(parts)
 
 
+async def _discard_stream(served: Served) -> None:
+    aclose = getattr(served.stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class _Trace:
     """What one request's metrics and access-log line need to know."""
 
@@ -608,6 +628,25 @@ class _Trace:
         self.key: str | None = None
 
 
+class _BodyEnded(Exception):
+    """A request body ended before its end: the client left, broke the framing or was
+    too slow (body_timeout). The upstream request, if one started, was aborted."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__("request body ended early")
+        connection = scope.get("extensions", {}).get("cachegw.connection")
+        self.reason: str | None = getattr(connection, "abort_reason", None)
+
+    def served(self) -> Served:
+        # What the access log records; the protocol already answered (400 for framing,
+        # 408 for a timeout) or the client is gone (nginx logs 499).
+        if self.reason == "timeout":
+            return _refusal(408, "Request Timeout", "The request body took too long.")
+        if self.reason == "framing":
+            return _refusal(400, "Bad Request", "The request body is not validly framed.")
+        return _refusal(499, "Client Closed Request", "The client left before its body ended.")
+
+
 def _refusal(status: int, title: str, detail: str) -> Served:
     status, headers, body = problem(status, title, detail)
     return Served(status, headers, body, cache_status="ERROR")
@@ -616,13 +655,28 @@ def _refusal(status: int, title: str, detail: str) -> Served:
 _TITLES = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}
 
 
-async def _send_served(send: Send, served: Served) -> int:
+async def _send_served(send: Send, served: Served, scope: Scope) -> int:
     """Send ``served``; the number of body bytes sent."""
-    await send({"type": "http.response.start", "status": served.status, "headers": served.headers})
+    try:
+        await send(
+            {"type": "http.response.start", "status": served.status, "headers": served.headers}
+        )
+    except RuntimeError:
+        # uvicorn refuses a header it cannot write (a control byte in a value); such a
+        # response is never stored (cachegw._upstream), but one stored by an older
+        # version may be: a 502, not a dropped connection.
+        await _discard_stream(served)
+        served = _refusal(502, "Bad Gateway", "The stored response has an invalid header.")
+        await send(
+            {"type": "http.response.start", "status": served.status, "headers": served.headers}
+        )
     stream = served.stream
     if stream is None:
         await send({"type": "http.response.body", "body": served.body})
         return len(served.body)
+    # Set by cachegw's protocol when the client left or was cut off (send_timeout):
+    # uvicorn's send then does nothing, and the upstream stream must not be read on.
+    connection = scope.get("extensions", {}).get("cachegw.connection")
     sent = 0
     try:
         if served.body:
@@ -631,6 +685,8 @@ async def _send_served(send: Send, served: Served) -> int:
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
+            if connection is not None and connection.gone:
+                return sent
         await send({"type": "http.response.body", "body": b""})
     finally:
         aclose = getattr(stream, "aclose", None)

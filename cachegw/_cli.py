@@ -7,6 +7,7 @@ file or bad arguments, 1 for a failure at run time.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -67,9 +68,49 @@ def main() -> None:
     show_default=True,
     help="One JSON line per request on stdout, with its cache status.",
 )
-def serve(file: Path, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
+@click.option(
+    "--header-timeout",
+    type=float,
+    help="Seconds to receive a request head (overrides [server] header_timeout; default 10).",
+)
+@click.option(
+    "--body-timeout",
+    type=float,
+    help="Seconds between two reads of a request body (overrides [server]; default 30).",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=float,
+    help="Seconds an idle connection is kept between requests (overrides [server]; default 20).",
+)
+@click.option(
+    "--send-timeout",
+    type=float,
+    help="Seconds a client may take no response bytes (overrides [server]; default 30).",
+)
+@click.option(
+    "--max-header-fields",
+    type=int,
+    help="Most header fields in a request; more is a 431 (overrides [server]; default 100).",
+)
+def serve(
+    file: Path,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    access_log: bool,
+    **limits: Any,
+) -> None:
     """Serve the gateway declared in FILE."""
     gateway = _load(file)
+    overrides = {name: value for name, value in limits.items() if value is not None}
+    if overrides:
+        try:
+            gateway.server = dataclasses.replace(gateway.server, **overrides)
+        except ConfigError as exc:
+            name, _, rest = str(exc).partition(" ")  # "send_timeout must be ..."
+            raise click.UsageError(f"--{name.replace('_', '-')} {rest}") from None
     _check_port(host, port)
     # No Date/Server header of uvicorn's own, no trusted proxy headers, the raw request
     # target kept: see uvicorn_options. uvicorn's own access lines are replaced by ours.
@@ -95,6 +136,7 @@ def serve(file: Path, host: str, port: int, workers: int, log_level: str, access
     os.environ["CACHEGW_CONFIG"] = str(file.resolve())
     # Workers reload on SIGHUP; a reload asked over HTTP is passed on through this process.
     os.environ["CACHEGW_SUPERVISOR"] = str(os.getpid())
+    os.environ["CACHEGW_SERVER_LIMITS"] = json.dumps(overrides)
     # Metrics of all workers are merged through prometheus-client's multi-process files.
     with multiprocess_dir():
         config = uvicorn.Config(

@@ -27,10 +27,11 @@ from cachegw._backends._memory import MemoryBackend, parse_size
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, Service
 from cachegw._policy import KNOBS
+from cachegw._server import ServerLimits
 
 __all__ = ["load_gateway"]
 
-_TABLES = frozenset({"cache", "admin", "services"})
+_TABLES = frozenset({"cache", "admin", "server", "services"})
 _CACHE_KEYS = frozenset(
     {
         "backend",
@@ -44,8 +45,23 @@ _CACHE_KEYS = frozenset(
     }
 )
 _ADMIN_KEYS = frozenset({"token_env"})
+_SERVER_KEYS = frozenset(
+    {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "max_header_fields"}
+)
+_UPSTREAM_KEYS = frozenset(
+    {
+        "timeout",
+        "connect_timeout",
+        "read_timeout",
+        "write_timeout",
+        "pool_timeout",
+        "total_timeout",
+        "max_connections",
+    }
+)
 _SERVICE_KEYS = (
-    frozenset({"name", "upstream", "prefix", "timeout", "hosts", "forward_headers", "routes"})
+    frozenset({"name", "upstream", "prefix", "hosts", "forward_headers", "routes"})
+    | _UPSTREAM_KEYS
     | KNOBS
 )
 _ROUTE_KEYS = frozenset({"path"}) | KNOBS
@@ -79,9 +95,13 @@ class _Loader:
         self._check_keys(data, _TABLES, "", what="table")
         cache = self._table(data, "cache")
         admin = self._table(data, "admin")
+        server = self._table(data, "server")
         self._check_keys(cache, _CACHE_KEYS, "cache")
         self._check_keys(admin, _ADMIN_KEYS, "admin")
+        self._check_keys(server, _SERVER_KEYS, "server")
         settings: dict[str, Any] = {}
+        with self._at("server", _SERVER_KEYS, values=server):
+            settings["server"] = ServerLimits(**server)
         with self._at("cache", _CACHE_KEYS, values=cache):
             if "max_bytes" in cache:
                 settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")

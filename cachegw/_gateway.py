@@ -21,6 +21,7 @@ from starlette.routing import compile_path
 
 from cachegw._errors import ConfigError
 from cachegw._policy import CachePolicy, parse_duration
+from cachegw._server import ServerLimits
 from cachegw._upstream import GATEWAY_SET, ROUTING_OVERRIDES, is_override
 
 __all__ = ["Gateway", "Route", "Service"]
@@ -69,7 +70,6 @@ class Service:
     * **name** - identifies the service in metrics, logs and purges.
     * **upstream** - base URL, ``http://host:port`` with an optional base path.
     * **prefix** - gateway path prefix stripped before forwarding (``""`` = root).
-    * **timeout** - seconds for the whole upstream exchange before a 504.
     * **hosts** - the host names (``"api.example.com"``, ``"api.example.com:8443"``) this
       service answers for. A request whose ``Host`` is not one of them gets 400; the name
       it matched is part of the key and is sent upstream as ``X-Forwarded-Host``. Without
@@ -78,6 +78,19 @@ class Service:
     * **forward_headers** - override headers (``X-Forwarded-Prefix``, ``X-Forwarded-Port``,
       ...) that the gateway otherwise removes and lets through for this service; every
       route of the service keys on them (they join its ``vary``).
+    * **timeout** - the default of the four phase timeouts below (10 s).
+    * **connect_timeout** - seconds to connect to the upstream (nginx
+      ``proxy_connect_timeout``); past it, a 504.
+    * **read_timeout** - seconds between two reads of the response, and from the end of the
+      request to the response's first byte (``proxy_read_timeout``); past it, a 504. A
+      response that keeps arriving, however slowly, is not cut.
+    * **write_timeout** - seconds for the upstream to take each piece of a request body
+      (``proxy_send_timeout``); past it, a 504.
+    * **pool_timeout** - seconds to wait for one of the ``max_connections`` connections to
+      become free; past it, a 503 with ``Retry-After``.
+    * **total_timeout** - if given, seconds for the whole exchange, streamed bodies
+      included (Envoy's route timeout); none by default.
+    * **max_connections** - connections open to the upstream at most (100).
     * **client** - an ``httpx.AsyncClient`` to use instead of the one cachegw opens.
     * any `CachePolicy` knob - the default for this service's routes.
     """
@@ -91,6 +104,12 @@ class Service:
         timeout: float | str = 10.0,
         hosts: Iterable[str] | None = None,
         forward_headers: Iterable[str] = (),
+        connect_timeout: float | str | None = None,
+        read_timeout: float | str | None = None,
+        write_timeout: float | str | None = None,
+        pool_timeout: float | str | None = None,
+        total_timeout: float | str | None = None,
+        max_connections: int = 100,
         client: httpx.AsyncClient | None = None,
         **defaults: Any,
     ) -> None:
@@ -101,9 +120,24 @@ class Service:
         self.name = name
         self.upstream = _check_upstream(upstream, name)
         self.prefix = _check_prefix(prefix, name)
-        self.timeout = parse_duration(timeout, what=f"timeout of service {name!r}")
-        if self.timeout <= 0:
-            raise ConfigError(f"timeout of service {name!r} must be > 0 seconds, got {timeout!r}")
+        self.timeout = _positive(timeout, "timeout", name)
+        self.connect_timeout = _positive(connect_timeout, "connect_timeout", name, self.timeout)
+        self.read_timeout = _positive(read_timeout, "read_timeout", name, self.timeout)
+        self.write_timeout = _positive(write_timeout, "write_timeout", name, self.timeout)
+        self.pool_timeout = _positive(pool_timeout, "pool_timeout", name, self.timeout)
+        self.total_timeout = (
+            None if total_timeout is None else _positive(total_timeout, "total_timeout", name)
+        )
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ConfigError(
+                f"max_connections of service {name!r} must be a whole number ≥ 1, "
+                f"got {max_connections!r}"
+            )
+        self.max_connections = max_connections
         self.client = client
         self.hosts = _check_hosts(hosts, name)
         # Request Host (lower case) -> the listed name it matches; a name listed without a
@@ -115,6 +149,27 @@ class Service:
         self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
         self._default_values = dict(defaults)
         self.routes: list[Route] = []
+
+    @property
+    def client_settings(self) -> dict[str, Any]:
+        """What the service's upstream client is built from, besides its URL and client."""
+        return {
+            "timeout": self.timeout,
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "write_timeout": self.write_timeout,
+            "pool_timeout": self.pool_timeout,
+            "total_timeout": self.total_timeout,
+            "max_connections": self.max_connections,
+        }
+
+    @property
+    def exchange_bound(self) -> float:
+        """Seconds an ordinary exchange with the upstream may take: the total timeout, or
+        waiting for the pool, connecting and waiting for the answer."""
+        if self.total_timeout is not None:
+            return self.total_timeout
+        return self.pool_timeout + self.connect_timeout + self.read_timeout
 
     def route(self, path: str, **knobs: Any) -> Service:
         """Declare a route; knobs it does not set come from the service. Returns the service."""
@@ -183,6 +238,8 @@ class Gateway:
       ``l1_ttl`` at the latest). ``l1_entries = 0`` turns it off.
     * **expose_tag_headers** - pass the upstream's ``Surrogate-Key`` / ``Cache-Tag``
       headers on to clients (by default they are read as tags and stripped).
+    * **server** - `ServerLimits` on client connections (timeouts, header fields), enforced
+      when the gateway is served by ``cachegw serve``.
     """
 
     services: list[Service] = field(default_factory=list)
@@ -195,6 +252,7 @@ class Gateway:
     expose_tag_headers: bool = False
     l1_entries: int = 4096
     l1_ttl: float | str = 1.0
+    server: ServerLimits = field(default_factory=ServerLimits)
     source: str | None = None  # the file this came from, for messages
 
     def __post_init__(self) -> None:
@@ -283,6 +341,16 @@ class Gateway:
 
 
 _UNMATCHED = object()
+
+
+def _positive(value: object, what: str, service: str, default: float | None = None) -> float:
+    if value is None and default is not None:
+        return default
+    where = f"{what} of service {service!r}"
+    seconds = parse_duration(value, what=where)
+    if seconds <= 0:
+        raise ConfigError(f"{where} must be > 0 seconds, got {value!r}")
+    return seconds
 
 
 def _check_upstream(upstream: object, name: str) -> str:

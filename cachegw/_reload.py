@@ -38,7 +38,7 @@ from uvicorn.supervisors import Multiprocess
 
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, Service
-from cachegw._upstream import Upstream
+from cachegw._upstream import Upstream, upstream_for
 
 if TYPE_CHECKING:
     from cachegw._app import _Runtime
@@ -199,6 +199,9 @@ class Reloader:
             )
         new = Gateway.from_toml(self.path)
         old = self.runtime.gateway
+        # Client limits ([server]) are fixed when the gateway starts (command-line flags
+        # may override them): a reload keeps the running ones.
+        new.server = old.server
         reason = restart_needed(old, new)
         if reason is not None:
             raise ReloadError(f"{self.path}: {reason}")
@@ -243,11 +246,9 @@ class Reloader:
             if current is not None and before is not None and _same_client(before, service):
                 upstreams[service.name] = current
             else:
-                upstreams[service.name] = Upstream(
-                    service.upstream, timeout=service.timeout, client=service.client
-                )
+                upstreams[service.name] = upstream_for(service)
         retired = [
-            (upstream, old_services[name].timeout)
+            (upstream, old_services[name].exchange_bound)
             for name, upstream in runtime.upstreams.items()
             if upstreams.get(name) is not upstream and name in old_services
         ]
@@ -255,7 +256,7 @@ class Reloader:
         runtime.upstreams = upstreams
         engine = runtime.engine
         if engine is not None:
-            engine.lock_ttl = max((s.timeout for s in new.services), default=10.0) + 1.0
+            engine.lock_ttl = max((s.exchange_bound for s in new.services), default=10.0) + 1.0
         for callback in self.on_swap:
             callback()
         for upstream, timeout in retired:
@@ -282,7 +283,11 @@ def _entries_differ(old: Service, new: Service) -> bool:
 
 
 def _same_client(old: Service, new: Service) -> bool:
-    return old.upstream == new.upstream and old.timeout == new.timeout and old.client is new.client
+    return (
+        old.upstream == new.upstream
+        and old.client_settings == new.client_settings
+        and old.client is new.client
+    )
 
 
 async def _retire(upstream: Upstream, after: float) -> None:

@@ -1,12 +1,73 @@
-"""How cachegw runs uvicorn: the settings a caching gateway needs, in one place."""
+"""How cachegw runs uvicorn: the settings a caching gateway needs, in one place.
+
+Client-side limits (`ServerLimits`, the ``[server]`` table) are enforced by the protocol
+below, nginx's way: a deadline per connection for the phase it is in (reading a request
+head, reading a body, idle between requests), and a send deadline while the client is
+not reading what we write. One timer per event loop checks every connection's deadline a
+few times a second, so a request costs a few attribute writes, not timers of its own.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
+from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-__all__ = ["GatewayHttpToolsProtocol", "uvicorn_options"]
+from cachegw._errors import ConfigError
+from cachegw._policy import parse_duration
+
+__all__ = ["GatewayHttpToolsProtocol", "ServerLimits", "uvicorn_options"]
+
+# A request head (request line + headers) larger than this is refused with 431 while it is
+# still arriving: the gateway's own check (16 KiB of headers, cachegw._target) runs only
+# once a head is complete, and httptools itself has no bound.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerLimits:
+    """Limits on client connections, enforced by `cachegw serve` (the ``[server]`` table).
+
+    * **header_timeout** - seconds to receive a whole request head, counted from the
+      connection's start or the request's first byte (nginx ``client_header_timeout``,
+      60 s). Also bounds a connection that sends nothing at all.
+    * **body_timeout** - seconds between two reads of a request body (nginx
+      ``client_body_timeout``, 60 s).
+    * **keepalive_timeout** - seconds an idle connection is kept open between requests
+      (nginx ``keepalive_timeout``, 75 s).
+    * **send_timeout** - seconds a client may go without accepting any bytes of a
+      response being written (nginx ``send_timeout``, 60 s).
+    * **max_header_fields** - most header fields in one request; more is a 431 (nginx
+      bounds the size of headers, not their number; Apache ``LimitRequestFields``, 100).
+    """
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 20.0
+    send_timeout: float = 30.0
+    max_header_fields: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
+            value = getattr(self, name)
+            seconds = parse_duration(value, what=name)
+            if seconds <= 0:
+                raise ConfigError(
+                    f"{name} must be a number of seconds > 0 (or a string like '30s'), "
+                    f"got {value!r}"
+                )
+            object.__setattr__(self, name, seconds)
+        fields = self.max_header_fields
+        if isinstance(fields, bool) or not isinstance(fields, int) or not 1 <= fields <= 10_000:
+            raise ConfigError(
+                f"max_header_fields must be a whole number from 1 to 10000, got {fields!r}"
+            )
+
+
+_DEFAULT_LIMITS = ServerLimits()
 
 
 class _NoEvent:
@@ -23,10 +84,20 @@ class _Answered:
 
 _ANSWERED = _Answered()
 
+# The phase a connection is in, for its deadline.
+_IDLE = 0  # between requests: uvicorn's keep-alive timer runs
+_HEAD = 1  # receiving a request head: header_timeout
+_BODY = 2  # receiving a request body: body_timeout since the last bytes
+_BUSY = 3  # the request is read; the gateway is answering
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that is refused."""
+
 
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, keeping the request target as the client sent it, and
-    answering plain cache hits itself.
+    """uvicorn's httptools protocol, keeping the request target as the client sent it,
+    answering plain cache hits itself, and enforcing `ServerLimits`.
 
     httptools reduces an absolute-form target (``GET http://evil/x``) to its path, so the
     application could not tell it from ``GET /x``. The raw target goes into the scope's
@@ -36,9 +107,97 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     the process (`cachegw._app._Proxy.fast_hit`: no credentials, conditionals, cache
     directives or body; fresh; no Vary) is answered here, with one write, without an ASGI
     cycle. Everything else, and any doubt, takes the ordinary path.
+
+    The connection is in the scope's extensions too (``cachegw.connection``): the
+    application reads `gone` to stop streaming to a client that left or was cut off, and
+    `abort_reason` to tell why a request body ended early.
     """
 
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limits = getattr(self.app, "server_limits", None)
+        self.limits: ServerLimits = limits if isinstance(limits, ServerLimits) else _DEFAULT_LIMITS
+        # uvicorn's keep-alive timer runs between requests; call_later takes any float.
+        self.timeout_keep_alive = self.limits.keepalive_timeout  # type: ignore[assignment]
+        self.gone = False
+        self.abort_reason: str | None = None  # "timeout" or "framing" when we cut a body
+        self._phase = _HEAD
+        self._deadline = math.inf
+        self._head_bytes = 0
+        self._begun = False  # a request head has started arriving
+        self._fields = 0
+        self._refusal: bytes | None = None
+        self._send_since: float | None = None
+        self._send_buffered = 0
+
+    # --- connection lifetime -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that sends nothing is bounded like a slow head.
+        self._deadline = self.loop.time() + self.limits.header_timeout
+        _Sweeper.watch(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == _IDLE:
+            # Any byte after an idle spell starts a request head (even bare CRLFs, which
+            # the parser skips without starting a message).
+            self._phase = _HEAD
+            self._head_bytes = 0
+            self._deadline = self.loop.time() + self.limits.header_timeout
+        if self._phase == _HEAD:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._phase == _HEAD and self._head_bytes > MAX_HEAD_BYTES and not self.gone:
+            # httptools buffers a header line without bound until it ends.
+            busy = self.cycle is not None and not self.cycle.response_complete
+            detail = f"The request head is larger than {MAX_HEAD_BYTES} bytes."
+            self._cut(None if busy else self._response(431, detail))
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a parser error: ours when a callback refused the request.
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.abort_reason = "framing"  # the body being read is cut: see _Proxy
+        if self._refusal is not None:
+            self.transport.write(self._refusal)
+            self.transport.close()
+            return
+        super().send_400_response(msg)
+
+    # --- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._phase != _HEAD:
+            self._phase = _HEAD
+            self._deadline = self.loop.time() + self.limits.header_timeout
+        self._fields = 0
+        self._begun = True
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        if self._fields > self.limits.max_header_fields:
+            self._refuse(
+                431, f"The request has more than {self.limits.max_header_fields} header fields."
+            )
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        parser = self.parser
+        # Until the message is complete (at once for a request without a body).
+        self._head_bytes = 0
+        self._phase = _BODY
+        self._deadline = self.loop.time() + self.limits.body_timeout
         fast_hit = getattr(self.app, "fast_hit", None)
         if (
             fast_hit is not None
@@ -46,13 +205,11 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             and not self.pipeline
             and self.limit_concurrency is None
             and not self.server_state.default_headers
-            and self.parser.get_http_version() == "1.1"
-            and self.parser.should_keep_alive()
-            and not self.parser.should_upgrade()
+            and parser.get_http_version() == "1.1"
+            and parser.should_keep_alive()
+            and not parser.should_upgrade()
         ):
-            answer = fast_hit(
-                self.parser.get_method(), self.url, self.headers, self.client, self.scheme
-            )
+            answer = fast_hit(parser.get_method(), self.url, self.headers, self.client, self.scheme)
             if answer is not None:
                 self.transport.write(answer)
                 self.cycle = _ANSWERED  # type: ignore[assignment]
@@ -60,7 +217,126 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                 return
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions["cachegw.request_target"] = self.url
+        extensions["cachegw.connection"] = self
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._deadline = self.loop.time() + self.limits.body_timeout
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        self._phase = _IDLE if cycle is None or cycle.response_complete else _BUSY
+        self._begun = False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._phase == _BUSY and (self.cycle is None or self.cycle.response_complete):
+            self._phase = _IDLE  # uvicorn's keep-alive timer (keepalive_timeout) runs
+
+    # --- send timeout ---------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._send_since = self.loop.time()
+        self._send_buffered = self.transport.get_write_buffer_size()
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._send_since = None
+        super().resume_writing()
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the sweeper: cut the connection whose client is past a deadline."""
+        if self.gone or self.transport.is_closing():
+            return
+        if self._send_since is not None and now - self._send_since > self.limits.send_timeout:
+            buffered = self.transport.get_write_buffer_size()
+            if buffered < self._send_buffered:  # the client took some bytes: not stalled
+                self._send_since, self._send_buffered = now, buffered
+            else:
+                self._cut(None)
+                return
+        if now < self._deadline:
+            return
+        if self._phase == _HEAD:
+            # Close silently when no request has begun (nginx does the same); a partial
+            # head gets its 408.
+            late = self._response(408, "The request head took too long.")
+            self._cut(late if self._begun else None)
+        elif self._phase == _BODY:
+            if self.flow.read_paused:
+                # We stopped reading (the upstream is slow to take the body, or a
+                # pipelined request waits): not the client's delay.
+                self._deadline = now + self.limits.body_timeout
+                return
+            self.abort_reason = "timeout"
+            started = self.cycle is not None and self.cycle.response_started
+            self._cut(None if started else self._response(408, "The request body took too long."))
+
+    def _cut(self, answer: bytes | None) -> None:
+        self.gone = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the application's sends stop, its receive ends
+            cycle.message_event.set()
+        if answer is None:
+            self.transport.abort()  # nothing worth flushing to a client that does not read
+        else:
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        self._refusal = self._response(status, detail)
+        raise _Refused(detail)
+
+    @staticmethod
+    def _response(status: int, detail: str) -> bytes:
+        from cachegw._target import problem  # pure; imported late to keep this module light
+
+        _, headers, body = problem(status, STATUS_LINE[status][13:-2].decode(), detail)
+        lines = [STATUS_LINE[status]]
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        lines.append(b"connection: close\r\n\r\n")
+        return b"".join(lines) + body
+
+
+class _Sweeper:
+    """One timer per event loop that checks every connection's deadlines."""
+
+    INTERVAL = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: set[GatewayHttpToolsProtocol] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    _by_loop: dict[int, _Sweeper] = {}
+
+    @classmethod
+    def watch(cls, connection: GatewayHttpToolsProtocol) -> None:
+        loop = connection.loop
+        sweeper = cls._by_loop.get(id(loop))
+        if sweeper is None or sweeper.loop is not loop:
+            sweeper = cls._by_loop[id(loop)] = _Sweeper(loop)
+        sweeper.connections.add(connection)
+        if sweeper.handle is None:
+            sweeper.handle = loop.call_later(cls.INTERVAL, sweeper.sweep)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            if connection.gone:
+                self.connections.discard(connection)
+            else:
+                connection.check_deadlines(now)
+        if self.connections:
+            self.handle = self.loop.call_later(self.INTERVAL, self.sweep)
+        else:
+            self.handle = None
+            _Sweeper._by_loop.pop(id(self.loop), None)
 
 
 def uvicorn_options(**overrides: Any) -> dict[str, Any]:
@@ -70,7 +346,8 @@ def uvicorn_options(**overrides: Any) -> dict[str, Any]:
       through, and a second one breaks HTTP caches downstream;
     * ``proxy_headers=False``: ``X-Forwarded-For`` from a client is not trusted, the
       gateway sets it from the socket peer;
-    * the httptools parser with the raw request target kept (see above);
+    * the httptools parser with the raw request target kept and the client limits of the
+      application's ``server_limits`` enforced (see above);
     * a bounded graceful shutdown (10 s for requests in flight).
     """
     options: dict[str, Any] = {

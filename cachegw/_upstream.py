@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -44,6 +45,7 @@ __all__ = [
     "is_override",
     "request_headers",
     "response_headers",
+    "upstream_for",
     "upstream_url",
 ]
 
@@ -115,6 +117,20 @@ _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Idle connections are dropped before common servers drop them (Node.js: 5 s), so a
 # request is rarely sent on a connection the upstream is closing.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=4.0)
+# RFC 9110 §5.1 (a field name is a token) and §5.5 (a field value has no control byte but
+# HTAB; CR, LF and NUL are never valid). A response breaking them is a 502, never stored:
+# stored, it would break every later answer for its URL.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_RETRY_AFTER = (b"retry-after", b"1")
+
+
+def _invalid_field(raw: Headers) -> bytes | None:
+    """The name of the first header that breaks RFC 9110's field rules, or None."""
+    for name, value in raw:
+        if not _FIELD_NAME.fullmatch(name) or _BAD_VALUE.search(value):
+            return name
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -221,15 +237,17 @@ class _AiohttpBody(httpx.AsyncByteStream):
 
 
 class _AiohttpTransport(httpx.AsyncBaseTransport):
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, *, unbounded: bool = False) -> None:
         self._limits = limits
+        self._unbounded = unbounded
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:  # created lazily: aiohttp wants a running loop
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self._limits.max_connections or 0,
+                    # Owned clients bound connections with their own queue (Upstream).
+                    limit=0 if self._unbounded else self._limits.max_connections or 0,
                     keepalive_timeout=self._limits.keepalive_expiry or 4.0,
                 ),
                 auto_decompress=False,
@@ -321,12 +339,25 @@ class _Reply:
 
 
 class _Stream:
-    """The rest of a body too large to store: the chunks already read, then the remainder."""
+    """The rest of a body too large to store: the chunks already read, then the remainder.
 
-    def __init__(self, response: _Reply, head: list[bytes], rest: AsyncIterator[bytes]) -> None:
+    Holds a connection of the pool until closed; `deadline` (loop time) is the service's
+    total timeout, if it has one.
+    """
+
+    def __init__(
+        self,
+        response: _Reply,
+        head: list[bytes],
+        rest: AsyncIterator[bytes],
+        release: _Permit,
+        deadline: float | None,
+    ) -> None:
         self._response = response
         self._head = deque(head)
         self._rest = rest
+        self._release = release
+        self._deadline = deadline
 
     def __aiter__(self) -> _Stream:
         return self
@@ -335,13 +366,68 @@ class _Stream:
         if self._head:
             return self._head.popleft()
         try:
-            return await self._rest.__anext__()
+            if self._deadline is None:
+                return await self._rest.__anext__()
+            async with asyncio.timeout_at(self._deadline):
+                return await self._rest.__anext__()
         except BaseException:  # end of body, read error or cancellation: release the connection
             await self.aclose()
             raise
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        try:
+            await self._response.aclose()
+        finally:
+            self._release()
+
+
+async def _written(
+    body: AsyncIterator[bytes], limit: asyncio.Timeout, write_timeout: float, total: float | None
+) -> AsyncIterator[bytes]:
+    """`body`, with `write_timeout` running while each chunk is being written upstream.
+
+    The client's pace is not the upstream's fault: while we wait for the client's next
+    chunk only the total deadline runs (the client's own pace is `body_timeout`'s).
+    """
+    loop = asyncio.get_running_loop()
+    async for chunk in body:
+        due = loop.time() + write_timeout
+        limit.reschedule(due if total is None else min(due, total))
+        yield chunk  # resumed when the chunk is written
+        limit.reschedule(total)
+
+
+def _timed_out(who: str, exc: BaseException, phases: httpx.Timeout) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"{who} could not be connected to within {phases.connect:g} s."
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"{who} did not answer within {phases.read:g} s."
+    # Our own deadline: the total timeout, or the upstream not taking the request body.
+    return f"{who} did not answer in time."
+
+
+class _Permit:
+    """One place in a service's connection pool; releasing it twice is harmless."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def __call__(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+
+
+def upstream_for(service: Any) -> Upstream:
+    """The client for a `cachegw.Service` (its upstream URL, timeouts and pool)."""
+    return Upstream(
+        service.upstream,
+        client=service.client,
+        service=service.name,
+        **service.client_settings,
+    )
 
 
 class Upstream:
@@ -353,9 +439,16 @@ class Upstream:
     await upstream.aclose()
     ```
 
-    `timeout` bounds connecting, each read, waiting for a pooled connection, and the whole
-    exchange up to the end of a storable body. A `client` passed in is used as is (its
-    transport, its limits) and is not closed by `aclose()`.
+    Timeouts bound each phase, nginx's way, not the whole exchange: waiting for a place in
+    the pool (`pool_timeout`, then a 503 with ``Retry-After``), connecting
+    (`connect_timeout`), each write of the request body (`write_timeout`: the upstream
+    not taking it) and the time between two reads of the response (`read_timeout`). A
+    slow response that keeps arriving is not cut; a silent one is. `timeout` is the
+    default of each; `total_timeout`, when given, bounds the whole exchange too.
+    `max_connections` bounds the connections open to the service.
+
+    A `client` passed in is used as is (its transport, its keep-alive) and is not closed
+    by `aclose()`.
     """
 
     def __init__(
@@ -363,6 +456,12 @@ class Upstream:
         base: str,
         *,
         timeout: float,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        write_timeout: float | None = None,
+        pool_timeout: float | None = None,
+        total_timeout: float | None = None,
+        max_connections: int = 100,
         client: httpx.AsyncClient | None = None,
         service: str = "",
     ):
@@ -377,16 +476,32 @@ class Upstream:
         self.service = service
         self._root = root
         self._base_path = root.raw_path.partition(b"?")[0].rstrip(b"/").decode("ascii")
-        self._timeout = timeout
+        connect = connect_timeout or timeout
+        read = read_timeout or timeout
+        self._write_timeout = write_timeout or timeout
+        self._pool_timeout = pool_timeout or timeout
+        self._total = total_timeout
+        self._slots = asyncio.Semaphore(max_connections)
         self._owned = client is None
-        self._transport = _AiohttpTransport(_LIMITS)
+        limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=_LIMITS.keepalive_expiry,
+        )
+        self._transport = _AiohttpTransport(limits, unbounded=True)
+        phases = httpx.Timeout(
+            timeout, connect=connect, read=read, write=self._write_timeout, pool=None
+        )
         self._client = client or httpx.AsyncClient(
-            transport=self._transport, trust_env=False, timeout=timeout
+            transport=self._transport, trust_env=False, timeout=phases
         )
-        self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+        self._extensions = {"timeout": phases.as_dict()}
+        # aiohttp's sock_read runs from the end of the request body to the first byte of
+        # the response, then between reads; connect covers name resolution and connecting.
         self._aiohttp_timeout = aiohttp.ClientTimeout(
-            connect=timeout, sock_connect=timeout, sock_read=timeout
+            connect=connect, sock_connect=connect, sock_read=read
         )
+        self._phases = phases
         self._fresh: httpx.AsyncClient | None = None  # unpooled, for the one retry
 
     async def aclose(self) -> None:
@@ -405,14 +520,44 @@ class Upstream:
         *,
         max_body: int,
     ) -> Fetched:
-        """Forward one request; never raises for upstream failures (they become 502/504)."""
+        """Forward one request; never raises for upstream failures (they become 502/503/504).
+
+        A body that raises (it ended early) aborts the request: the upstream sees the
+        connection close before the body's end, never a complete request.
+        """
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                who = f"the service {self.service!r}" if self.service else "the upstream service"
+                status, out, payload = problem(
+                    503, "Service Unavailable", f"No connection to {who} became free in time."
+                )
+                out.append(_RETRY_AFTER)
+                return Fetched(
+                    status, out, payload, failed=True, response_time=time.time(), error="pool"
+                )
+        else:
+            await slots.acquire()  # free: returns at once
+        release = _Permit(slots)
         response: _Reply | None = None
+        streamed = False
+        deadline = None if self._total is None else asyncio.get_running_loop().time() + self._total
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline) as limit:
+                if body is not None and not isinstance(body, bytes):
+                    body = _written(body, limit, self._write_timeout, deadline)
                 response = await self._send(method, path, raw_query, headers, body)
                 arrived = time.time()
                 if not 100 <= response.status <= 599:
                     raise httpx.RemoteProtocolError(f"invalid status code {response.status}")
+                bad = _invalid_field(response.raw_headers)
+                if bad is not None:
+                    raise httpx.RemoteProtocolError(
+                        f"invalid header field {bad[:64].decode('latin-1')!r}"
+                    )
                 declared = response.declared
                 rest = response.aiter_raw()
                 chunks: list[bytes] = []
@@ -426,6 +571,7 @@ class Upstream:
                             streamed = True
                             break
         except (httpx.TransportError, TimeoutError) as exc:
+            streamed = False
             if response is not None:
                 await response.aclose()
             timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
@@ -439,15 +585,19 @@ class Upstream:
             )
             who = f"The service {self.service!r}" if self.service else "The upstream service"
             detail = {
-                "timeout": f"{who} did not answer within {self._timeout:g} s.",
+                "timeout": _timed_out(who, exc, self._phases),
                 "connect": f"{who} could not be reached.",
                 "protocol": f"{who} sent an invalid response.",
             }[kind]
             status, out, payload = problem(status, title, detail)
             return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
+        finally:
+            if not streamed:
+                release()
         out = response_headers(response.raw_headers)
         if streamed:
-            stream = _Stream(response, chunks, rest)
+            # The permit goes with the stream: the connection is held until it is closed.
+            stream = _Stream(response, chunks, rest, release, deadline)
             return Fetched(response.status, out, None, stream, response_time=arrived)
         await response.aclose()
         data = b"".join(chunks)
@@ -483,7 +633,7 @@ class Upstream:
                     limits=httpx.Limits(max_keepalive_connections=0)
                 ),
                 trust_env=False,
-                timeout=self._timeout,
+                timeout=self._phases,
             )
         url = upstream_url(self.base, path, raw_query)
         request = httpx.Request(method, url, headers=headers, content=body)

@@ -267,7 +267,11 @@ BAD = {
     ),
     "unknown table": (
         ("[admin]", "[admn]"),
-        ["unknown top-level table 'admn'", "did you mean 'admin'?", "admin, cache, services"],
+        [
+            "unknown top-level table 'admn'",
+            "did you mean 'admin'?",
+            "admin, cache, server, services",
+        ],
     ),
     "missing name": (
         ('name = "users"\n', ""),
@@ -320,6 +324,26 @@ BAD = {
     "bad timeout": (
         ("timeout = 10", "timeout = 0"),
         ["services[0].timeout must be > 0 seconds, got 0"],
+    ),
+    "bad read_timeout": (
+        ("timeout = 10", 'timeout = 10\nread_timeout = "soon"'),
+        ["services[0].read_timeout", "must be a number of seconds", "got 'soon'"],
+    ),
+    "bad max_connections": (
+        ("timeout = 10", "timeout = 10\nmax_connections = 0"),
+        ["services[0].max_connections must be a whole number ≥ 1, got 0"],
+    ),
+    "bad server timeout": (
+        ("[admin]", '[server]\nsend_timeout = "0s"\n\n[admin]'),
+        ["gateway.toml: server.send_timeout must be a number of seconds > 0", "got '0s'"],
+    ),
+    "bad server fields": (
+        ("[admin]", "[server]\nmax_header_fields = 1.5\n\n[admin]"),
+        ["server.max_header_fields must be a whole number from 1 to 10000, got 1.5"],
+    ),
+    "unknown server key": (
+        ("[admin]", "[server]\nheader_timout = 5\n\n[admin]"),
+        ["unknown key 'header_timout' in server", "did you mean 'header_timeout'?"],
     ),
     "services not an array": (
         ("[[services]]", "[services]"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import cachegw
 from cachegw import Gateway
-from cachegw._config import _ADMIN_KEYS, _CACHE_KEYS, _ROUTE_KEYS, _SERVICE_KEYS
+from cachegw._config import _ADMIN_KEYS, _CACHE_KEYS, _ROUTE_KEYS, _SERVER_KEYS, _SERVICE_KEYS
 from cachegw._policy import KNOBS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def test_every_policy_knob_is_in_policies_page() -> None:
 
 def test_every_toml_key_is_in_gateway_guide() -> None:
     text = _read("gateway.md")
-    keys = _CACHE_KEYS | _ADMIN_KEYS | _SERVICE_KEYS | _ROUTE_KEYS
+    keys = _CACHE_KEYS | _ADMIN_KEYS | _SERVER_KEYS | _SERVICE_KEYS | _ROUTE_KEYS
     missing = sorted(k for k in keys if f"`{k}`" not in text)
     assert not missing, f"TOML keys not in docs/gateway.md: {missing}"
 
@@ -68,6 +68,7 @@ def test_gateway_example_loads_and_checks(tmp_path: Path) -> None:
     for table, keys in (
         ("cache", _CACHE_KEYS),
         ("admin", _ADMIN_KEYS),
+        ("server", _SERVER_KEYS),
         ("services", _SERVICE_KEYS - {"routes"}),
         ("services.routes", _ROUTE_KEYS),
     ):
