@@ -109,6 +109,7 @@ class _Runtime:
             l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
         )
         self.engine.start()
+        self.metrics.watch_l1(self.engine.store.l1.stats)
         for service in gateway.services:
             self.upstreams[service.name] = upstream_for(service)
         self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
@@ -255,7 +256,9 @@ class _Proxy:
             logger.exception("cachegw: error serving %s %s", scope["method"], scope["path"])
             served = _refusal(500, "Internal Server Error", "The gateway failed; see its log.")
         sent = await _send_served(send, served, scope)
-        self.runtime.metrics.request(trace.service, trace.route, served.cache_status)
+        self.runtime.metrics.request(
+            trace.service, trace.route, served.cache_status, time.perf_counter() - started
+        )
         log_access(
             scope,
             status=served.status,
@@ -505,6 +508,7 @@ def _fast_hit(
     what needs no I/O: fresh, not purged, no Vary marker, no key function, no request
     header that changes the answer.
     """
+    began = time.perf_counter()
     runtime = proxy.runtime
     engine = runtime.engine
     if engine is None or method not in (b"GET", b"HEAD") or engine.purges.due():
@@ -571,7 +575,7 @@ def _fast_hit(
             proxy._answers.clear()
         proxy._answers[(key, verb)] = (entry, seconds, answer, status, sent)
     engine.stats["HIT"] += 1
-    runtime.metrics.request(service.name, route.path, "HIT")
+    runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
     if access_log_enabled():
         user_agent = b""
         for name, value in headers:

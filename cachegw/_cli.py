@@ -345,6 +345,56 @@ def _admin_post(gateway: Gateway, file: Path, url: str, action: str, body: Any) 
 
 
 @main.command()
+@click.argument("url", default="http://127.0.0.1:8000")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between refreshes (and the window the rates are measured over).",
+)
+@click.option(
+    "--sort",
+    default="rps",
+    show_default=True,
+    type=click.Choice(["rps", "hit", "p99", "errors", "name"]),
+    help="Initial order; in the view, press r, h, p, e or n to change it, q to quit.",
+)
+@click.option("--once", is_flag=True, help="Print one frame as text and exit (for scripts).")
+@click.option(
+    "--width", default=132, show_default=True, type=click.IntRange(min=60), help="With --once."
+)
+@click.option(
+    "--token-env",
+    default="CACHEGW_ADMIN_TOKEN",
+    show_default=True,
+    help="Environment variable whose value, when set, is sent as the admin token.",
+)
+def top(url: str, interval: float, sort: str, once: bool, width: int, token_env: str) -> None:
+    """A live view of the running gateway at URL, refreshed every second.
+
+    Per service and route: requests per second, shares of HIT, STALE, MISS (and
+    EXPIRED) and BYPASS, p50 and p99 latency, upstream errors and timeouts, coalesced
+    requests; above them the configuration generation and the backend's state. Reads
+    URL/_cachegw/metrics; with several workers the figures are all workers' together.
+    """
+    from cachegw._top import TopError
+    from cachegw._top import once as top_once
+    from cachegw._top import run as top_run
+
+    token = os.environ.get(token_env) or None
+    try:
+        if once:
+            click.echo(top_once(url, token, interval, sort, width), nl=False)
+        else:
+            top_run(url, token, interval, sort)
+    except TopError as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--upstream-port",

@@ -141,6 +141,15 @@ class L1:
         while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
             self.forget(next(iter(self._items)))
 
+    def stats(self) -> dict[str, int]:
+        """Its size and bounds: ``entries``, ``bytes``, ``max_entries``, ``max_bytes``."""
+        return {
+            "entries": len(self._items),
+            "bytes": self.bytes,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+        }
+
     def forget(self, key: str) -> None:
         found = self._items.pop(key, None)
         if found is not None:

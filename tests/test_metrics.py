@@ -134,7 +134,8 @@ def test_known_sequence_gives_expected_values() -> None:
 def test_every_documented_metric_is_exposed() -> None:
     backend = MemoryBackend()
     metrics = Metrics(memory_stats=backend.stats)
-    metrics.request("s", "/", "HIT")
+    metrics.request("s", "/", "HIT", 0.001)
+    metrics.watch_l1(lambda: {"entries": 1, "bytes": 2, "max_entries": 3, "max_bytes": 4})
     metrics.upstream("s", 0.1, "status_5xx")
     metrics.backend_error("get")
     metrics.stale("s", "max-stale")
@@ -146,6 +147,7 @@ def test_every_documented_metric_is_exposed() -> None:
     names = {f.name for f in families if not f.name.endswith("_created")}
     assert names == {
         "cachegw_requests",
+        "cachegw_request_duration_seconds",
         "cachegw_upstream_request_duration_seconds",
         "cachegw_upstream_errors",
         "cachegw_backend_errors",
@@ -161,6 +163,10 @@ def test_every_documented_metric_is_exposed() -> None:
         "cachegw_memory_max_entries",
         "cachegw_memory_max_bytes",
         "cachegw_memory_evictions",
+        "cachegw_l1_entries",
+        "cachegw_l1_bytes",
+        "cachegw_l1_max_entries",
+        "cachegw_l1_max_bytes",
     }
     docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
     for name in names - {"cachegw_info"}:

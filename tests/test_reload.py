@@ -164,7 +164,7 @@ def test_reloads_under_load_drop_nothing_and_keep_hits(tmp_path: Path, backend: 
         gw = GatewayProcess(
             live, extra_env={"CACHEGW_TEST_RELOAD_TOKEN": TOKEN}, args=["--no-access-log"]
         )
-        gw.start()
+        gw.start(timeout=60)  # a loaded machine starts workers slowly
         try:
             for path in items:  # warm: the unchanged route is all hits from here on
                 httpx.get(gw.base + path)
@@ -210,7 +210,7 @@ def test_sighup_reloads_every_worker_and_post_fans_out(tmp_path: Path) -> None:
         gw = GatewayProcess(
             live, extra_env={"CACHEGW_TEST_RELOAD_TOKEN": TOKEN}, args=["--workers", "2"]
         )
-        gw.start()
+        gw.start(timeout=60)  # a loaded machine starts workers slowly
         try:
             assert _eventually(lambda: generations(gw.base) == [1.0, 1.0])
             write(live, upstream, "memory", "b")
@@ -236,7 +236,7 @@ def test_in_flight_requests_finish_under_their_configuration(tmp_path: Path) -> 
     with run_uvicorn(first) as one, run_uvicorn(second) as two:
         live = write(tmp_path / "gateway.toml", one, "memory", "a")
         gw = GatewayProcess(live, extra_env={"CACHEGW_TEST_RELOAD_TOKEN": TOKEN})
-        gw.start()
+        gw.start(timeout=60)  # a loaded machine starts workers slowly
         try:
             slow: list[httpx.Response] = []
             thread = threading.Thread(
@@ -262,7 +262,7 @@ def test_cli_reload_reports_and_refuses(tmp_path: Path) -> None:
     with run_uvicorn(stub) as upstream:
         live = write(tmp_path / "gateway.toml", upstream, "memory", "a")
         gw = GatewayProcess(live, extra_env=env)
-        gw.start()
+        gw.start(timeout=60)  # a loaded machine starts workers slowly
         try:
             write(live, upstream, "memory", "b")
             ok = _cli("reload", str(live), "--url", gw.base, env=env)

@@ -1,0 +1,466 @@
+"""``cachegw top``: a live terminal view of a running gateway, from its metrics endpoint.
+
+Two scrapes of ``GET /_cachegw/metrics`` a second apart give rates, cache-status shares
+and latency quantiles over that second, per service and per route, as ``varnishstat``
+does for Varnish. A gateway with several workers answers a scrape with the figures of
+all of them merged (prometheus-client's multi-process mode), so the view is the host's.
+
+The arithmetic (`Scrape`, `compute`) is pure and separate from the drawing (`render`,
+with rich) and from the terminal loop (`run`), so a recorded sequence of scrapes can be
+checked figure by figure.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import select
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["SORTS", "Scrape", "View", "compute", "fetch", "render", "run"]
+
+Labels = tuple[tuple[str, str], ...]
+
+#: Sort orders: key pressed in the live view → (name, description).
+SORTS = {
+    "r": ("rps", "req/s"),
+    "h": ("hit", "hit %"),
+    "p": ("p99", "p99"),
+    "e": ("errors", "upstream errors"),
+    "n": ("name", "name"),
+}
+_BY_NAME = {name: key for key, (name, _) in SORTS.items()}
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One reading of the metrics endpoint: ``at`` (seconds, any clock) and every sample."""
+
+    at: float
+    samples: Mapping[tuple[str, Labels], float]
+
+    @classmethod
+    def parse(cls, text: str, at: float) -> Scrape:
+        samples: dict[tuple[str, Labels], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = tuple(sorted(sample.labels.items()))
+                samples[(sample.name, labels)] = sample.value
+        return cls(at, samples)
+
+    def by(self, name: str, *keep: str) -> dict[tuple[str, ...], float]:
+        """Samples of ``name`` summed over every label but ``keep`` (as PromQL's
+        ``sum by``): merges a ``pid`` label, for instance."""
+        sums: dict[tuple[str, ...], float] = defaultdict(float)
+        for (sample, labels), value in self.samples.items():
+            if sample == name:
+                found = dict(labels)
+                sums[tuple(found.get(k, "") for k in keep)] += value
+        return dict(sums)
+
+    def values(self, name: str) -> list[float]:
+        return [v for (sample, _), v in self.samples.items() if sample == name]
+
+
+@dataclass
+class Row:
+    """Figures over one interval for a service (``route`` empty) or one of its routes."""
+
+    service: str
+    route: str
+    requests: float = 0.0
+    statuses: dict[str, float] = field(default_factory=dict)
+    buckets: dict[float, float] = field(default_factory=dict)  # le → count (cumulative)
+    seconds: float = 1.0
+    errors: float | None = None
+    timeouts: float | None = None
+    coalesced: float | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def share(self, *statuses: str) -> float | None:
+        if not self.requests:
+            return None
+        return sum(self.statuses.get(s, 0.0) for s in statuses) / self.requests
+
+    def quantile(self, q: float) -> float | None:
+        return histogram_quantile(q, self.buckets)
+
+
+@dataclass
+class View:
+    """What one frame shows."""
+
+    url: str
+    seconds: float
+    services: list[tuple[Row, list[Row]]]
+    generations: list[float]
+    circuit_open: bool
+    memory: dict[str, float]
+    l1: dict[str, float]
+    sort: str = "rps"
+    error: str | None = None
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """The ``q`` quantile of cumulative ``buckets`` (upper bound → count), interpolated
+    linearly within a bucket as Prometheus's ``histogram_quantile`` does; None without
+    observations. A rank in the ``+Inf`` bucket gives the highest finite bound."""
+    bounds = sorted(buckets)
+    if not bounds:
+        return None
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+def _delta(now: float, before: float | None) -> float:
+    # A counter that went down was reset (a worker or the gateway restarted).
+    if before is None or now < before:
+        return now
+    return now - before
+
+
+def _deltas(now: Scrape, before: Scrape, name: str, *keep: str) -> dict[tuple[str, ...], float]:
+    old = before.by(name, *keep)
+    return {key: _delta(value, old.get(key)) for key, value in now.by(name, *keep).items()}
+
+
+def compute(before: Scrape, now: Scrape, url: str = "", sort: str = "rps") -> View:
+    """The view of what happened between two scrapes (pure)."""
+    seconds = max(now.at - before.at, 1e-9)
+    requests = _deltas(now, before, "cachegw_requests_total", "service", "route", "cache_status")
+    buckets = _deltas(
+        now, before, "cachegw_request_duration_seconds_bucket", "service", "route", "le"
+    )
+    errors = _deltas(now, before, "cachegw_upstream_errors_total", "service", "kind")
+    coalesced = _deltas(now, before, "cachegw_coalesced_waiters_total", "service")
+
+    routes: dict[tuple[str, str], Row] = {}
+
+    def row(service: str, route: str) -> Row:
+        found = routes.get((service, route))
+        if found is None:
+            found = routes[(service, route)] = Row(service, route, seconds=seconds)
+        return found
+
+    for (service, route, status), count in requests.items():
+        if not service:
+            continue  # refusals before routing (bad target, no route)
+        target = row(service, route)
+        target.requests += count
+        target.statuses[status] = target.statuses.get(status, 0.0) + count
+    for (service, route, le), count in buckets.items():
+        if service:
+            target = row(service, route)
+            bound = float(le)
+            target.buckets[bound] = target.buckets.get(bound, 0.0) + count
+
+    services: dict[str, Row] = {}
+    for (service, _), route_row in routes.items():
+        total = services.setdefault(service, Row(service, "", seconds=seconds))
+        total.requests += route_row.requests
+        for status, count in route_row.statuses.items():
+            total.statuses[status] = total.statuses.get(status, 0.0) + count
+        for bound, count in route_row.buckets.items():
+            total.buckets[bound] = total.buckets.get(bound, 0.0) + count
+    for (service, kind), count in errors.items():
+        total = services.setdefault(service, Row(service, "", seconds=seconds))
+        total.errors = (total.errors or 0.0) + count
+        if kind == "timeout":
+            total.timeouts = (total.timeouts or 0.0) + count
+    for (service,), count in coalesced.items():
+        total = services.setdefault(service, Row(service, "", seconds=seconds))
+        total.coalesced = (total.coalesced or 0.0) + count
+    for total in services.values():
+        total.errors = total.errors or 0.0
+        total.timeouts = total.timeouts or 0.0
+        total.coalesced = total.coalesced or 0.0
+
+    def gauges(prefix: str) -> dict[str, float]:
+        found = {}
+        for stat in ("entries", "bytes", "max_entries", "max_bytes"):
+            values = now.values(f"{prefix}_{stat}")
+            if values:
+                found[stat] = sum(values)
+        return found
+
+    grouped = [
+        (total, _sorted([r for (s, _), r in routes.items() if s == name], sort))
+        for name, total in services.items()
+    ]
+    ordered = [
+        (total, route_rows)
+        for total in _sorted([t for t, _ in grouped], sort)
+        for t, route_rows in grouped
+        if t is total
+    ]
+    return View(
+        url=url,
+        seconds=seconds,
+        services=ordered,
+        generations=sorted(now.values("cachegw_config_generation")),
+        circuit_open=any(v > 0 for v in now.values("cachegw_backend_circuit_open")),
+        memory=gauges("cachegw_memory"),
+        l1=gauges("cachegw_l1"),
+        sort=sort,
+    )
+
+
+def _sorted(rows: list[Row], sort: str) -> list[Row]:
+    if sort == "name":
+        return sorted(rows, key=lambda r: (r.service, r.route))
+    if sort == "hit":
+        return sorted(rows, key=lambda r: (-(r.share("HIT") or 0.0), r.service, r.route))
+    if sort == "p99":
+        return sorted(rows, key=lambda r: (-(r.quantile(0.99) or 0.0), r.service, r.route))
+    if sort == "errors":
+        return sorted(rows, key=lambda r: (-(r.errors or 0.0), -r.rps, r.service, r.route))
+    return sorted(rows, key=lambda r: (-r.rps, r.service, r.route))
+
+
+# -- drawing ------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.2f}" if value < 0.01 else f"{value * 1000:.1f}"
+
+
+def _rate(value: float | None, seconds: float) -> str:
+    return "" if value is None else f"{value / seconds:.1f}"
+
+
+def _size(value: float) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= factor:
+            return f"{value / factor:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _bounded(found: Mapping[str, float]) -> str:
+    parts = []
+    if "entries" in found:
+        parts.append(f"{found['entries']:.0f}/{found.get('max_entries', 0):.0f} entries")
+    if "bytes" in found:
+        parts.append(f"{_size(found['bytes'])}/{_size(found.get('max_bytes', 0))}")
+    return ", ".join(parts)
+
+
+def header(view: View) -> Text:
+    """The lines above the table: gateway, configuration generation, backend state."""
+    text = Text()
+    text.append("cachegw top", style="bold")
+    text.append(f"  {view.url}  every {view.seconds:.1f} s  sorted by ")
+    text.append(SORTS[_BY_NAME.get(view.sort, "r")][1], style="bold")
+    gens = view.generations
+    if gens:
+        workers = f", {len(gens)} workers" if len(gens) > 1 else ""
+        if gens[0] == gens[-1]:
+            text.append(f"\nconfig generation {gens[0]:.0f}{workers}")
+        else:
+            text.append(f"\nconfig generation {gens[0]:.0f}..{gens[-1]:.0f}{workers}")
+            text.append(" (a reload is reaching the workers)", style="yellow")
+    else:
+        text.append("\nconfig generation -")
+    text.append("  circuit ")
+    if view.circuit_open:
+        text.append("OPEN (cache skipped)", style="bold red")
+    else:
+        text.append("closed", style="green")
+    if view.memory or view.l1:
+        text.append("\n")
+    if view.memory:
+        text.append(f"memory {_bounded(view.memory)}  ")
+    if view.l1:
+        text.append(f"L1 {_bounded(view.l1)}")
+    if view.error:
+        text.append(f"\n{view.error}", style="bold red")
+    return text
+
+
+def table(view: View) -> Table:
+    """Per service (bold) and its routes: rates, cache-status shares, latency, upstream."""
+    grid = Table(box=None, pad_edge=False, header_style="bold reverse", expand=False)
+    grid.add_column("SERVICE / ROUTE", no_wrap=True)
+    for name in (
+        "REQ/S",
+        "HIT%",
+        "STALE%",
+        "MISS%",
+        "BYPASS%",
+        "P50 ms",
+        "P99 ms",
+        "UPS ERR/s",
+        "TIMEOUT/s",
+        "COALESCED/s",
+    ):
+        grid.add_column(name, justify="right", no_wrap=True)
+    s = view.seconds
+    for total, routes in view.services:
+        for row in (total, *routes):
+            grid.add_row(
+                row.service if not row.route else f"  {row.route}",
+                f"{row.rps:.1f}",
+                _percent(row.share("HIT")),
+                _percent(row.share("STALE")),
+                _percent(row.share("MISS", "EXPIRED")),
+                _percent(row.share("BYPASS")),
+                _ms(row.quantile(0.50)),
+                _ms(row.quantile(0.99)),
+                _rate(row.errors, s),
+                _rate(row.timeouts, s),
+                _rate(row.coalesced, s),
+                style="bold" if not row.route else None,
+            )
+    if not view.services:
+        grid.add_row("(no requests yet)")
+    return grid
+
+
+def render(view: View) -> Group:
+    return Group(header(view), Text(""), table(view))
+
+
+def as_text(view: View, width: int = 132) -> str:
+    """The frame as plain text (``--once``, tests, docs)."""
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(render(view))
+    text = console.export_text()
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+# -- I/O ----------------------------------------------------------------------------------
+
+
+class TopError(Exception):
+    """The gateway could not be read."""
+
+
+def fetch(client: httpx.Client, url: str) -> Scrape:
+    endpoint = url.rstrip("/") + "/_cachegw/metrics"
+    try:
+        response = client.get(endpoint)
+    except httpx.HTTPError as exc:
+        raise TopError(f"cannot reach the gateway at {endpoint}: {exc}") from None
+    if response.status_code != 200:
+        raise TopError(f"{endpoint} answered {response.status_code}, not metrics")
+    try:
+        return Scrape.parse(response.text, time.monotonic())
+    except ValueError as exc:
+        raise TopError(f"{endpoint} did not answer in the Prometheus text format: {exc}") from None
+
+
+def client_for(token: str | None) -> httpx.Client:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    # trust_env=False: the token must not go through a proxy taken from HTTP_PROXY.
+    return httpx.Client(trust_env=False, timeout=5, headers=headers)
+
+
+def once(url: str, token: str | None, interval: float, sort: str, width: int) -> str:
+    """One frame: two scrapes ``interval`` apart, as text."""
+    with client_for(token) as client:
+        before = fetch(client, url)
+        time.sleep(interval)
+        now = fetch(client, url)
+    return as_text(compute(before, now, url, sort), width)
+
+
+def run(url: str, token: str | None, interval: float, sort: str) -> None:
+    """The live view, until ``q`` or Ctrl-C."""
+    console = Console()
+    with client_for(token) as client, _keys() as pressed:
+        before: Scrape | None = None
+        view = View(url, interval, [], [], False, {}, {}, sort)
+        with Live(render(view), console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                try:
+                    now = fetch(client, url)
+                except TopError as exc:
+                    view.error = f"{exc} (retrying)"
+                    before = None
+                else:
+                    if before is not None:
+                        view = compute(before, now, url, sort)
+                    before = now
+                live.update(render(view), refresh=True)
+                deadline = time.monotonic() + interval
+                while (left := deadline - time.monotonic()) > 0:
+                    key = pressed(left)
+                    if key in ("q", "Q"):
+                        return
+                    if key in SORTS:
+                        sort = SORTS[key][0]
+                        if before is not None:
+                            view.sort = sort
+                            view.services = _resort(view, sort)
+                            live.update(render(view), refresh=True)
+
+
+def _resort(view: View, sort: str) -> list[tuple[Row, list[Row]]]:
+    routes = {total.service: _sorted(rows, sort) for total, rows in view.services}
+    return [(t, routes[t.service]) for t in _sorted([t for t, _ in view.services], sort)]
+
+
+@contextmanager
+def _keys() -> Iterator[_KeyReader]:
+    """Single key presses from the terminal (none when stdin is not one)."""
+    if not sys.stdin.isatty():
+        yield _KeyReader(None)
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield _KeyReader(fd)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+class _KeyReader:
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def __call__(self, timeout: float) -> str | None:
+        if self.fd is None:
+            time.sleep(timeout)
+            return None
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        return os.read(self.fd, 1).decode("latin-1", "replace")

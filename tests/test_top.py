@@ -1,0 +1,185 @@
+"""`cachegw top`: the figures from a recorded sequence of scrapes, exactly, and the
+command end to end against a real gateway process."""
+
+# ruff: noqa: E501 - the expected frame is 132 columns wide, as the terminal shows it
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cachegw._metrics import Metrics
+from cachegw._top import Scrape, as_text, compute, histogram_quantile
+from tests.gateway_process import GatewayProcess
+from tests.servers import StubUpstream, run_uvicorn
+from tests.test_reload import generations
+
+
+def recorded() -> tuple[Scrape, Scrape]:
+    """Two scrapes 2 s apart, written by the gateway's own `Metrics`."""
+    metrics = Metrics(
+        memory_stats=lambda: {
+            "entries": 120,
+            "bytes": 3 << 20,
+            "max_entries": 10_000,
+            "max_bytes": 64 << 20,
+            "evictions": 0,
+        }
+    )
+    metrics.watch_l1(
+        lambda: {"entries": 40, "bytes": 40 << 10, "max_entries": 4096, "max_bytes": 32 << 20}
+    )
+    metrics.config(3)
+    for _ in range(100):  # before the window: must not count
+        metrics.request("catalog", "/items/{id}", "HIT", 0.0002)
+    metrics.upstream("catalog", 0.5, "timeout")
+    before = Scrape.parse(metrics.render()[0].decode(), at=10.0)
+
+    for _ in range(8):
+        metrics.request("catalog", "/items/{id}", "HIT", 0.0002)
+    metrics.request("catalog", "/items/{id}", "STALE", 0.0004)
+    metrics.request("catalog", "/items/{id}", "MISS", 0.02)
+    for _ in range(4):
+        metrics.request("users", "/profile", "BYPASS", 0.1)
+    metrics.request("", "", "ERROR", 0.0001)  # refused before routing: in no row
+    metrics.upstream("catalog", 10.0, "timeout")
+    metrics.upstream("catalog", 0.01, "timeout")
+    metrics.upstream("users", 0.1, "status_5xx")
+    for _ in range(3):
+        metrics.coalesced("catalog")
+    metrics.circuit(True)
+    now = Scrape.parse(metrics.render()[0].decode(), at=12.0)
+    return before, now
+
+
+EXPECTED = """\
+cachegw top  http://gw:8000  every 2.0 s  sorted by req/s
+config generation 3  circuit OPEN (cache skipped)
+memory 120/10000 entries, 3.0 MiB/64.0 MiB  L1 40/4096 entries, 40.0 KiB/32.0 MiB
+
+SERVICE / ROUTE  REQ/S  HIT%  STALE%  MISS%  BYPASS%  P50 ms  P99 ms  UPS ERR/s  TIMEOUT/s  COALESCED/s
+catalog            5.0  80.0    10.0   10.0      0.0    0.19    23.5        1.0        1.0          1.5
+  /items/{id}      5.0  80.0    10.0   10.0      0.0    0.19    23.5
+users              2.0   0.0     0.0    0.0    100.0    75.0    99.5        0.5        0.0          0.0
+  /profile         2.0   0.0     0.0    0.0    100.0    75.0    99.5
+"""
+
+
+def test_a_recorded_sequence_renders_exact_figures() -> None:
+    before, now = recorded()
+    assert as_text(compute(before, now, "http://gw:8000")) == EXPECTED
+
+
+def test_sorting() -> None:
+    before, now = recorded()
+    by_rps = [t.service for t, _ in compute(before, now, sort="rps").services]
+    by_p99 = [t.service for t, _ in compute(before, now, sort="p99").services]
+    by_hit = [t.service for t, _ in compute(before, now, sort="hit").services]
+    by_name = [t.service for t, _ in compute(before, now, sort="name").services]
+    assert by_rps == ["catalog", "users"]
+    assert by_p99 == ["users", "catalog"]
+    assert by_hit == ["catalog", "users"]
+    assert by_name == ["catalog", "users"]
+    assert "sorted by p99" in as_text(compute(before, now, sort="p99"))
+
+
+def test_workers_are_merged_and_a_reload_in_progress_shows() -> None:
+    def text(hits: int, generations: tuple[int, int]) -> str:
+        lines = [
+            "# TYPE cachegw_requests_total counter",
+            f'cachegw_requests_total{{service="s",route="/r",cache_status="HIT"}} {hits}',
+            "# TYPE cachegw_config_generation gauge",
+        ]
+        lines += [
+            f'cachegw_config_generation{{pid="{pid}"}} {gen}'
+            for pid, gen in zip((101, 102), generations, strict=True)
+        ]
+        return "\n".join(lines) + "\n"
+
+    before = Scrape.parse(text(10, (2, 2)), 0.0)
+    now = Scrape.parse(text(30, (2, 3)), 1.0)
+    view = compute(before, now)
+    assert view.services[0][0].rps == 20.0
+    assert "config generation 2..3, 2 workers (a reload is reaching the workers)" in as_text(view)
+    # A counter that went down was reset (a restarted gateway): its value is the delta.
+    assert compute(now, Scrape.parse(text(5, (1, 1)), 2.0)).services[0][0].rps == 5.0
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = {0.1: 0.0, 0.2: 10.0, float("inf"): 10.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)
+    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None
+    assert histogram_quantile(0.99, {0.1: 1.0, float("inf"): 4.0}) == 0.1  # +Inf: highest bound
+
+
+def test_top_once_against_a_real_gateway(tmp_path: Path) -> None:
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"one")
+    with run_uvicorn(stub) as upstream:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[cache]\nbackend = "memory"\n\n[[services]]\nname = "catalog"\n'
+            f'upstream = "{upstream}"\nprefix = "/catalog"\nttl = 60\n\n'
+            f'  [[services.routes]]\n  path = "/items/{{n}}"\n'
+        )
+        gw = GatewayProcess(config, args=["--no-access-log", "--workers", "2"])
+        gw.start(timeout=60)  # a loaded machine starts workers slowly
+        try:
+            # Both workers up (the first to be healthy does not wait for the second).
+            deadline = time.monotonic() + 30
+            while len(generations(gw.base)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for _ in range(6):  # the MISS of each worker, before the window
+                httpx.get(f"{gw.base}/catalog/items/1")
+            done = threading.Event()
+
+            def traffic() -> None:
+                with httpx.Client() as client:
+                    while not done.is_set():
+                        client.get(f"{gw.base}/catalog/items/1")
+                        time.sleep(0.005)
+
+            thread = threading.Thread(target=traffic)
+            thread.start()
+            try:
+                shown = subprocess.run(
+                    [sys.executable, "-m", "cachegw", "top", gw.base, "--once", "--interval", "2"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+            finally:
+                done.set()
+                thread.join(10)
+        finally:
+            gw.stop()
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[1] == "config generation 1, 2 workers  circuit closed"
+    assert lines[2].startswith("memory ") and " L1 " in lines[2]
+    route = next(line for line in lines if line.startswith("  /items/{n}"))
+    cells = route.split()
+    assert float(cells[1]) > 5  # req/s over the window
+    # Hits (a worker that got none of the warm-up requests has one MISS in the window).
+    assert float(cells[2]) > 90 and float(cells[2]) + float(cells[4]) == pytest.approx(
+        100.0, abs=0.15
+    )
+    assert cells[3] == cells[5] == "0.0"  # no STALE, no BYPASS
+    assert float(cells[6]) < float(cells[7]) or cells[6] == cells[7]  # p50 <= p99
+
+
+def test_top_reports_an_unreachable_gateway() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "cachegw", "top", "http://127.0.0.1:9", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 1
+    assert shown.stderr.startswith("error: cannot reach the gateway at http://127.0.0.1:9/")
