@@ -115,6 +115,15 @@ def restart_needed(old: Gateway, new: Gateway) -> str | None:
                 f"{key} changed from {before!r} to {after!r}; the [cache] table is fixed "
                 f"when the gateway starts: restart the gateway (cachegw serve) to change it"
             )
+    # Server settings (listen address, client timeouts: issue 13's [server] table) are
+    # uvicorn's, fixed when it binds its socket.
+    before, after = getattr(old, "server", None), getattr(new, "server", None)
+    if before != after:
+        return (
+            f"the [server] table changed ({before!r} → {after!r}); the listen address and "
+            f"server settings are fixed when the gateway starts: restart the gateway "
+            f"(cachegw serve) to change them"
+        )
     return None
 
 
