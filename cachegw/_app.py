@@ -179,10 +179,19 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
     return app
 
 
-def serving_app(gateway: Gateway | str | Path) -> FastAPI:
-    """The app ``cachegw serve`` runs: `create_app` plus reloading on ``SIGHUP``."""
+def serving_app(
+    gateway: Gateway | str | Path, server_overrides: Mapping[str, Any] | None = None
+) -> FastAPI:
+    """The app ``cachegw serve`` runs: `create_app` plus reloading on ``SIGHUP``.
+
+    ``server_overrides`` are the command line's ``[server]`` values (already applied to
+    ``gateway``): a reload applies them to the file it reads as well.
+    """
     app = create_app(gateway)
-    app.state.cachegw.reload_on_sighup = True
+    runtime = app.state.cachegw
+    runtime.reload_on_sighup = True
+    if runtime.reloader is not None:
+        runtime.reloader.server_overrides = dict(server_overrides or {})
     return app
 
 
@@ -197,7 +206,7 @@ def app_from_env() -> FastAPI:
         # Until the lifespan installs the reload handler, a SIGHUP fanned out by the
         # supervisor must not end this worker (its default action).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        return serving_app(gateway)
+        return serving_app(gateway, overrides)
     return create_app(gateway)
 
 

@@ -124,7 +124,7 @@ def serve(
     if workers == 1:
         from cachegw._app import serving_app
 
-        uvicorn.run(serving_app(gateway), **options)
+        uvicorn.run(serving_app(gateway, overrides), **options)
         return
     if gateway.backend == "memory":
         click.echo(

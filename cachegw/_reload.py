@@ -16,14 +16,16 @@ What happens to the cache (see docs/operations.md):
   is fetched again), and so is every entry of a service whose upstream, prefix, hosts
   or forwarded headers changed.
 
-The ``[cache]`` table (backend, key prefix, bounds, L1, header names) is fixed when the
-gateway starts: a reload that changes it is rejected with an error saying to restart.
+The ``[cache]`` table (backend, key prefix, bounds, L1, header names) and the ``[server]``
+table (client connection limits) are fixed when the gateway starts, as the listen address
+is: a reload that changes them is rejected with an error saying to restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -115,14 +117,12 @@ def restart_needed(old: Gateway, new: Gateway) -> str | None:
                 f"{key} changed from {before!r} to {after!r}; the [cache] table is fixed "
                 f"when the gateway starts: restart the gateway (cachegw serve) to change it"
             )
-    # Server settings (listen address, client timeouts: issue 13's [server] table) are
-    # uvicorn's, fixed when it binds its socket.
-    before, after = getattr(old, "server", None), getattr(new, "server", None)
-    if before != after:
+    # The [server] table's client limits go to uvicorn's protocol when it starts.
+    if old.server != new.server:
         return (
-            f"the [server] table changed ({before!r} → {after!r}); the listen address and "
-            f"server settings are fixed when the gateway starts: restart the gateway "
-            f"(cachegw serve) to change them"
+            f"the [server] table changed from {old.server!r} to {new.server!r}; client "
+            f"connection limits are fixed when the gateway starts, as its listen address "
+            f"(--host, --port): restart the gateway (cachegw serve) to change them"
         )
     return None
 
@@ -166,6 +166,8 @@ class Reloader:
         self.digest = digest(data if data is not None else self._read_bytes())
         self.generation = 1
         self.on_swap: list[Callable[[], None]] = []
+        # `cachegw serve`'s command-line [server] values, applied to every file read.
+        self.server_overrides: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -207,6 +209,8 @@ class Reloader:
                 "unchanged", self.generation, self.digest, time.perf_counter() - began
             )
         new = Gateway.from_toml(self.path)
+        if self.server_overrides:
+            new.server = dataclasses.replace(new.server, **self.server_overrides)
         old = self.runtime.gateway
         # Client limits ([server]) are fixed when the gateway starts (command-line flags
         # may override them): a reload keeps the running ones.

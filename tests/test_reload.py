@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cachegw import Gateway, Service
 from cachegw._reload import restart_needed, route_scope, stale_scopes
+from cachegw._server import ServerLimits
 from tests.gateway_process import GatewayProcess
 from tests.reload_load import Load
 from tests.servers import StubUpstream, run_uvicorn
@@ -136,6 +137,10 @@ def test_cache_table_needs_a_restart() -> None:
     reason = restart_needed(old, Gateway(services=[catalog()], backend="redis://127.0.0.1:1/0"))
     assert reason is not None
     assert "cache.backend changed from 'memory' to 'redis://127.0.0.1:1/0'" in reason
+    assert "restart the gateway" in reason
+    limits = Gateway(services=[catalog()], server=ServerLimits(header_timeout=1))
+    reason = restart_needed(old, limits)
+    assert reason is not None and "the [server] table changed" in reason
     assert "restart the gateway" in reason
 
 
@@ -261,7 +266,8 @@ def test_cli_reload_reports_and_refuses(tmp_path: Path) -> None:
     env = {**os.environ, "CACHEGW_TEST_RELOAD_TOKEN": TOKEN}
     with run_uvicorn(stub) as upstream:
         live = write(tmp_path / "gateway.toml", upstream, "memory", "a")
-        gw = GatewayProcess(live, extra_env=env)
+        # A [server] value from the command line holds for the reloaded file too.
+        gw = GatewayProcess(live, extra_env=env, args=["--header-timeout", "5"])
         gw.start(timeout=60)  # a loaded machine starts workers slowly
         try:
             write(live, upstream, "memory", "b")
