@@ -29,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 from cachegw._accesslog import access_log_enabled, flush_access_log, log_access, log_hit
 from cachegw._admin import admin_router
 from cachegw._backends import MemoryBackend, RedisBackend
+from cachegw._encoding import accepts_gzip
 from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
 from cachegw._entry import Entry
 from cachegw._flight import coordinator_for
@@ -107,6 +108,7 @@ class _Runtime:
             # A lock outlives the slowest upstream exchange it protects.
             lock_ttl=max((s.exchange_bound for s in gateway.services), default=10.0) + 1.0,
             l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
+            compress_min=int(gateway.compress_min) if gateway.compress else None,
         )
         self.engine.start()
         self.metrics.watch_l1(self.engine.store.l1.stats)
@@ -247,7 +249,9 @@ class _Proxy:
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
         # The last fast-path answer per key and method: see `_fast_hit`.
-        self._answers: dict[tuple[str, str], tuple[Entry, tuple[int, int], bytes, int, int]] = {}
+        self._answers: dict[
+            tuple[str, str, bool], tuple[Entry, tuple[int, int], bytes, int, int]
+        ] = {}
 
     def forget(self) -> None:
         """Drop what was memoised from the previous configuration (after a reload)."""
@@ -319,6 +323,14 @@ class _Proxy:
         # GET poisoning). A Range request is served from the whole representation.
         cacheable = not (method in ("GET", "HEAD") and has_body)
         metrics = self.runtime.metrics
+        negotiate = cacheable and engine.compress_min is not None
+        if negotiate:
+            # Varnish's http_gzip_support: a client's Accept-Encoding is reduced to "gzip"
+            # or nothing, for the variant key and the upstream alike (see `_encoding`).
+            if accepts_gzip(headers.get("accept-encoding")):
+                headers["accept-encoding"] = "gzip"
+            else:
+                headers.pop("accept-encoding", None)
 
         ended: list[_BodyEnded] = []
 
@@ -356,6 +368,12 @@ class _Proxy:
             )
             if cacheable and method in ("GET", "HEAD"):
                 forward = [(n, v) for n, v in forward if n not in _CONDITIONAL]
+                if negotiate:
+                    # The upstream gets the Accept-Encoding the cache negotiates with:
+                    # gzip or nothing, so what it sends suits every client of the variant.
+                    forward = [(n, v) for n, v in forward if n != b"accept-encoding"]
+                    if "accept-encoding" in headers:
+                        forward.append((b"accept-encoding", headers["accept-encoding"].encode()))
             forward.append(_SURROGATE_CAPABILITY)
             forward.extend(validators)
             began = time.perf_counter()
@@ -500,6 +518,7 @@ _SLOW_HEADERS = frozenset(
     }
 )
 _NO_HEADERS: dict[str, str] = {}
+_GZIP_ACCEPTED = {"accept-encoding": "gzip"}
 
 
 def _fast_hit(
@@ -525,12 +544,17 @@ def _fast_hit(
     hosts = 0
     size = 0
     host = b""
+    accept_encoding: bytes | None = None
     for name, value in headers:
         if name in _SLOW_HEADERS:
             return None
         if name == b"host":
             hosts += 1
             host = value
+        elif name == b"accept-encoding":
+            if accept_encoding is not None:
+                return None  # several lines: the ordinary path joins them
+            accept_encoding = value
         size += len(name) + len(value)
     if hosts != 1 or size > _FAST_HEADER_BYTES:
         return None
@@ -565,13 +589,18 @@ def _fast_hit(
     # The answer depends on the entry, the method and, through Age and Cache-Status, on
     # two whole numbers of seconds: the bytes are built once for those.
     seconds = (int(entry.age(now)), int(left))
-    memo = proxy._answers.get((key, verb))
+    # An entry stored compressed is answered gzip or identity by the client's
+    # Accept-Encoding (see `_encoding`): one memo per form.
+    gz = bool(entry.coding) and accepts_gzip(
+        accept_encoding.decode("latin-1") if accept_encoding is not None else None
+    )
+    memo = proxy._answers.get((key, verb, gz))
     if memo is not None and memo[0] is entry and memo[1] == seconds:
         answer, status, sent = memo[2], memo[3], memo[4]
     else:
         served = engine._from_entry(
             entry,
-            RequestInfo(method=verb, key=key, headers=_NO_HEADERS),
+            RequestInfo(method=verb, key=key, headers=_GZIP_ACCEPTED if gz else _NO_HEADERS),
             now,
             "HIT",
             f"hit; ttl={seconds[1]}",
@@ -582,7 +611,7 @@ def _fast_hit(
         answer, status, sent = built, served.status, len(served.body)
         if len(proxy._answers) >= _MEMO_SIZE:
             proxy._answers.clear()
-        proxy._answers[(key, verb)] = (entry, seconds, answer, status, sent)
+        proxy._answers[(key, verb, gz)] = (entry, seconds, answer, status, sent)
     engine.stats["HIT"] += 1
     runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
     if access_log_enabled():

@@ -42,6 +42,8 @@ _CACHE_KEYS = frozenset(
         "expose_tag_headers",
         "l1_entries",
         "l1_ttl",
+        "compress",
+        "compress_min",
     }
 )
 _ADMIN_KEYS = frozenset({"token_env"})
@@ -117,7 +119,7 @@ class _Loader:
             settings["status_header"] = self._string(
                 cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
             )
-        for name in ("l1_entries", "l1_ttl"):
+        for name in ("l1_entries", "l1_ttl", "compress", "compress_min"):
             if name in cache:
                 settings[name] = cache[name]
         if "expose_tag_headers" in cache:

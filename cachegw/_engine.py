@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastapi_cache.types import Backend
 
+from cachegw._encoding import for_client, for_storage, upstream_etag
+from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
 from cachegw._flight import Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
@@ -158,8 +160,12 @@ class CacheEngine:
         lock_timeout: float = 5.0,
         lock_ttl: float = 30.0,
         l1: L1 | None = None,
+        compress_min: int | None = None,
     ) -> None:
         self.backend = backend
+        # Stored bodies of at least this many bytes are compressed (see `_encoding`);
+        # None: bodies are stored as they came and served as stored.
+        self.compress_min = compress_min
         self.status_header = status_header.lower().encode("latin-1")
         self.cache_name = cache_name
         self.op_timeout = op_timeout
@@ -674,10 +680,24 @@ class CacheEngine:
             missing = [v for v in policy.vary if v not in {x.lower() for x in vary}]
             if missing:
                 stored_headers.append((b"vary", ", ".join(missing).encode("latin-1")))
+        body = fetched.body
+        coding = ""
+        if revalidated is not None:
+            coding = revalidated.coding  # the stored body, as it was stored
+            stored_headers = recoded(stored_headers, coding)
+        elif self.compress_min is not None:
+            stored_headers, body, coding = for_storage(
+                fetched.status,
+                stored_headers,
+                body,
+                no_transform="no-transform" in response_cc,
+                min_size=self.compress_min,
+                max_size=policy.max_body,
+            )
         entry = Entry(
             status=fetched.status,
             headers=stored_headers,
-            body=fetched.body,
+            body=body,
             stored_at=response_time,
             lifetime=lifetime,
             age0=age0,
@@ -693,6 +713,7 @@ class CacheEngine:
             fetched_at=request.started,
             keep=keep,
             fetch_time=max(0.0, response_time - request.started) if request.started else 0.0,
+            coding=coding,
         )
         if revalidated is not None:
             entry.tags = revalidated.tags
@@ -736,11 +757,17 @@ class CacheEngine:
         # response just fetched carries only the age it arrived with.
         if age or cache_status in ("HIT", "STALE"):
             extra.insert(0, (b"age", str(age).encode("ascii")))
-        if _not_modified(entry, request.headers):
-            headers = [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_KEEP]
-            return Served(304, headers + extra, b"", cache_status=cache_status)
-        body = b"" if request.method == "HEAD" else entry.body
-        return Served(entry.status, entry.headers + extra, body, cache_status=cache_status)
+        headers, body = entry.headers, entry.body
+        if entry.coding:  # the form this client accepts (see `_encoding`)
+            headers, body = for_client(
+                entry.coding, headers, body, request.headers.get("accept-encoding")
+            )
+        if _not_modified(entry.status, headers, request.headers):
+            kept = [(n, v) for n, v in headers if n in _NOT_MODIFIED_KEEP]
+            return Served(304, kept + extra, b"", cache_status=cache_status)
+        if request.method == "HEAD":
+            body = b""
+        return Served(entry.status, headers + extra, body, cache_status=cache_status)
 
     def _passed(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
         headers = [(n, v) for n, v in fetched.headers if n not in self._unpassed]
@@ -835,7 +862,7 @@ def _validators(entry: Entry | None) -> Headers:
     out: Headers = []
     for name, value in entry.headers:
         if name == b"etag" and entry.etag is None:
-            out.append((b"if-none-match", value))
+            out.append((b"if-none-match", upstream_etag(entry.coding, value)))
         elif name == b"last-modified":
             out.append((b"if-modified-since", value))
     return out
@@ -846,6 +873,8 @@ def _vary_names(entry: Entry) -> list[str]:
     for name, value in entry.headers:
         if name == b"vary":
             names.update(v.lower() for v in split_header_list(value.decode("latin-1")))
+    if entry.coding:
+        names.discard("accept-encoding")  # the engine serves either form (see `_encoding`)
     return sorted(names)
 
 
@@ -853,13 +882,14 @@ def _variant_key(primary: str, marker: VaryMarker, headers: Mapping[str, str]) -
     return hash_parts(primary, (marker.gen, *vary_values(marker.names, headers)))
 
 
-def _not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
-    """Whether the request's validators match the entry (RFC 9110 §13.1.2, §13.1.3)."""
-    if entry.status != 200:
+def _not_modified(status: int, stored: Headers, headers: Mapping[str, str]) -> bool:
+    """Whether the request's validators match a stored response with ``status`` and
+    ``stored`` headers (RFC 9110 §13.1.2, §13.1.3)."""
+    if status != 200:
         return False
     inm = headers.get("if-none-match")
     if inm is not None:
-        etag = next((v for n, v in entry.headers if n == b"etag"), None)
+        etag = next((v for n, v in stored if n == b"etag"), None)
         if etag is None:
             return False
         if inm.strip() == "*":
@@ -869,10 +899,10 @@ def _not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
     ims = headers.get("if-modified-since")
     if ims is not None:
         since = parse_http_date(ims)
-        modified = next((v for n, v in entry.headers if n == b"last-modified"), None)
+        modified = next((v for n, v in stored if n == b"last-modified"), None)
         if modified is None:
             # No Last-Modified: the Date it was generated at stands in (RFC 9111 §4.3.2).
-            modified = next((v for n, v in entry.headers if n == b"date"), None)
+            modified = next((v for n, v in stored if n == b"date"), None)
         stamp = parse_http_date(modified.decode("latin-1")) if modified else None
         return since is not None and stamp is not None and stamp <= since
     return False

@@ -17,6 +17,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from cachegw._encoding import CODINGS
+
 __all__ = ["Entry", "HitForMiss", "Item", "VaryMarker", "decode", "encode", "strong_etag"]
 
 MAGIC = b"CGW\x01"
@@ -52,6 +54,7 @@ class Entry:
     fetched_at: float = 0.0
     keep: float = 0.0  # kept this long past its stale windows, to be revalidated
     fetch_time: float = 0.0  # seconds the fetch that produced it took (for XFetch)
+    coding: str = ""  # how the body is compressed for negotiation (see `_encoding`)
     stored: bool = True  # in this process: whether the backend took it (not encoded)
 
     def age(self, now: float) -> float:
@@ -121,6 +124,8 @@ def encode(item: Item) -> bytes:
             "r": item.keep,
             "d": item.fetch_time,
         }
+        if item.coding:
+            head["c"] = item.coding
         body = item.body
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     return b"".join((MAGIC, _LEN.pack(len(raw)), raw, body))
@@ -157,8 +162,10 @@ def decode(data: bytes) -> Item | None:
         status = head["s"]
         etag = head["g"]
         tags = head["x"]
+        coding = head.get("c", "")
         if (
-            type(status) is not int
+            coding not in CODINGS
+            or type(status) is not int
             or not 100 <= status <= 599
             or not (etag is None or isinstance(etag, str))
             or not _str_list(tags)
@@ -180,6 +187,7 @@ def decode(data: bytes) -> Item | None:
             fetched_at=_num(head["f"]),
             keep=_num(head["r"]),
             fetch_time=_num(head["d"]),
+            coding=coding,
         )
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeError):
         return None

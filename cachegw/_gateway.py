@@ -19,6 +19,7 @@ from fastapi_cache.types import Backend
 from starlette.convertors import Convertor
 from starlette.routing import compile_path
 
+from cachegw._backends._memory import parse_size
 from cachegw._errors import ConfigError
 from cachegw._policy import CachePolicy, parse_duration
 from cachegw._server import ServerLimits
@@ -240,6 +241,10 @@ class Gateway:
       headers on to clients (by default they are read as tags and stripped).
     * **server** - `ServerLimits` on client connections (timeouts, header fields), enforced
       when the gateway is served by ``cachegw serve``.
+    * **compress**, **compress_min** - store uncompressed text bodies of at least
+      ``compress_min`` bytes gzip-compressed, and serve gzip or identity to each client
+      as its ``Accept-Encoding`` asks (see the policies page). ``compress = false`` stores
+      and serves bodies as the upstream sent them.
     """
 
     services: list[Service] = field(default_factory=list)
@@ -253,6 +258,8 @@ class Gateway:
     l1_entries: int = 4096
     l1_ttl: float | str = 1.0
     server: ServerLimits = field(default_factory=ServerLimits)
+    compress: bool = True
+    compress_min: int | str = 1024
     source: str | None = None  # the file this came from, for messages
 
     def __post_init__(self) -> None:
@@ -276,6 +283,12 @@ class Gateway:
                 f"l1_entries must be a whole number ≥ 0, got {self.l1_entries!r}{self._in()}"
             )
         self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
+        if not isinstance(self.compress, bool):
+            raise ConfigError(f"compress must be true or false, got {self.compress!r}{self._in()}")
+        try:
+            self.compress_min = parse_size(self.compress_min, what="compress_min")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{self._in()}") from None
         # Longest prefix first: computed once, not per request.
         self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
         self._matches: dict[str, tuple[Service, Route, str, dict[str, Any]] | None] = {}
