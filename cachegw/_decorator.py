@@ -328,6 +328,9 @@ def wrap(func: Callable[P, Any], face: Face) -> Callable[P, Awaitable[Any]]:
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
     )
+    # How this route caches, for layers that answer its hits before routing: they must
+    # apply the same policy, key rule and `finish` (fastapi-cache2's headers).
+    wrapper.__cachegw_face__ = face  # type: ignore[attr-defined]
     return wrapper
 
 
