@@ -169,17 +169,21 @@ def _fastapi_cache_headers(response: Response, request: Request, policy: CachePo
     headers = response.raw_headers
     values = {name: value for name, value in headers}
     detail = values.get(b"cache-status", b"").decode("latin-1")
+    parts = [part.strip() for part in detail.split(";")]
     status = None
     for name, value in headers:
         if name == b"x-cache-status":
             status = _FC2_STATUS.get(value.decode("latin-1"))
+            if value == b"BYPASS" and "stored" in parts:
+                # Request no-cache: the handler ran and its answer replaced the entry,
+                # which fastapi-cache2 calls a MISS.
+                status = "MISS"
     if status is None:
         return
     header = (FastAPICache._cache_status_header or "X-FastAPI-Cache").lower().encode("latin-1")
     headers.append((header, status.encode("ascii")))
     if b"cache-control" in values:
         return
-    parts = [part.strip() for part in detail.split(";")]
     if "hit" in parts:
         left = next((p[4:] for p in parts if p.startswith("ttl=")), "0")
         max_age = max(0, int(left))

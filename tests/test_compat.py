@@ -209,6 +209,16 @@ def test_headers_on_miss_and_hit(client: httpx.Client, memory: MemoryBackend) ->
     assert COUNTS["plain"] == 1
 
 
+def test_request_no_cache_is_a_stored_miss(client: httpx.Client, memory: MemoryBackend) -> None:
+    """As in fastapi-cache2 0.2.2: the handler runs and its answer replaces the entry."""
+    client.get("/plain/12")
+    fresh = client.get("/plain/12", headers={"Cache-Control": "no-cache"})
+    assert (fc(fresh), fresh.headers["x-cache-status"]) == ("MISS", "BYPASS")
+    assert fresh.headers["cache-control"] == "max-age=30"
+    hit = client.get("/plain/12")
+    assert fc(hit) == "HIT" and hit.json() == fresh.json() and COUNTS["plain"] == 2
+
+
 def test_default_key_is_cachegws(client: httpx.Client, memory: MemoryBackend) -> None:
     # fastapi-cache2's default key ignores the query string; cachegw's does not.
     assert client.get("/plain/1?q=a").json()["q"] == "a"
