@@ -104,6 +104,8 @@ def serve(
 ) -> None:
     """Serve the gateway declared in FILE."""
     gateway = _load(file)
+    for warning in _lint(gateway):  # the same warnings as `cachegw check`
+        click.echo(f"warning: {file}: {warning}", err=True)
     overrides = {name: value for name, value in limits.items() if value is not None}
     if overrides:
         try:

@@ -213,6 +213,18 @@ def test_serve_port_in_use(gateway_file: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
 
 
+def test_serve_prints_the_check_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(LINTED, encoding="utf-8")
+    with socket.socket() as busy:  # stops the command right after its start-up messages
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run("serve", str(path), "--port", str(busy.getsockname()[1]))
+    assert result.exit_code == 1
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and "is never used" in warnings[0]
+
+
 # --- purge: the client side, against a real server standing in for the admin API ------
 
 
