@@ -66,6 +66,8 @@ _RESTART_ONLY = (
     ("l1_ttl", "cache.l1_ttl"),
     ("status_header", "cache.status_header"),
     ("expose_tag_headers", "cache.expose_tag_headers"),
+    ("compress", "cache.compress"),
+    ("compress_min", "cache.compress_min"),
 )
 # An upstream client being replaced is closed once the requests it may still serve are
 # over: its service's timeout bounds them, plus this margin.

@@ -138,6 +138,9 @@ def test_cache_table_needs_a_restart() -> None:
     assert reason is not None
     assert "cache.backend changed from 'memory' to 'redis://127.0.0.1:1/0'" in reason
     assert "restart the gateway" in reason
+    for changed in ({"compress": False}, {"compress_min": "2KiB"}):
+        reason = restart_needed(old, Gateway(services=[catalog()], **changed))  # type: ignore[arg-type]
+        assert reason is not None and f"cache.{next(iter(changed))} changed" in reason
     limits = Gateway(services=[catalog()], server=ServerLimits(header_timeout=1))
     reason = restart_needed(old, limits)
     assert reason is not None and "the [server] table changed" in reason
