@@ -10,7 +10,6 @@ few times a second, so a request costs a few attribute writes, not timers of its
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,16 +78,21 @@ class _Answered:
     """Stands for the cycle of a request answered by the fast path: already complete."""
 
     response_complete = True
+    more_body = False
     message_event = _NoEvent()
 
 
 _ANSWERED = _Answered()
 
-# The phase a connection is in, for its deadline.
-_IDLE = 0  # between requests: uvicorn's keep-alive timer runs
+# The phase a connection is in, for its deadline. Between requests a connection stays in
+# the phase of the last one until its next byte arrives; uvicorn's keep-alive timer
+# (keepalive_timeout) bounds that idle time.
 _HEAD = 1  # receiving a request head: header_timeout
 _BODY = 2  # receiving a request body: body_timeout since the last bytes
 _BUSY = 3  # the request is read; the gateway is answering
+# A deadline of 0 means "the clock starts at the next sweep": the hot path sets it
+# without reading the time, and a limit acts at most one sweep interval late.
+_UNSET = 0.0
 
 
 class _Refused(Exception):
@@ -128,10 +132,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.gone = False
         self.abort_reason: str | None = None  # "timeout" or "framing" when we cut a body
         self._phase = _HEAD
-        self._deadline = math.inf
-        self._head_bytes = 0
-        self._begun = False  # a request head has started arriving
-        self._fields = 0
+        self._deadline = _UNSET
+        self._head_bytes = 0  # received since the current head began
         self._refusal: bytes | None = None
         self._send_since: float | None = None
         self._send_buffered = 0
@@ -141,7 +143,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # A connection that sends nothing is bounded like a slow head.
-        self._deadline = self.loop.time() + self.limits.header_timeout
         _Sweeper.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,20 +150,25 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._phase == _IDLE:
-            # Any byte after an idle spell starts a request head (even bare CRLFs, which
-            # the parser skips without starting a message).
-            self._phase = _HEAD
-            self._head_bytes = 0
-            self._deadline = self.loop.time() + self.limits.header_timeout
-        if self._phase == _HEAD:
-            self._head_bytes += len(data)
-        super().data_received(data)
-        if self._phase == _HEAD and self._head_bytes > MAX_HEAD_BYTES and not self.gone:
-            # httptools buffers a header line without bound until it ends.
+        # Bytes since the last complete head; the common case costs an addition.
+        self._head_bytes += len(data)
+        HttpToolsProtocol.data_received(self, data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._check_head()
+
+    def _check_head(self) -> None:
+        """Over `MAX_HEAD_BYTES` since the last head: a head that long gets a 431 (httptools
+        buffers a header line without bound until it ends); body bytes do not count."""
+        if self._phase != _HEAD and not self._between_requests():
+            self._head_bytes = 0  # reading a body (a pipelined head is bounded at its turn)
+        elif not self.gone:
             busy = self.cycle is not None and not self.cycle.response_complete
             detail = f"The request head is larger than {MAX_HEAD_BYTES} bytes."
             self._cut(None if busy else self._response(431, detail))
+
+    def _between_requests(self) -> bool:
+        cycle = self.cycle
+        return cycle is None or (cycle.response_complete and not cycle.more_body)
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a parser error: ours when a callback refused the request.
@@ -176,28 +182,18 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
 
     # --- parser callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._phase != _HEAD:
-            self._phase = _HEAD
-            self._deadline = self.loop.time() + self.limits.header_timeout
-        self._fields = 0
-        self._begun = True
-        super().on_message_begin()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields += 1
-        if self._fields > self.limits.max_header_fields:
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > self.limits.max_header_fields:
+            # Counted here, not per header: the head's size bounds the list meanwhile.
             self._refuse(
                 431, f"The request has more than {self.limits.max_header_fields} header fields."
             )
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
         parser = self.parser
-        # Until the message is complete (at once for a request without a body).
-        self._head_bytes = 0
+        # Until the message is complete (at once for a request without a body; the
+        # sweeper notices).
         self._phase = _BODY
-        self._deadline = self.loop.time() + self.limits.body_timeout
+        self._deadline = _UNSET
+        self._head_bytes = 0
         fast_hit = getattr(self.app, "fast_hit", None)
         if (
             fast_hit is not None
@@ -213,6 +209,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             if answer is not None:
                 self.transport.write(answer)
                 self.cycle = _ANSWERED  # type: ignore[assignment]
+                self._phase = _BUSY
                 self.on_response_complete()
                 return
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
@@ -221,19 +218,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._deadline = self.loop.time() + self.limits.body_timeout
-        super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        cycle = self.cycle
-        self._phase = _IDLE if cycle is None or cycle.response_complete else _BUSY
-        self._begun = False
-        super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._phase == _BUSY and (self.cycle is None or self.cycle.response_complete):
-            self._phase = _IDLE  # uvicorn's keep-alive timer (keepalive_timeout) runs
+        self._deadline = _UNSET  # progress: body_timeout starts again
+        self._head_bytes = 0  # body bytes are not head bytes
+        HttpToolsProtocol.on_body(self, body)
 
     # --- send timeout ---------------------------------------------------------------------
 
@@ -259,19 +246,42 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._cut(None)
                 return
+        phase = self._phase
+        if (
+            phase != _HEAD
+            and self.timeout_keep_alive_task is None
+            and self._between_requests()
+            and self.cycle is not None
+        ):
+            # uvicorn's keep-alive timer, armed when a response completes, is cancelled by
+            # the next bytes: a new request (even bare CRLFs, which the parser skips
+            # without starting a message) has begun, bounded like any head.
+            self._phase = phase = _HEAD
+            self._deadline = _UNSET
+        if phase == _BODY:
+            cycle = self.cycle
+            if cycle is None or not cycle.more_body or cycle.response_complete:
+                self._phase = phase = _BUSY  # the body is read (or no longer wanted)
+            elif self.flow.read_paused:
+                # We stopped reading (the upstream is slow to take the body, or a
+                # pipelined request waits): not the client's delay.
+                self._deadline = _UNSET
+        if phase == _BUSY:
+            return
+        if self._deadline == _UNSET:
+            limits = self.limits
+            self._deadline = now + (
+                limits.header_timeout if phase == _HEAD else limits.body_timeout
+            )
+            return
         if now < self._deadline:
             return
-        if self._phase == _HEAD:
+        if phase == _HEAD:
             # Close silently when no request has begun (nginx does the same); a partial
             # head gets its 408.
             late = self._response(408, "The request head took too long.")
-            self._cut(late if self._begun else None)
-        elif self._phase == _BODY:
-            if self.flow.read_paused:
-                # We stopped reading (the upstream is slow to take the body, or a
-                # pipelined request waits): not the client's delay.
-                self._deadline = now + self.limits.body_timeout
-                return
+            self._cut(late if self._head_bytes else None)
+        else:
             self.abort_reason = "timeout"
             started = self.cycle is not None and self.cycle.response_started
             self._cut(None if started else self._response(408, "The request body took too long."))
