@@ -39,10 +39,13 @@ def spellings(word: str) -> Iterator[str]:
         yield "".join(out)
 
 
-@pytest.fixture(scope="module")
-def framework() -> Iterator[tuple[Framework, str]]:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def framework(request: pytest.FixtureRequest) -> Iterator[tuple[Framework, str]]:
+    """The adversarial upstream behind a gateway on each backend (Redis: the session's
+    server; entries of earlier examples are kept, and the checks allow for them)."""
+    backend = "memory" if request.param == "memory" else request.getfixturevalue("redis_proc").url
     upstream = Framework()
-    with gateway(upstream) as base:
+    with gateway(upstream, backend) as base:
         yield upstream, base
 
 

@@ -158,10 +158,13 @@ ATTACKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def framework() -> Iterator[tuple[Framework, str]]:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def framework(request: pytest.FixtureRequest) -> Iterator[tuple[Framework, str]]:
+    """The adversarial upstream behind a gateway on each backend (Redis: the session's
+    server; every test uses paths of its own)."""
+    backend = "memory" if request.param == "memory" else request.getfixturevalue("redis_proc").url
     upstream = Framework()
-    with gateway(upstream) as base:
+    with gateway(upstream, backend) as base:
         yield upstream, base
 
 
