@@ -400,12 +400,14 @@ class _Proxy:
         if not cacheable:
             return engine.bypass(await fetch())
         trace.key = self._key(service, rest, raw_query, key_extra or "", scheme, host)
+        scopes = self._scopes(service, route, rest, params)
         info = RequestInfo(
             method=method,
             key=trace.key,
             headers=headers,
             per_principal=policy.key is not None,
-            scopes=self._scopes(service, route, rest, params),
+            scopes=scopes,
+            target=scopes[2],  # the path: every query string, variant and principal
             service=service.name,
         )
         served = await engine.serve(info, policy, fetch)
@@ -461,20 +463,20 @@ class _Proxy:
             target = _same_origin_target(value.decode("latin-1"), headers)
             if target is None:
                 continue
-            path, _, query = target.partition("?")
+            raw = target.partition("?")[0]  # a path invalidation covers every query
             try:
-                path = check_target({"raw_path": path.encode("ascii")})
+                path = check_target({"raw_path": raw.encode("ascii")})
             except (BadTarget, UnicodeEncodeError):
                 continue
             matched = self.runtime.gateway.match(path)
-            if matched is None or matched[1].policy.key is not None:
-                continue  # per-principal entries are not ours to compute
-            service, _, rest, _ = matched
-            host = service.host_for(headers.get("host"))
-            if host is None:
+            if matched is None:
                 continue
-            key = self._key(service, rest, query.encode("latin-1"), "", scheme, host)
-            await engine.invalidate(key)
+            service, route, rest, _ = matched
+            if service.host_for(headers.get("host")) is None:
+                continue
+            # The same invalidation as the request's own: by path, ordered against the
+            # start of fetches in flight, for every query, variant, principal and host.
+            await engine.invalidate([scopes_for(service.name, rest, ())[2]], route.policy)
 
 
 def _host(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -445,12 +445,14 @@ async def _serve(
             prefix, request.scope, template, path_params, key_extra, per_host=face.per_host
         )
     tags = [format_tag(t, path_params) for t in policy.tags]
+    scopes = scopes_for("", request.url.path, [*tags, *face.extra_tags])
     info = RequestInfo(
         method=request.method,
         key=primary,
         headers=headers,
         per_principal=keyed,
-        scopes=scopes_for("", request.url.path, [*tags, *face.extra_tags]),
+        scopes=scopes,
+        target=scopes[2],  # the path: every query, variant and principal
     )
     try:
         served = await engine.serve(info, policy, fetch)

@@ -35,16 +35,24 @@ from cachegw._policy import (
     storable_response,
     surrogate_control,
 )
-from cachegw._purge import RECORD_TTL, LocalPurges, Purges, RedisPurges, Verdict
+from cachegw._purge import (
+    RECORD_TTL,
+    STORE_WINDOW,
+    LocalPurges,
+    Purges,
+    RedisPurges,
+    Verdict,
+)
 from cachegw._store import L1, OP_TIMEOUT, Store
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
 
-__all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served"]
+__all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served", "entry_life"]
 
 MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
 HIT_FOR_MISS_TTL = 10.0  # how long an uncacheable answer keeps a key out of coalescing
+_L1_SLACK = 60.0  # in-process copies outlive their backend entry by at most l1_ttl
 _TIMED_OUT = "timed-out"  # a "token" meaning: fetch without the lock, and don't store
 
 StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
@@ -77,6 +85,9 @@ class RequestInfo:
     headers: Mapping[str, str]  # lower-case names, repeated fields joined with ", "
     per_principal: bool = False  # the key includes the caller's identity
     scopes: list[str] = field(default_factory=list)  # purge scopes: see _purge.scopes_for
+    # The scope an unsafe request invalidates, among ``scopes``: its path (every query,
+    # variant and principal). Empty: the key alone (``key:<key>``).
+    target: str = ""
     service: str = ""  # for metrics
     started: float = 0.0  # when the engine began serving it (wall clock)
     # The client asked for an answer checked with the origin (no-cache, max-age=0): an
@@ -87,6 +98,10 @@ class RequestInfo:
     @property
     def authorized(self) -> bool:
         return "authorization" in self.headers or "cookie" in self.headers
+
+    @property
+    def target_scope(self) -> str:
+        return self.target or f"key:{self.key}"
 
 
 @dataclass(slots=True)
@@ -117,6 +132,7 @@ class Served:
 class _Flight:
     """One in-process fetch for a key that other requests may wait on."""
 
+    started: float  # when the leader's request started: what invalidations compare
     done: asyncio.Event = field(default_factory=asyncio.Event)
     entry: Entry | None = None
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
@@ -213,11 +229,20 @@ class CacheEngine:
         self.stats["BYPASS"] += 1
         return self._passed(fetched, "BYPASS", "fwd=bypass")
 
-    async def invalidate(self, key: str) -> None:
-        """Drop the entry (and its Vary variants' marker) stored under a primary key."""
-        await self.store.delete(key)
-        if self.coordinator.shared:
-            await self.coordinator.landed(key)  # other processes drop their L1 copy
+    async def invalidate(self, scopes: list[str], policy: CachePolicy) -> None:
+        """Invalidate every entry of ``scopes`` whose fetch started before now, for every
+        Vary variant and principal, including answers still in flight (RFC 9111 §4.4; the
+        contract's "writes are never undone"). A hard purge, remembered as long as an
+        entry of a route with ``policy`` can be found (see `_purge`)."""
+        keep = entry_life(policy) + STORE_WINDOW + _L1_SLACK
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await self.purges.purge(scopes, keep=keep)
+        except Exception as exc:
+            # This process applied it already; other processes sharing the backend will
+            # not see it (fail open, like every backend error).
+            self._backend_failed("invalidate", exc)
+            logger.warning("cachegw: recording an invalidation failed: %r", exc)
 
     # -- the request path -----------------------------------------------------------
 
@@ -235,7 +260,7 @@ class CacheEngine:
             if method not in _SAFE_METHODS and 200 <= fetched.status < 400:
                 # RFC 9111 §4.4: a non-error response to an unsafe method invalidates
                 # the target URI's stored responses.
-                await self.invalidate(request.key)
+                await self.invalidate([request.target_scope], policy)
             self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
@@ -360,6 +385,9 @@ class CacheEngine:
         empty: bool,
     ) -> Served:
         flight = self._flights.get(request.key)
+        if flight is not None and self._superseded(request.scopes, request, flight.started):
+            # Its fetch started before an invalidation: its answer is not for us.
+            flight = None
         if flight is not None:
             # Another request of this process is fetching: wait for its answer.
             await flight.done.wait()
@@ -375,7 +403,7 @@ class CacheEngine:
             fetched = await fetch()
             self.stats["MISS"] += 1
             return self._passed(fetched, "MISS", "fwd=uri-miss")
-        flight = self._flights[request.key] = _Flight()
+        flight = self._flights[request.key] = _Flight(request.started)
         # The fetch runs in a task of its own: if this request's client goes away, the
         # requests waiting on it still get their answer.
         lead = asyncio.get_running_loop().create_task(
@@ -407,7 +435,7 @@ class CacheEngine:
                 if token == _TIMED_OUT:
                     # Like nginx after proxy_cache_lock_timeout: everyone waiting here
                     # goes upstream now, in parallel, and nobody stores.
-                    self._flights.pop(request.key, None)
+                    self._drop_flight(request.key, flight)
                     flight.done.set()
             try:
                 fetched = await _conditional(fetch, _validators(stale))
@@ -447,7 +475,7 @@ class CacheEngine:
                 if token != _TIMED_OUT:
                     await self.coordinator.release(request.key, token)
         finally:
-            self._flights.pop(request.key, None)
+            self._drop_flight(request.key, flight)
             flight.done.set()
         status = "EXPIRED" if stale is not None else "MISS"
         fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
@@ -517,7 +545,7 @@ class CacheEngine:
     ) -> None:
         if request.key in self._flights:
             return  # one refresh per key at a time
-        flight = self._flights[request.key] = _Flight()
+        flight = self._flights[request.key] = _Flight(request.started)
 
         async def refresh() -> None:
             token = None
@@ -543,12 +571,25 @@ class CacheEngine:
             finally:
                 if token is not None:
                     await self.coordinator.release(request.key, token)
-                self._flights.pop(request.key, None)
+                self._drop_flight(request.key, flight)
                 flight.done.set()
 
         task = asyncio.get_running_loop().create_task(refresh())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _drop_flight(self, key: str, flight: _Flight) -> None:
+        # A newer flight may have replaced this one (see _superseded): leave it.
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    def _superseded(self, scopes: list[str], request: RequestInfo, started: float) -> bool:
+        """Whether a fetch that started at ``started`` began before an invalidation (a hard
+        purge) of the request's entries: its answer must not be stored nor shared."""
+        verdict = self.purges.verdict(scopes, started)
+        if verdict is None and not request.target:
+            verdict = self.purges.verdict((request.target_scope,), started)
+        return verdict is not None and verdict[0] == "hard"
 
     def start(self) -> None:
         """Start listening for other processes (call from a running event loop)."""
@@ -715,14 +756,25 @@ class CacheEngine:
             fetch_time=max(0.0, response_time - request.started) if request.started else 0.0,
             coding=coding,
         )
+        if not request.target:
+            entry.tags.append(request.target_scope)
         if revalidated is not None:
             entry.tags = revalidated.tags
             entry.etag = revalidated.etag
             entry.shared_auth = revalidated.shared_auth or entry.shared_auth
-        # Never kept longer than purges are remembered (see _purge.RECORD_TTL).
-        ttl = min(entry.storage_ttl(now), MAX_STORAGE_TTL)
+        # Never kept longer than an invalidation of it is remembered (see `invalidate`).
+        ttl = min(entry.storage_ttl(now), entry_life(policy))
         if ttl <= 0:
             return None
+        if (request.started and now - request.started > STORE_WINDOW) or self._superseded(
+            entry.tags, request, request.started
+        ):
+            # Writes are never undone: an answer whose fetch started before an
+            # invalidation of its URI (or too long ago for the record to know) goes to
+            # the requests that asked for it, and is not stored. Checked here, at store
+            # time against fetch start, so a deferred store is judged the same way.
+            entry.stored = False
+            return entry
         names = sorted({v.lower() for v in vary} | set(policy.vary))
         if names:
             # Responses here vary on request headers (the upstream's Vary and the route's
@@ -778,6 +830,14 @@ class CacheEngine:
 
 
 # -- helpers (pure) -------------------------------------------------------------------
+
+
+def entry_life(policy: CachePolicy) -> float:
+    """The longest an entry of a route with ``policy`` is kept: freshness up to
+    ``max_ttl``, then the longest of its stale windows and the time kept for revalidation
+    (``max_ttl``). Stale windows an upstream asks for beyond that are cut to it."""
+    assert policy.max_ttl is not None
+    return min(MAX_STORAGE_TTL, policy.max_ttl + max(policy.max_ttl, policy.stale_window))
 
 
 def _refresh_early(entry: Entry, left: float, beta: float) -> bool:

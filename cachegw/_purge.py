@@ -19,6 +19,14 @@ purge is seen everywhere within that bound; the admin endpoint answers only afte
 has passed. Reading on the request path (one small GET per interval, not per request)
 needs no background task, so `@cached` apps, which have no lifecycle hooks, work too.
 
+Invalidations (an unsafe request, its ``Location`` / ``Content-Location``) are hard
+purges of a path scope too: one mechanism, ordered against fetch start, so an answer
+whose fetch started before an invalidation is never served as fresh after it (issue 11).
+They are frequent, so each record carries the time after which it can match nothing —
+``keep`` seconds, the longest an entry of the route lives plus `STORE_WINDOW` — and is
+forgotten then: the record holds the paths written during one entry lifetime, not every
+path ever written.
+
 Times are wall-clock seconds of the purging host: hosts are assumed to
 be NTP-synchronised (a skew of *s* seconds lets a response fetched within *s* of a
 purge survive it).
@@ -34,7 +42,15 @@ from typing import Any, Literal
 
 from cachegw._store import OP_TIMEOUT, Breaker
 
-__all__ = ["LocalPurges", "PurgeState", "Purges", "RedisPurges", "purges_for", "scopes_for"]
+__all__ = [
+    "STORE_WINDOW",
+    "LocalPurges",
+    "PurgeState",
+    "Purges",
+    "RedisPurges",
+    "purges_for",
+    "scopes_for",
+]
 
 logger = logging.getLogger("cachegw")
 
@@ -45,8 +61,13 @@ Verdict = tuple[Literal["hard", "soft"], float] | None
 RECORD_TTL = 31 * 86400
 #: Purges kept in the log for processes catching up; a process further behind reloads.
 LOG_LENGTH = 10_000
-#: Record size at which purges older than RECORD_TTL are dropped from a process's copy.
+#: Record size at which purges that can match nothing any more are dropped from a
+#: process's copy.
 _PRUNE_SIZE = 10_000
+#: A response is stored only within this many seconds of the start of its fetch (a slower
+#: one is answered, not stored), so a purge record needs to outlive a purge by no more
+#: than this plus the life of the entries it covers.
+STORE_WINDOW = 300.0
 
 
 def scopes_for(service: str, path: str, tags: Iterable[str], route: str | None = None) -> list[str]:
@@ -73,23 +94,31 @@ def purges_for(backend: object, prefix: str) -> Purges:
 
 
 class PurgeState:
-    """Per scope, the time of the last hard and of the last soft purge (pure)."""
+    """Per scope, the time of the last hard and of the last soft purge (pure), and until
+    when each must be remembered."""
 
     def __init__(self) -> None:
         self.hard: dict[str, float] = {}
         self.soft: dict[str, float] = {}
+        self._until: tuple[dict[str, float], dict[str, float]] = ({}, {})
         self._prune_at = _PRUNE_SIZE
 
-    def apply(self, scope: str, at: float, soft: bool) -> None:
+    def apply(self, scope: str, at: float, soft: bool, until: float | None = None) -> None:
+        """Record a purge of ``scope`` at ``at``, to be remembered until ``until``
+        (default: ``at + RECORD_TTL``)."""
         table = self.soft if soft else self.hard
+        ends = self._until[soft]
         if at > table.get(scope, 0.0):
             table[scope] = at
+        end = at + RECORD_TTL if until is None else until
+        if end > ends.get(scope, 0.0):
+            ends[scope] = end
         if len(self.hard) + len(self.soft) >= self._prune_at:
-            # No entry outlives RECORD_TTL: older purges can no longer match anything.
-            horizon = at - RECORD_TTL
-            for old in (self.hard, self.soft):
-                for name in [name for name, when in old.items() if when < horizon]:
-                    del old[name]
+            # Purges past their end can no longer match any entry.
+            for old, old_ends in ((self.hard, self._until[False]), (self.soft, self._until[True])):
+                for name in [name for name, end in old_ends.items() if end < at]:
+                    del old_ends[name]
+                    old.pop(name, None)
             self._prune_at = max(_PRUNE_SIZE, 2 * (len(self.hard) + len(self.soft)))
 
     def verdict(self, scopes: Iterable[str], fetched_at: float) -> Verdict:
@@ -119,11 +148,14 @@ class Purges:
     def verdict(self, scopes: Iterable[str], fetched_at: float) -> Verdict:
         return self.state.verdict(scopes, fetched_at)
 
-    async def purge(self, scopes: Iterable[str], *, soft: bool = False) -> float:
-        """Record a purge of ``scopes`` now; returns its time."""
+    async def purge(
+        self, scopes: Iterable[str], *, soft: bool = False, keep: float = RECORD_TTL
+    ) -> float:
+        """Record a purge of ``scopes`` now, remembered for ``keep`` seconds (the longest
+        an entry it covers can still be found); returns its time."""
         at = self.clock()
         for scope in scopes:
-            self.state.apply(scope, at, soft)
+            self.state.apply(scope, at, soft, at + keep)
         return at
 
     def due(self) -> bool:
@@ -155,31 +187,35 @@ class RedisPurges(Purges):
         self.client = client
         self.interval = interval
         self.propagation = interval * 2  # one poll period, plus the poll itself
-        slot = "{" + prefix + ":purge}"  # one hash slot: the script touches all three
-        self.keys = (f"{slot}:times", f"{slot}:epoch", f"{slot}:log")
+        slot = "{" + prefix + ":purge}"  # one hash slot: the script touches all four
+        self.keys = (f"{slot}:times", f"{slot}:epoch", f"{slot}:log", f"{slot}:ends")
         self.epoch = -1  # nothing applied yet: the first poll loads everything
         self.op_timeout = OP_TIMEOUT
-        self._next = 0.0
-        self._polling = False
+        self._fresh_until = 0.0  # monotonic time until which the record is recent enough
+        self._poll: asyncio.Task[None] | None = None
         self._script = client.register_script(_SCRIPT)
         #: The store's circuit breaker: while it is open, the record is not read.
         self.breaker: Breaker | None = None
 
-    async def purge(self, scopes: Iterable[str], *, soft: bool = False) -> float:
+    async def purge(
+        self, scopes: Iterable[str], *, soft: bool = False, keep: float = RECORD_TTL
+    ) -> float:
         at = self.clock()
         names = list(scopes)
         mode = "soft" if soft else "hard"
+        until = at + min(keep, RECORD_TTL)
+        # Applied here first: this process sees it at once, even if Redis fails.
+        for scope in names:
+            self.state.apply(scope, at, soft, until)
         await self._script(
             keys=list(self.keys),
-            args=[mode, repr(at), RECORD_TTL, LOG_LENGTH, *names],
+            args=[mode, repr(at), RECORD_TTL, LOG_LENGTH, repr(until), *names],
         )
-        for scope in names:
-            self.state.apply(scope, at, soft)
         return at
 
     async def poll(self) -> None:
         """Apply purges made since the last poll (all of them, the first time)."""
-        times_key, epoch_key, log_key = self.keys
+        times_key, epoch_key, log_key, ends_key = self.keys
         raw = await self.client.get(epoch_key)
         epoch = int(raw) if raw is not None else 0
         if epoch == self.epoch:
@@ -193,51 +229,67 @@ class RedisPurges(Purges):
         if self.epoch < 0 or not complete:
             # First poll, or too far behind for the log: load the whole record.
             state = PurgeState()
+            ends = dict(await self.client.zrange(ends_key, 0, -1, withscores=True))
             for member, at in await self.client.zrange(times_key, 0, -1, withscores=True):
                 mode, _, scope = member.decode().partition("|")
-                state.apply(scope, float(at), mode == "soft")
+                state.apply(scope, float(at), mode == "soft", ends.get(member))
             self.state = state
         else:
             for member, _ in entries:
-                mode, at, scope = member.decode().split("|", 2)
-                self.state.apply(scope, float(at), mode == "soft")
+                mode, at, until, scope = member.decode().split("|", 3)
+                self.state.apply(scope, float(at), mode == "soft", float(until))
         self.epoch = epoch
 
     def due(self) -> bool:
-        return not self._polling and time.monotonic() >= self._next
+        return time.monotonic() >= self._fresh_until
 
     async def refresh(self) -> None:
-        # One poll at a time; concurrent requests go on with the record they have.
-        if self.breaker is not None and self.breaker.open:
-            self._next = time.monotonic() + self.interval
-            return  # Redis is known to be sick: keep the last known record
-        self._polling = True
-        self._next = time.monotonic() + self.interval
+        # One poll at a time, and every request that finds the record too old waits for
+        # it: a request never goes on with a record older than `interval` (the
+        # visibility window), even when it arrives while another request polls.
+        poll = self._poll
+        if poll is None or poll.done():
+            poll = self._poll = asyncio.get_running_loop().create_task(self._refresh())
+        await asyncio.shield(poll)
+
+    async def _refresh(self) -> None:
+        started = time.monotonic()
         try:
+            if self.breaker is not None and self.breaker.open:
+                return  # Redis is known to be sick: keep the last known record
             async with asyncio.timeout(self.op_timeout):
                 await self.poll()
         except Exception as exc:  # a Redis outage: keep the last known record
             logger.debug("cachegw: reading purges failed: %s", exc)
         finally:
-            self._polling = False
+            # Also after a failure: a sick Redis is asked once per interval, not per request.
+            self._fresh_until = started + self.interval
 
 
-# KEYS: times (sorted set "mode|scope" -> time), epoch counter, log (sorted set by epoch).
-# ARGV: mode ("hard"/"soft"), time, record ttl, log length, scopes...
-# Purges older than the record's ttl are dropped on the way: no entry outlives them, so
-# the record stays as large as one ttl's worth of distinct purged scopes.
+# KEYS: times (sorted set "mode|scope" -> time), epoch counter, log (sorted set by epoch),
+#       ends (sorted set "mode|scope" -> time after which the record can match nothing).
+# ARGV: mode ("hard"/"soft"), time, record ttl, log length, end, scopes...
+# Records past their end are dropped on the way (a bounded number per call): no entry they
+# could match is left, so the record holds the scopes purged during one entry lifetime.
 _SCRIPT = """
 local epoch = redis.call('INCR', KEYS[2])
-for i = 5, #ARGV do
+local at = tonumber(ARGV[2])
+for i = 6, #ARGV do
   local member = ARGV[1] .. '|' .. ARGV[i]
   local old = tonumber(redis.call('ZSCORE', KEYS[1], member) or '0')
-  if tonumber(ARGV[2]) > old then
+  if at > old then
     redis.call('ZADD', KEYS[1], ARGV[2], member)
   end
-  redis.call('ZADD', KEYS[3], epoch, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[i])
+  redis.call('ZADD', KEYS[4], 'GT', ARGV[5], member)
+  redis.call('ZADD', KEYS[3], epoch, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[i])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - tonumber(ARGV[3])))
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return epoch
 """

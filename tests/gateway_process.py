@@ -82,8 +82,12 @@ class GatewayProcess:
 
 
 @contextmanager
-def gateway_processes(config: Path, count: int = 1) -> Iterator[list[GatewayProcess]]:
-    procs = [GatewayProcess(config) for _ in range(count)]
+def gateway_processes(
+    config: Path, count: int = 1, *, args: list[str] | None = None
+) -> Iterator[list[GatewayProcess]]:
+    """``count`` processes; output is read only when they stop, so a long run passes
+    ``args=["--no-access-log"]`` (else a full pipe blocks the gateway on its log)."""
+    procs = [GatewayProcess(config, args=args) for _ in range(count)]
     try:
         for proc in procs:
             proc.start()

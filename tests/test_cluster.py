@@ -272,7 +272,7 @@ def test_purge_on_one_process_is_seen_by_the_other(
 
     record = keys_by_node(cluster, "{cl:purge}*")
     holders = [port for port, keys in record.items() if keys]
-    assert len(holders) == 1 and len(record[holders[0]]) == 3
+    assert len(holders) == 1 and len(record[holders[0]]) == 4
     assert len({keyslot(cluster, key) for key in record[holders[0]]}) == 1
     assert_every_key_has_a_ttl(cluster)
 
@@ -369,3 +369,24 @@ def test_every_node_answers_cluster_info(cluster: RedisCluster3) -> None:
         for n in range(20):
             with cluster.client(cluster.nodes[0]) as node:
                 node.get(f"probe:{n}")
+
+
+# -- writes are never undone (issue 11) -----------------------------------------------------
+
+
+def test_a_write_is_not_undone_by_a_fetch_in_flight(
+    tmp_path: Path, cluster: RedisCluster3, cluster_url: str
+) -> None:
+    """The race of issue 11 across two processes sharing the cluster: a GET parked at
+    the upstream through one process while the item is written through the other."""
+    from tests.items_upstream import VersionedItems
+    from tests.test_consistency import WINDOW, config, race
+
+    upstream = VersionedItems()
+    with (
+        run_uvicorn(upstream) as origin,
+        gateway_processes(config(tmp_path, origin, cluster_url, "clr"), count=2) as [a, b],
+    ):
+        for path in ("/api/items/8", "/api/vitems/8"):
+            race(upstream, path, a.base, b.base, window=WINDOW)
+    assert_every_key_has_a_ttl(cluster)

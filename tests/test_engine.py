@@ -599,22 +599,25 @@ async def test_per_principal_entries_serve_credentials(engine: CacheEngine) -> N
     ],
 )
 async def test_unsafe_method_invalidates(
-    engine: CacheEngine, method: str, status: int, invalidates: bool
+    engine: CacheEngine, clock: Clock, method: str, status: int, invalidates: bool
 ) -> None:
     get = Upstream()
     await engine.serve(req(), POLICY, get)
+    clock.advance(0.001)  # an invalidation covers fetches that started before it
     write = Upstream(status=status, body=b"w")
     done = await engine.serve(req(method), POLICY, write)
     assert (done.status, done.body, done.cache_status) == (status, b"w", "BYPASS")
     assert write.calls == 1
+    clock.advance(0.001)
     after = await engine.serve(req(), POLICY, get)
     assert after.cache_status == ("MISS" if invalidates else "HIT")
 
 
-async def test_unsafe_method_invalidates_all_variants(engine: CacheEngine) -> None:
+async def test_unsafe_method_invalidates_all_variants(engine: CacheEngine, clock: Clock) -> None:
     calls: list[str] = []
     fetch = by_language(calls)
     await engine.serve(req(accept_language="en"), POLICY, fetch("en"))  # type: ignore[operator]
+    clock.advance(0.001)
     await engine.serve(req("POST"), POLICY, Upstream(status=200))
     after = await engine.serve(req(accept_language="en"), POLICY, fetch("en"))  # type: ignore[operator]
     assert after.cache_status == "MISS"
