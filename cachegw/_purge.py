@@ -254,15 +254,19 @@ class RedisPurges(Purges):
 
     async def _refresh(self) -> None:
         started = time.monotonic()
+        if self.breaker is not None and self.breaker.open:
+            # Redis is known to be sick: keep the last known record, and ask again once
+            # per interval, not per request (entries cannot be read from Redis either).
+            self._fresh_until = started + self.interval
+            return
         try:
-            if self.breaker is not None and self.breaker.open:
-                return  # Redis is known to be sick: keep the last known record
             async with asyncio.timeout(self.op_timeout):
                 await self.poll()
-        except Exception as exc:  # a Redis outage: keep the last known record
+        except Exception as exc:
+            # Not fresh: the next request polls again (one poll at a time) rather than
+            # serve with a record that may miss an invalidation.
             logger.debug("cachegw: reading purges failed: %s", exc)
-        finally:
-            # Also after a failure: a sick Redis is asked once per interval, not per request.
+        else:
             self._fresh_until = started + self.interval
 
 
