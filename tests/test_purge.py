@@ -411,3 +411,40 @@ def test_redis_purge_record_drops_purges_older_than_its_ttl(redis_url: str) -> N
         return record
 
     assert asyncio.run(scenario()) == [(b"hard|tag:b", 1000.0 + RECORD_TTL + 1)]
+
+
+def test_invalidations_are_forgotten_after_their_keep() -> None:
+    """Invalidations (one per write) are remembered only as long as an entry they cover
+    can be found: the record holds the paths written recently, not every path ever."""
+    from cachegw._purge import _PRUNE_SIZE
+
+    state = PurgeState()
+    for n in range(_PRUNE_SIZE - 2):
+        state.apply(f"path:svc:/items/{n}", 1000.0, soft=False, until=1100.0)
+    state.apply("tag:admin", 1000.0, soft=False)  # a purge: kept RECORD_TTL
+    state.apply("path:svc:/items/new", 1200.0, soft=False, until=1300.0)
+    assert set(state.hard) == {"tag:admin", "path:svc:/items/new"}
+
+
+def test_redis_invalidation_records_are_dropped_after_their_keep(redis_url: str) -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes], int]:
+        client = RedisBackend.from_url(redis_url).client
+        clock = iter([1000.0, 1001.0, 2000.0])
+        purges = RedisPurges(client, "keep", clock=lambda: next(clock))
+        await purges.purge(["path:svc:/a"], keep=60)
+        await purges.purge(["tag:t"])  # default: kept RECORD_TTL
+        await purges.purge(["path:svc:/b"], keep=60)  # 1000 s later: /a is past its keep
+        times = [m for m, _ in await client.zrange("{keep:purge}:times", 0, -1, withscores=True)]
+        ends = [m for m, _ in await client.zrange("{keep:purge}:ends", 0, -1, withscores=True)]
+        fresh = RedisPurges(client, "keep")
+        await fresh.poll()  # a process starting now loads what is left, with its ends
+        ttl = await client.ttl("{keep:purge}:ends")
+        await client.aclose()
+        assert fresh.verdict(["path:svc:/b"], 1999.0) == ("hard", 2000.0)
+        assert fresh.verdict(["path:svc:/a"], 999.0) is None
+        return times, ends, ttl
+
+    times, ends, ttl = asyncio.run(scenario())
+    assert sorted(times) == [b"hard|path:svc:/b", b"hard|tag:t"]
+    assert sorted(ends) == sorted(times)
+    assert ttl > 0  # every key has a TTL
