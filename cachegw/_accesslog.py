@@ -431,4 +431,7 @@ def log_config(access_log: bool = True) -> dict[str, Any]:
         "level": "INFO" if access_log else "WARNING",
         "propagate": False,
     }
+    # cachegw's own messages (reloads, backend trouble) as uvicorn's: on stderr, with
+    # their level, from INFO on.
+    config["loggers"]["cachegw"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config

@@ -235,6 +235,7 @@ def test_sighup_reloads_every_worker_and_post_fans_out(tmp_path: Path) -> None:
             log = gw.stop()
     assert alive, log
     assert "restarting processes" not in log  # uvicorn's own SIGHUP would replace workers
+    assert log.count("cachegw: reloaded ") >= 4  # two workers, twice; on stderr, as INFO
 
 
 def test_in_flight_requests_finish_under_their_configuration(tmp_path: Path) -> None:
