@@ -292,7 +292,7 @@ def header(view: View) -> Text:
             text.append(f"\nconfig generation {gens[0]:.0f}{workers}")
         else:
             text.append(f"\nconfig generation {gens[0]:.0f}..{gens[-1]:.0f}{workers}")
-            text.append(" (a reload is reaching the workers)", style="yellow")
+            text.append(" (workers differ: a reload is on its way)", style="yellow")
     else:
         text.append("\nconfig generation -")
     text.append("  circuit ")

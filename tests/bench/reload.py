@@ -45,7 +45,7 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> bool:
             extra_env={"CACHEGW_TEST_RELOAD_TOKEN": TOKEN},
             args=["--no-access-log", "--workers", str(args.workers)],
         )
-        gw.start()
+        gw.start(timeout=60)
         try:
             for path in items * args.workers * 2:
                 httpx.get(gw.base + path)
