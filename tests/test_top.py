@@ -106,7 +106,9 @@ def test_workers_are_merged_and_a_reload_in_progress_shows() -> None:
     now = Scrape.parse(text(30, (2, 3)), 1.0)
     view = compute(before, now)
     assert view.services[0][0].rps == 20.0
-    assert "config generation 2..3, 2 workers (workers differ: a reload is on its way)" in as_text(view)
+    assert "config generation 2..3, 2 workers (workers differ: a reload is on its way)" in as_text(
+        view
+    )
     # A counter that went down was reset (a restarted gateway): its value is the delta.
     assert compute(now, Scrape.parse(text(5, (1, 1)), 2.0)).services[0][0].rps == 5.0
 
