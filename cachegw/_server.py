@@ -10,6 +10,9 @@ few times a second, so a request costs a few attribute writes, not timers of its
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +96,7 @@ _BUSY = 3  # the request is read; the gateway is answering
 # A deadline of 0 means "the clock starts at the next sweep": the hot path sets it
 # without reading the time, and a limit acts at most one sweep interval late.
 _UNSET = 0.0
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 
 
 class _Refused(Exception):
@@ -293,7 +297,13 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the application's sends stop, its receive ends
             cycle.message_event.set()
         if answer is None:
-            self.transport.abort()  # nothing worth flushing to a client that does not read
+            # Nothing worth flushing to a client that does not read: a reset, so that the
+            # kernel drops the unsent bytes now rather than after its own timeouts (nginx's
+            # reset_timedout_connection).
+            sock = self.transport.get_extra_info("socket")
+            with contextlib.suppress(AttributeError, OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self.transport.abort()
         else:
             self.transport.write(answer)
             self.transport.close()
