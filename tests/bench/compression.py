@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import hashlib
 import json
 import random
 import re
@@ -157,7 +158,9 @@ async def fill(
         ) -> Fetched:
             return Fetched(200, list(headers), body, response_time=time.time())
 
-        request = RequestInfo(method="GET", key=f"cachegw:bench:{n:08d}", headers={})
+        # A key shaped like the gateway's (``cachegw:<sha256 hex>``, 72 bytes).
+        key = "cachegw:" + hashlib.sha256(n.to_bytes(8, "little")).hexdigest()
+        request = RequestInfo(method="GET", key=key, headers={})
         await engine.serve(request, policy, fetch)
     stats = backend.stats()
     stats["mean_body"] = body_bytes // keys
