@@ -177,6 +177,11 @@ def request_headers(
     header (`is_override`) not in ``allow`` (the service's ``forward_headers``, which its
     routes key on). ``host`` is the X-Forwarded-Host to send (a name from the service's
     ``hosts``), or None for none.
+
+    A name spelled with underscores for one of those (``X_Forwarded_Host``) is removed
+    too, allowed or not: WSGI and CGI servers read ``_`` and ``-`` alike (both become
+    ``HTTP_X_FORWARDED_HOST``), so it would reach such a framework as the header itself,
+    unkeyed. nginx ignores every such name by default (``underscores_in_headers off``).
     """
     raw: Headers = scope["headers"]
     drop = _HOP_BY_HOP | GATEWAY_SET | _connection_named(raw)
@@ -185,6 +190,10 @@ def request_headers(
         lower = name.lower()
         if lower in drop or (is_override(lower) and lower not in allow):
             continue
+        if b"_" in lower:
+            dashed = lower.replace(b"_", b"-")
+            if dashed in drop or is_override(dashed):
+                continue
         out.append((name, value))
     out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
     if host is not None:
