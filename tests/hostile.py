@@ -16,6 +16,7 @@ Routes (any method unless said):
 * ``/hang``        200 after 2 s
 * ``/bad``         200 with a control byte in a header value, ``max-age=60``
 * ``/upload``      reads the body (chunked or Content-Length) and records how it ended
+* ``/sink``        reads nothing for 2 s, then the body as ``/upload`` does
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ class HostileOrigin:
             if outcome != "complete":
                 return False
             _write(writer, 200, [("cache-control", "no-store")], b"ok")
+        elif path == "/sink":
+            # Takes nothing of the body for 2 s, then reads what the gateway sent.
+            await asyncio.sleep(2)
+            outcome, size = await _read_body(reader, headers)
+            self.uploads.append((outcome, size))
+            return False
         elif path.startswith("/small/"):
             _write(writer, 200, [("cache-control", "max-age=60")], b"s" * 1024)
         elif path.startswith("/nocache/"):

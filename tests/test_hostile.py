@@ -259,6 +259,24 @@ def test_upstream_phase_timeouts(gateway: int) -> None:
     well_behaved(gateway)
 
 
+def test_upstream_not_taking_the_body_is_cut_by_write_timeout(
+    gateway: int, origin: HostileOrigin
+) -> None:
+    before = len(origin.uploads)
+    with socket.create_connection(("127.0.0.1", gateway), timeout=0.5) as sock:
+        sock.sendall(b"PUT /h/sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"10000\r\n" + b"w" * 65536 + b"\r\n"
+        with contextlib.suppress(TimeoutError):
+            for _ in range(2048):  # until every buffer on the way is full
+                sock.sendall(piece)
+        sock.settimeout(5)
+        answer = read_response(sock)
+    assert status_of(answer) == 504  # write_timeout (1 s), not the client's doing
+    assert origin.wait_for(lambda: len(origin.uploads) > before)
+    assert origin.uploads[before][0] == "aborted"
+    well_behaved(gateway)
+
+
 def test_invalid_upstream_header_is_502_and_not_stored(gateway: int, origin: HostileOrigin) -> None:
     before = origin.hits["/bad"]
     for _ in range(2):
