@@ -214,9 +214,6 @@ class Reloader:
         if self.server_overrides:
             new.server = dataclasses.replace(new.server, **self.server_overrides)
         old = self.runtime.gateway
-        # Client limits ([server]) are fixed when the gateway starts (command-line flags
-        # may override them): a reload keeps the running ones.
-        new.server = old.server
         reason = restart_needed(old, new)
         if reason is not None:
             raise ReloadError(f"{self.path}: {reason}")
