@@ -90,6 +90,9 @@ class RequestInfo:
     target: str = ""
     service: str = ""  # for metrics
     started: float = 0.0  # when the engine began serving it (wall clock)
+    # When its upstream request started (wall clock; 0: not yet): what invalidations are
+    # compared with. Later than ``started`` after a wait for another fetch.
+    fetch_started: float = 0.0
     # The client asked for an answer checked with the origin (no-cache, max-age=0): an
     # entry stored before it arrived does not do.
     forced: bool = False
@@ -132,7 +135,9 @@ class Served:
 class _Flight:
     """One in-process fetch for a key that other requests may wait on."""
 
-    started: float  # when the leader's request started: what invalidations compare
+    # When the leader's upstream request started (inf until it does): what invalidations
+    # are compared with before joining.
+    started: float = math.inf
     done: asyncio.Event = field(default_factory=asyncio.Event)
     entry: Entry | None = None
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
@@ -328,6 +333,7 @@ class CacheEngine:
             # Not coalesced: HEAD has no body to store, a request with credentials may get
             # a private answer, and the last response for this key could not be stored
             # (hit-for-miss).
+            self._fetching(request)
             fetched = await _conditional(fetch, _validators(stale) if method == "GET" else [])
             status = "BYPASS" if bypass_read else "MISS"
             detail = "fwd=request" if bypass_read else "fwd=uri-miss"
@@ -403,7 +409,7 @@ class CacheEngine:
             fetched = await fetch()
             self.stats["MISS"] += 1
             return self._passed(fetched, "MISS", "fwd=uri-miss")
-        flight = self._flights[request.key] = _Flight(request.started)
+        flight = self._flights[request.key] = _Flight()
         # The fetch runs in a task of its own: if this request's client goes away, the
         # requests waiting on it still get their answer.
         lead = asyncio.get_running_loop().create_task(
@@ -438,6 +444,7 @@ class CacheEngine:
                     self._drop_flight(request.key, flight)
                     flight.done.set()
             try:
+                flight.started = self._fetching(request)
                 fetched = await _conditional(fetch, _validators(stale))
                 if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
                     entry = await self._revalidated(request, policy, stale, fetched)
@@ -545,7 +552,7 @@ class CacheEngine:
     ) -> None:
         if request.key in self._flights:
             return  # one refresh per key at a time
-        flight = self._flights[request.key] = _Flight(request.started)
+        flight = self._flights[request.key] = _Flight()
 
         async def refresh() -> None:
             token = None
@@ -554,6 +561,7 @@ class CacheEngine:
                 token = await self.coordinator.acquire(request.key, self.lock_ttl)
                 if token is None:
                     return
+                flight.started = self._fetching(request)
                 fetched = await _conditional(fetch, _validators(stale))
                 entry: Entry | None = None
                 if fetched.status == 304:
@@ -577,6 +585,11 @@ class CacheEngine:
         task = asyncio.get_running_loop().create_task(refresh())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _fetching(self, request: RequestInfo) -> float:
+        """Note that the request's upstream request starts now; returns the time."""
+        request.fetch_started = self.clock()
+        return request.fetch_started
 
     def _drop_flight(self, key: str, flight: _Flight) -> None:
         # A newer flight may have replaced this one (see _superseded): leave it.
@@ -711,6 +724,9 @@ class CacheEngine:
             return None
         now = self.clock()
         response_time = fetched.response_time or now
+        # Ordered against the start of the upstream request: a request that waited for
+        # another fetch and then fetched itself is as new as its own fetch.
+        started = request.fetch_started or request.started
         age0 = _initial_age(age_value or 0, date, response_time)
         stored_headers = [(n, v) for n, v in headers if n not in self._unstored]
         etag = None
@@ -751,9 +767,9 @@ class CacheEngine:
             or "must-revalidate" in response_cc,
             etag=etag,
             tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
-            fetched_at=request.started,
+            fetched_at=started,
             keep=keep,
-            fetch_time=max(0.0, response_time - request.started) if request.started else 0.0,
+            fetch_time=max(0.0, response_time - started) if started else 0.0,
             coding=coding,
         )
         if not request.target:
@@ -766,8 +782,8 @@ class CacheEngine:
         ttl = min(entry.storage_ttl(now), entry_life(policy))
         if ttl <= 0:
             return None
-        if (request.started and now - request.started > STORE_WINDOW) or self._superseded(
-            entry.tags, request, request.started
+        if (started and now - started > STORE_WINDOW) or self._superseded(
+            entry.tags, request, started
         ):
             # Writes are never undone: an answer whose fetch started before an
             # invalidation of its URI (or too long ago for the record to know) goes to

@@ -9,6 +9,7 @@ and Redis (two gateway processes sharing a redis-server started here).
 
     .venv/bin/python tests/bench/consistency.py [--seconds 120] [--backends memory redis]
         [--cachegw-src /work/main]   # run the gateways from another checkout (before/after)
+        [--ops 600]                  # a fixed number of operations per worker instead
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--workers", type=int, default=32)
     parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument(
+        "--ops", type=int, default=None, help="operations per worker (same work in every run)"
+    )
     parser.add_argument("--backends", nargs="+", default=["memory", "redis"])
     parser.add_argument(
         "--latency", type=float, default=0.02, help="mean upstream GET time (uniform 0..2x)"
     )
     parser.add_argument("--cachegw-src", default=None, help="import cachegw from this checkout")
     args = parser.parse_args()
-    workload = Workload(items=args.items, workers=args.workers, seconds=args.seconds)
+    workload = Workload(
+        items=args.items, workers=args.workers, seconds=args.seconds, ops_per_worker=args.ops
+    )
     if args.cachegw_src:
         print(f"gateways run cachegw from {args.cachegw_src}")
     violations = 0
