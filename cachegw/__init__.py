@@ -7,14 +7,12 @@ backend) and a caching reverse-proxy router (`Gateway`, `Service`, `create_app`)
 from cachegw._app import create_app
 from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._decorator import cached, purge
-from cachegw._errors import BackendError, CacheGWError, ConfigError
+from cachegw._errors import CacheGWError, ConfigError
 from cachegw._gateway import Gateway, Service
 from cachegw._policy import CachePolicy
-
-__version__ = "0.1.0"
+from cachegw._version import __version__
 
 __all__ = [
-    "BackendError",
     "CacheGWError",
     "CachePolicy",
     "ConfigError",

@@ -18,9 +18,10 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import MutableMapping
 from json.encoder import encode_basestring_ascii
 from typing import IO, Any
+
+from starlette.types import Scope
 
 __all__ = [
     "ACCESS_LOGGER",
@@ -169,7 +170,7 @@ def access_log_enabled() -> bool:
 
 
 def log_access(
-    scope: MutableMapping[str, Any],
+    scope: Scope,
     *,
     status: int,
     bytes_sent: int,
@@ -229,7 +230,7 @@ def _now() -> str:
 
 
 def access_line(
-    scope: MutableMapping[str, Any],
+    scope: Scope,
     *,
     status: int,
     bytes_sent: int,
@@ -352,7 +353,7 @@ def _tail(
 
 
 def access_record(
-    scope: MutableMapping[str, Any],
+    scope: Scope,
     *,
     status: int,
     bytes_sent: int,

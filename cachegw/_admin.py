@@ -29,8 +29,8 @@ from cachegw._purge import scopes_for
 from cachegw._target import BadTarget, check_target
 
 if TYPE_CHECKING:
-    from cachegw._app import _Runtime
     from cachegw._gateway import Gateway
+    from cachegw._runtime import Runtime
 
 __all__ = ["PurgeRequest", "admin_router", "parse_purge"]
 
@@ -147,7 +147,7 @@ def _problem(
     )
 
 
-def _refused(runtime: _Runtime, request: Request) -> JSONResponse | None:
+def _refused(runtime: Runtime, request: Request) -> JSONResponse | None:
     """The answer to an admin request without the right token, or None when it has it."""
     variable = runtime.gateway.admin_token_env
     token = os.environ.get(variable) if variable else None
@@ -175,7 +175,7 @@ def _fan_out_reload() -> bool:
     return True
 
 
-def admin_router(runtime: _Runtime) -> APIRouter:
+def admin_router(runtime: Runtime) -> APIRouter:
     router = APIRouter(prefix="/_cachegw")
 
     @router.get("/health")

@@ -8,51 +8,42 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
-from fastapi_cache.types import Backend
 from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
-from cachegw._accesslog import access_log_enabled, flush_access_log, log_access, log_hit
+from cachegw._accesslog import access_log_enabled, log_access, log_hit
 from cachegw._admin import admin_router
-from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._encoding import accepts_gzip
-from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._engine import CacheEngine
 from cachegw._entry import Entry
-from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway, Route, Service
 from cachegw._keys import format_tag, hash_parts, principal
-from cachegw._metrics import Metrics
-from cachegw._purge import purges_for, scopes_for
+from cachegw._models import Fetched, RequestInfo, Served
+from cachegw._purge import scopes_for
 from cachegw._ranges import ranged
 from cachegw._reload import Reloader
-from cachegw._store import L1
+from cachegw._runtime import Runtime
 from cachegw._target import BadTarget, check_headers, check_target, problem
-from cachegw._upstream import Upstream, request_headers, upstream_for
+from cachegw._upstream import request_headers
 
 __all__ = ["app_from_env", "create_app", "serving_app"]
 
 logger = logging.getLogger("cachegw")
 
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Request headers that make the upstream answer differently from the full, storable
 # response: stripped from forwarded requests on the cached path, evaluated by the cache.
@@ -65,79 +56,6 @@ _FAST_HEADER_BYTES = 16384  # larger request headers take the ordinary path (and
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Tells the upstream it may target Surrogate-Control directives at this cache.
 _SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
-
-
-class _Runtime:
-    """What the lifespan opens and the proxy path uses."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.backend: Backend | None = None
-        self.engine: CacheEngine | None = None
-        self.upstreams: dict[str, Upstream] = {}
-        from cachegw import __version__  # the package imports this module first
-
-        self.metrics = Metrics(version=__version__)
-        # Set when the gateway came from a file: what `cachegw reload` and SIGHUP use.
-        self.reloader: Reloader | None = None
-        # Whether SIGHUP reloads (`cachegw serve`; not an app embedded in a test or a
-        # host process, whose signals are not ours to take).
-        self.reload_on_sighup = False
-        self._signalled: asyncio.Task[Any] | None = None
-
-    async def open(self) -> None:
-        gateway = self.gateway
-        backend: Backend
-        if isinstance(gateway.backend, Backend):
-            backend = gateway.backend
-        elif gateway.backend == "memory":
-            backend = MemoryBackend(max_entries=gateway.max_entries, max_bytes=gateway.max_bytes)
-        else:
-            backend = RedisBackend.from_url(gateway.backend)
-            await backend.warm()
-        self.backend = backend
-        if isinstance(backend, MemoryBackend):
-            self.metrics.watch_memory(backend.stats)
-        self.engine = CacheEngine(
-            backend,
-            status_header=gateway.status_header,
-            metrics=self.metrics,
-            purges=purges_for(backend, gateway.prefix),
-            coordinator=coordinator_for(backend, gateway.prefix),
-            expose_tag_headers=gateway.expose_tag_headers,
-            # A lock outlives the slowest upstream exchange it protects.
-            lock_ttl=max((s.exchange_bound for s in gateway.services), default=10.0) + 1.0,
-            l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
-            compress_min=int(gateway.compress_min) if gateway.compress else None,
-        )
-        self.engine.start()
-        self.metrics.watch_l1(self.engine.store.l1.stats)
-        for service in gateway.services:
-            self.upstreams[service.name] = upstream_for(service)
-        self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
-        if self.reload_on_sighup and self.reloader is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
-
-    def _on_sighup(self) -> None:
-        assert self.reloader is not None
-        task = asyncio.get_running_loop().create_task(self.reloader.reload())
-        # Keep a reference until done (the loop holds only a weak one).
-        self._signalled = task
-
-    async def close(self) -> None:
-        if self.reload_on_sighup and self.reloader is not None:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if self.reloader is not None:
-            await self.reloader.aclose()
-        self.metrics.close()
-        if self.engine is not None:
-            await self.engine.aclose()
-        for upstream in self.upstreams.values():
-            await upstream.aclose()
-        self.upstreams.clear()
-        if isinstance(self.backend, RedisBackend) and not isinstance(self.gateway.backend, Backend):
-            await self.backend.aclose()
-        flush_access_log()
 
 
 def create_app(gateway: Gateway | str | Path) -> FastAPI:
@@ -153,7 +71,7 @@ def create_app(gateway: Gateway | str | Path) -> FastAPI:
     """
     if not isinstance(gateway, Gateway):
         gateway = Gateway.from_toml(gateway)
-    runtime = _Runtime(gateway)
+    runtime = Runtime(gateway)
     if gateway.source is not None:
         runtime.reloader = Reloader(runtime, gateway.source)
 
@@ -219,7 +137,7 @@ class _GatewayApp(FastAPI):
     a cache hit costs the checks, the key and the lookup, not a framework's dispatch.
     """
 
-    def __init__(self, runtime: _Runtime, **kwargs: Any) -> None:
+    def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._proxy = _Proxy(runtime)
         # Used by cachegw's own uvicorn protocol (cachegw._server).
@@ -244,7 +162,7 @@ class _Proxy:
     ) -> bytes | None:
         return _fast_hit(self, method, target, headers, client, scheme)
 
-    def __init__(self, runtime: _Runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}

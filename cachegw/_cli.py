@@ -25,7 +25,6 @@ import click
 import httpx
 import uvicorn
 
-from cachegw import __version__
 from cachegw._accesslog import log_config
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, policy_table
@@ -33,6 +32,7 @@ from cachegw._metrics import multiprocess_dir
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy
 from cachegw._reload import ReloadingSupervisor
 from cachegw._server import uvicorn_options
+from cachegw._version import __version__
 
 __all__ = ["main"]
 

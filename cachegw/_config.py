@@ -1,7 +1,8 @@
-"""TOML gateway file → `Gateway`.
+"""TOML gateway file → `Gateway` (through `Gateway.from_toml`).
 
 This module checks the *shape* of the file (tables, key names, required keys) and
-leaves every value rule to `Service`, `Gateway`, `CachePolicy` and `MemoryBackend`.
+leaves every value rule to `Service`, `Gateway`, `CachePolicy` and `MemoryBackend`
+(the first two are handed in by `Gateway.from_toml`: this module does not import them).
 Their messages start with the name of the bad value ("ttl must be ..."); here that
 name becomes the dotted key of the file, so ``ttl must be ..., got -5`` reads::
 
@@ -16,16 +17,15 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from redis.asyncio.connection import parse_url
 
 from cachegw._backends._memory import MemoryBackend, parse_size
 from cachegw._errors import ConfigError
-from cachegw._gateway import Gateway, Service
 from cachegw._policy import KNOBS
 from cachegw._server import ServerLimits
 
@@ -79,20 +79,38 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEY_PREFIX = re.compile(r"^[^\s{}]+$")
 
 
-def load_gateway(path: str | Path) -> Gateway:
-    """Read a gateway TOML file (schema in the docs) into a validated `Gateway`.
+class _Service(Protocol):
+    def route(self, path: str, **knobs: Any) -> object: ...
+
+
+class _Gateway(Protocol):
+    def add(self, service: Any) -> object: ...
+
+
+G = TypeVar("G", bound=_Gateway)
+
+
+def load_gateway(
+    path: str | Path, gateway: Callable[..., G], service: Callable[..., _Service]
+) -> G:
+    """Read a gateway TOML file (schema in the docs) into a validated gateway, built with
+    ``gateway(...)`` and ``service(...)`` (`Gateway` and `Service`).
 
     Raises `ConfigError` whose message names the file, the key (``services[0].routes[2].ttl``)
     and the expected form.
     """
-    return _Loader(str(path)).load()
+    return _Loader(str(path), gateway, service).load()
 
 
-class _Loader:
-    def __init__(self, source: str) -> None:
+class _Loader(Generic[G]):
+    def __init__(
+        self, source: str, gateway: Callable[..., G], service: Callable[..., _Service]
+    ) -> None:
         self.source = source
+        self.gateway = gateway
+        self.service = service
 
-    def load(self) -> Gateway:
+    def load(self) -> G:
         data = self._read()
         self._check_keys(data, _TABLES, "", what="table")
         cache = self._table(data, "cache")
@@ -140,7 +158,7 @@ class _Loader:
                 f"got {_toml(backend)}"
             )
         with self._at("cache", _CACHE_KEYS, values=cache):
-            gateway = Gateway(backend=backend, source=self.source, **settings)
+            gateway = self.gateway(backend=backend, source=self.source, **settings)
         if backend != "memory":
             self._check_redis_url(backend)
         services = data.get("services", [])
@@ -173,7 +191,7 @@ class _Loader:
             # The message carries "(at line L, column C)".
             raise self._error(f"invalid TOML: {exc}") from None
 
-    def _service(self, values: Mapping[str, Any], where: str) -> Service:
+    def _service(self, values: Mapping[str, Any], where: str) -> _Service:
         self._check_keys(values, _SERVICE_KEYS, where)
         self._require(values, ("name", "upstream"), where)
         routes = values.get("routes")
@@ -182,7 +200,7 @@ class _Loader:
         # the key path already says where.
         strip = [f" of service {name!r}", f" in service {name!r}"]
         with self._at(where, _SERVICE_KEYS, strip, values=values):
-            service = Service(
+            service = self.service(
                 name,
                 values["upstream"],
                 **{k: v for k, v in values.items() if k not in ("name", "upstream", "routes")},

@@ -23,9 +23,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
+from cachegw._models import Fetched, RequestInfo, Served
 from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
 from cachegw._store import L1

@@ -14,9 +14,9 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi_cache.types import Backend
 
@@ -25,12 +25,14 @@ from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
 from cachegw._flight import Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
+from cachegw._models import Fetch, Fetched, RequestInfo, Served
 from cachegw._policy import (
     CacheControl,
     CachePolicy,
     freshness,
     parse_cache_control,
     parse_http_date,
+    shareable_for_authorized,
     split_header_list,
     storable_response,
     surrogate_control,
@@ -48,7 +50,7 @@ from cachegw._store import L1, OP_TIMEOUT, Store
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
 
-__all__ = ["CacheEngine", "Fetched", "RequestInfo", "Served", "entry_life"]
+__all__ = ["CacheEngine", "entry_life"]
 
 MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
 HIT_FOR_MISS_TTL = 10.0  # how long an uncacheable answer keeps a key out of coalescing
@@ -77,61 +79,6 @@ _NO_DIRECTIVES = CacheControl({})
 
 
 @dataclass(slots=True)
-class RequestInfo:
-    """What the engine needs to know of a request."""
-
-    method: str
-    key: str  # primary key: method-independent (HEAD uses GET's entries)
-    headers: Mapping[str, str]  # lower-case names, repeated fields joined with ", "
-    per_principal: bool = False  # the key includes the caller's identity
-    scopes: list[str] = field(default_factory=list)  # purge scopes: see _purge.scopes_for
-    # The scope an unsafe request invalidates, among ``scopes``: its path (every query,
-    # variant and principal). Empty: the key alone (``key:<key>``).
-    target: str = ""
-    service: str = ""  # for metrics
-    started: float = 0.0  # when the engine began serving it (wall clock)
-    # When its upstream request started (wall clock; 0: not yet): what invalidations are
-    # compared with. Later than ``started`` after a wait for another fetch.
-    fetch_started: float = 0.0
-    # The client asked for an answer checked with the origin (no-cache, max-age=0): an
-    # entry stored before it arrived does not do.
-    forced: bool = False
-    primary: Item | None = None  # what the primary key held when it was looked up
-
-    @property
-    def authorized(self) -> bool:
-        return "authorization" in self.headers or "cookie" in self.headers
-
-    @property
-    def target_scope(self) -> str:
-        return self.target or f"key:{self.key}"
-
-
-@dataclass(slots=True)
-class Fetched:
-    """A response obtained from the handler or the upstream."""
-
-    status: int
-    headers: Headers  # end-to-end headers only, lower-case names
-    body: bytes | None  # None when the body is streamed (too large to store)
-    stream: AsyncIterator[bytes] | None = None
-    failed: bool = False  # the upstream could not be reached or timed out (502/504)
-    response_time: float = 0.0  # wall clock when the response arrived
-    error: str | None = None  # why it failed: "connect", "timeout" or "protocol"
-
-
-@dataclass(slots=True)
-class Served:
-    """What to send to the client."""
-
-    status: int
-    headers: Headers
-    body: bytes
-    stream: AsyncIterator[bytes] | None = None
-    cache_status: str = "MISS"
-
-
-@dataclass(slots=True)
 class _Flight:
     """One in-process fetch for a key that other requests may wait on."""
 
@@ -142,17 +89,6 @@ class _Flight:
     entry: Entry | None = None
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
     failed: bool = False  # the upstream failed: waiters holding a stale entry serve it
-
-
-class Fetch(Protocol):
-    """Gets the response from the handler or the upstream.
-
-    ``validators`` are conditional request headers (``If-None-Match``,
-    ``If-Modified-Since``) for revalidating a stored response; a fetch that cannot send
-    them (a route handler) ignores them and returns the full response.
-    """
-
-    def __call__(self, validators: Sequence[tuple[bytes, bytes]] = ...) -> Awaitable[Fetched]: ...
 
 
 def _conditional(fetch: Fetch, validators: Headers) -> Awaitable[Fetched]:
@@ -761,10 +697,7 @@ class CacheEngine:
             stale_while_revalidate=fresh.stale_while_revalidate,
             stale_if_error=fresh.stale_if_error,
             must_revalidate=fresh.must_revalidate,
-            shared_auth=request.per_principal
-            or "public" in response_cc
-            or "s-maxage" in response_cc
-            or "must-revalidate" in response_cc,
+            shared_auth=request.per_principal or shareable_for_authorized(response_cc),
             etag=etag,
             tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
             fetched_at=started,

@@ -4,16 +4,16 @@ All of them derive from one base class, so ``except CacheGWError`` catches
 everything cachegw raises on purpose::
 
     CacheGWError
-    ├── ConfigError        bad policy value, bad TOML file, bad declaration
-    └── BackendError       a cache backend operation failed (always failed open)
+    └── ConfigError        bad policy value, bad TOML file, bad declaration
 
 Errors in *requests* (a hostile path, a malformed header) never surface as
-exceptions: they become 4xx responses.
+exceptions: they become 4xx responses. A failing cache backend raises nothing either:
+cachegw fails open (see `cachegw._store`).
 """
 
 from __future__ import annotations
 
-__all__ = ["BackendError", "CacheGWError", "ConfigError"]
+__all__ = ["CacheGWError", "ConfigError"]
 
 
 class CacheGWError(Exception):
@@ -26,7 +26,3 @@ class ConfigError(CacheGWError, ValueError):
     The message is a sentence that quotes the bad value, says where it was found
     (file and key, when there is one) and what was expected.
     """
-
-
-class BackendError(CacheGWError):
-    """A cache backend operation failed or ran out of time."""

@@ -20,6 +20,7 @@ from starlette.convertors import Convertor
 from starlette.routing import compile_path
 
 from cachegw._backends._memory import parse_size
+from cachegw._config import load_gateway
 from cachegw._errors import ConfigError
 from cachegw._policy import CachePolicy, parse_duration
 from cachegw._server import ServerLimits
@@ -348,9 +349,7 @@ class Gateway:
 
         Raises `ConfigError` naming the file, the key and the expected form.
         """
-        from cachegw._config import load_gateway
-
-        return load_gateway(path)
+        return load_gateway(path, cls, Service)
 
 
 _UNMATCHED = object()

@@ -511,13 +511,7 @@ def storable_response(
         return "set-cookie"
     if any(v.strip() == "*" for v in vary):
         return "vary-star"
-    if (
-        authorized
-        and not per_principal
-        and not (
-            "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
-        )
-    ):
+    if authorized and not per_principal and not shareable_for_authorized(response_cc):
         return "authorization"
     return None
 

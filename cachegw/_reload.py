@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from uvicorn.supervisors import Multiprocess
 
@@ -43,7 +43,8 @@ from cachegw._gateway import Gateway, Service
 from cachegw._upstream import Upstream, upstream_for
 
 if TYPE_CHECKING:
-    from cachegw._app import _Runtime
+    from cachegw._engine import CacheEngine
+    from cachegw._metrics import Metrics
 
 __all__ = [
     "ReloadError",
@@ -159,10 +160,19 @@ class ReloadResult:
         return answer
 
 
+class Reloadable(Protocol):
+    """What a reload swaps (`cachegw._runtime.Runtime` is one)."""
+
+    gateway: Gateway
+    upstreams: dict[str, Upstream]
+    engine: CacheEngine | None
+    metrics: Metrics
+
+
 class Reloader:
     """Reloads a running gateway from its file, one reload at a time."""
 
-    def __init__(self, runtime: _Runtime, path: str | Path, data: bytes | None = None) -> None:
+    def __init__(self, runtime: Reloadable, path: str | Path, data: bytes | None = None) -> None:
         self.runtime = runtime
         self.path = Path(path)
         self.digest = digest(data if data is not None else self._read_bytes())

@@ -1,11 +1,12 @@
 """Request-target and header safety checks, applied before routing (pure, no I/O).
 
-A caching gateway routes on the path and keys on it, so any ambiguity between what it
-sees and what the upstream sees is a hole (REFERENCE.md, "Attacks"): ASGI servers hand
-the app a *decoded* path (`/svc/a%2F..%2F..%2Fadmin` reads as `/svc/a/../../admin`), httpx
-and upstream frameworks resolve `..`, `;` hides parameters from the key (cloaking), `%25`
-decodes twice, `//x` reads as a host. So the gateway works on `scope["raw_path"]` (bytes,
-as sent) and refuses every target whose meaning could differ between two parsers.
+A caching gateway routes on the path and keys on it, so any ambiguity between what it sees
+and what the upstream sees is a hole (docs/security.md, "Attacks and how each is
+handled"): ASGI servers hand the app a *decoded* path (`/svc/a%2F..%2F..%2Fadmin` reads as
+`/svc/a/../../admin`), httpx and upstream frameworks resolve `..`, `;` hides parameters
+from the key (cloaking), `%25` decodes twice, `//x` reads as a host. So the gateway works
+on `scope["raw_path"]` (bytes, as sent) and refuses every target whose meaning could
+differ between two parsers.
 
 What is left has one meaning, and one spelling is chosen for it (issue 10, "one path"):
 percent-encoded unreserved characters are decoded and the remaining escapes upper-cased

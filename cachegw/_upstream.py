@@ -1,16 +1,16 @@
 """Forwarding to an upstream service through httpx: header hygiene, streaming, 502/504.
 
 The URL is built from parts, never by joining strings: `URL.join("//evil/x")` and
-`base + "@evil/x"` reach other hosts (REFERENCE.md, "Attacks").
+`base + "@evil/x"` reach other hosts (docs/security.md, "Attacks and how each is handled").
 
 Transport: httpx stays the client API (a caller may pass its own `httpx.AsyncClient`), but
-the default client runs on `_AiohttpTransport`, a small httpx transport over an aiohttp
-pool: measured by `tests/bench/upstream_transport.py`, 50 concurrent requests, httpcore's
-pool does ~175 req/s on this machine and aiohttp ~2.6k. It is our own rather than
-`httpx-aiohttp`'s because that one passes the URL to aiohttp as a string, and yarl then
-re-quotes it (`?a=%2F` becomes `?a=/`, `%ZZ` becomes `%25ZZ`); the query must reach the
-upstream byte for byte. aiohttp is configured to never decompress, follow redirects, read
-proxy variables, keep cookies or add `Accept`/`Accept-Encoding`/`User-Agent` headers.
+without one `Upstream` sends through `_AiohttpTransport`, its own aiohttp pool: measured
+by `tests/bench/upstream_transport.py`, 50 concurrent requests, httpcore's pool does ~175
+req/s on this machine and aiohttp ~2.6k. It is our own rather than `httpx-aiohttp`'s
+because that one passes the URL to aiohttp as a string, and yarl then re-quotes it
+(`?a=%2F` becomes `?a=/`, `%ZZ` becomes `%25ZZ`); the query must reach the upstream byte
+for byte. aiohttp is configured to never decompress, follow redirects, read proxy
+variables, keep cookies or add `Accept`/`Accept-Encoding`/`User-Agent` headers.
 
 Origins that send a `Content-Length` shorter than the body: aiohttp's parser refuses the
 whole response and drops the connection; httpcore serves the declared bytes and then fails
@@ -33,8 +33,8 @@ import httpx
 import yarl
 from multidict import CIMultiDict
 
-from cachegw._engine import Fetched
 from cachegw._errors import ConfigError
+from cachegw._models import Fetched
 from cachegw._target import problem
 
 __all__ = [
@@ -245,7 +245,9 @@ class _AiohttpBody(httpx.AsyncByteStream):
         self._response.release()  # closes the connection instead when the body is unread
 
 
-class _AiohttpTransport(httpx.AsyncBaseTransport):
+class _AiohttpTransport:
+    """The aiohttp connection pool `Upstream` sends through when no client is passed in."""
+
     def __init__(self, limits: httpx.Limits, *, unbounded: bool = False) -> None:
         self._limits = limits
         self._unbounded = unbounded
@@ -265,51 +267,6 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             )
         return self._session
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self.session()
-        path, _, query = request.url.raw_path.decode("ascii").partition("?")
-        url = yarl.URL.build(
-            scheme=request.url.scheme,
-            host=request.url.host,
-            port=request.url.port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
-        headers = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in request.headers.raw
-            if name.lower() != b"transfer-encoding"  # aiohttp frames the body itself
-        )
-        data: Any
-        try:
-            data = request.content or None
-        except httpx.RequestNotRead:
-            data = request.stream
-        timeout = request.extensions.get("timeout", {})
-        try:
-            response = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _mapped(exc) from exc
-        return httpx.Response(
-            response.status,
-            headers=list(response.raw_headers),
-            stream=_AiohttpBody(response),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -501,9 +458,7 @@ class Upstream:
         phases = httpx.Timeout(
             timeout, connect=connect, read=read, write=self._write_timeout, pool=None
         )
-        self._client = client or httpx.AsyncClient(
-            transport=self._transport, trust_env=False, timeout=phases
-        )
+        self._client = client
         self._extensions = {"timeout": phases.as_dict()}
         # aiohttp's sock_read runs from the end of the request body to the first byte of
         # the response, then between reads; connect covers name resolution and connecting.
@@ -515,7 +470,7 @@ class Upstream:
 
     async def aclose(self) -> None:
         if self._owned:
-            await self._client.aclose()
+            await self._transport.aclose()
         if self._fresh is not None:
             await self._fresh.aclose()
 
@@ -625,7 +580,7 @@ class Upstream:
         body: AsyncIterator[bytes] | bytes | None,
     ) -> _Reply:
         try:
-            if self._owned:
+            if self._client is None:
                 return await self._send_direct(method, path, raw_query, headers, body)
             url = upstream_url(self.base, path, raw_query)
             request = httpx.Request(

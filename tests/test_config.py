@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cachegw import CachePolicy, ConfigError
-from cachegw._config import load_gateway
 from cachegw._gateway import Gateway
+
+load_gateway = Gateway.from_toml
 
 GOOD = """\
 [cache]

@@ -13,8 +13,9 @@ import pytest
 from fastapi_cache.types import Backend
 
 from cachegw import CachePolicy, MemoryBackend
-from cachegw._engine import CacheEngine, Fetched, RequestInfo, Served
+from cachegw._engine import CacheEngine
 from cachegw._entry import HitForMiss, decode, strong_etag
+from cachegw._models import Fetched, RequestInfo, Served
 
 LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
 BEFORE = "Sat, 05 Nov 1994 08:49:37 GMT"

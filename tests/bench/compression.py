@@ -136,7 +136,8 @@ async def fill(
     keys: int, max_bytes: int, compress_min: int | None, records: tuple[int, int]
 ) -> dict[str, int]:
     from cachegw import MemoryBackend
-    from cachegw._engine import CacheEngine, Fetched, RequestInfo
+    from cachegw._engine import CacheEngine
+    from cachegw._models import Fetched, RequestInfo
     from cachegw._policy import CachePolicy
 
     backend = MemoryBackend(max_entries=10 * keys, max_bytes=max_bytes)

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cachegw import CachePolicy, MemoryBackend, RedisBackend
-from cachegw._engine import CacheEngine, Fetched, RequestInfo
+from cachegw._engine import CacheEngine
+from cachegw._models import Fetched, RequestInfo
 from cachegw._policy import CacheControl
 from cachegw._purge import purges_for, scopes_for
 from tests.redis_process import RedisProcess

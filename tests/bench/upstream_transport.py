@@ -1,4 +1,5 @@
-"""Upstream transport throughput: httpx default (httpcore) vs aiohttp-based transports.
+"""Upstream transport throughput: httpx default (httpcore) vs aiohttp-based transports vs
+cachegw's `Upstream` (its own aiohttp pool, what the gateway forwards with).
 
 50 concurrent GETs of a 1 KiB body from a local uvicorn upstream, a few seconds per
 transport, same process, same run. Prints req/s side by side.
@@ -14,11 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
-from cachegw._upstream import _AiohttpTransport
+from cachegw._upstream import Upstream
 
 CONCURRENCY = 50
 APP = """
@@ -37,15 +38,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _run(client: httpx.AsyncClient, url: str, seconds: float) -> float:
+async def _run(get: Callable[[], Awaitable[None]], seconds: float) -> float:
     done = 0
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            r = await client.get(url)
-            assert r.status_code == 200 and len(r.content) == 1024
+            await get()
             done += 1
 
     start = time.perf_counter()
@@ -93,14 +93,35 @@ async def _measure(url: str, port: int, seconds: float) -> None:
             await asyncio.sleep(0.05)
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     results: dict[str, float] = {}
-    for name, transport in (
-        ("httpx default (httpcore)", httpx.AsyncHTTPTransport(limits=limits)),
-        ("httpx + AiohttpTransport", AiohttpTransport(limits=limits, trust_env=False)),
-        ("httpx + cachegw transport", _AiohttpTransport(limits)),
-    ):
+    transports: list[tuple[str, httpx.AsyncBaseTransport]] = [
+        ("httpx default (httpcore)", httpx.AsyncHTTPTransport(limits=limits))
+    ]
+    try:  # httpx-aiohttp is not a dependency: its row only when it is installed
+        from httpx_aiohttp import AiohttpTransport
+
+        transports.append(("httpx + AiohttpTransport", AiohttpTransport(limits=limits)))
+    except ImportError:
+        pass
+    for name, transport in transports:
         async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
-            await _run(client, url, 0.5)  # warm the pool
-            results[name] = await _run(client, url, seconds)
+
+            async def get(client: httpx.AsyncClient = client) -> None:
+                r = await client.get(url)
+                assert r.status_code == 200 and len(r.content) == 1024
+
+            await _run(get, 0.5)  # warm the pool
+            results[name] = await _run(get, seconds)
+    upstream = Upstream(url, timeout=10)
+
+    async def fetch() -> None:
+        fetched = await upstream.fetch("GET", "/", b"", [], None, max_body=1 << 20)
+        assert fetched.status == 200 and fetched.body is not None and len(fetched.body) == 1024
+
+    try:
+        await _run(fetch, 0.5)
+        results["cachegw Upstream.fetch"] = await _run(fetch, seconds)
+    finally:
+        await upstream.aclose()
     base = results["httpx default (httpcore)"]
     for name, rps in results.items():
         print(f"{name:28s} {rps:8.0f} req/s  x{rps / base:.2f}")
