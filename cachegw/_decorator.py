@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cachegw._backends import cache_backend
 from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
@@ -71,8 +72,9 @@ def engine_for(backend: Backend) -> CacheEngine:
         # No L1 copies in front of a shared backend: without the gateway's landing channel
         # another process's refresh would only be seen after the L1's ttl. (In front of
         # the memory backend the L1 only saves decoding and is never stale.)
-        l1 = None if getattr(backend, "inline", False) else L1(max_entries=0, max_bytes=0, ttl=0)
-        engine = _engines[backend] = CacheEngine(backend, purges=purges_for(backend, prefix), l1=l1)
+        cache = cache_backend(backend)
+        l1 = None if cache.inline else L1(max_entries=0, max_bytes=0, ttl=0)
+        engine = _engines[backend] = CacheEngine(cache, purges=purges_for(cache, prefix), l1=l1)
     return engine
 
 

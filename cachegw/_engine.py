@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi_cache.types import Backend
 
+from cachegw._backends import OP_TIMEOUT, CacheBackend, cache_backend
 from cachegw._encoding import for_client, for_storage, upstream_etag
 from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
@@ -45,7 +46,7 @@ from cachegw._purge import (
     RedisPurges,
     Verdict,
 )
-from cachegw._store import L1, OP_TIMEOUT, Store
+from cachegw._store import L1, Store
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
@@ -96,7 +97,8 @@ def _conditional(fetch: Fetch, validators: Headers) -> Awaitable[Fetched]:
 
 
 class CacheEngine:
-    """Serves requests from a fastapi-cache2 `Backend`, fetching and storing on misses.
+    """Serves requests from a cache backend (a `CacheBackend`, or any fastapi-cache2
+    ``Backend``), fetching and storing on misses.
 
     Every backend operation has a deadline (``op_timeout``) and fails open: on an
     error the request is answered as if the cache were empty, and the failure counted.
@@ -104,7 +106,7 @@ class CacheEngine:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | CacheBackend,
         *,
         status_header: str = "X-Cache-Status",
         cache_name: str = "cachegw",
@@ -119,7 +121,7 @@ class CacheEngine:
         l1: L1 | None = None,
         compress_min: int | None = None,
     ) -> None:
-        self.backend = backend
+        self.backend = backend = cache_backend(backend, op_timeout=op_timeout)
         # Stored bodies of at least this many bytes are compressed (see `_encoding`);
         # None: bodies are stored as they came and served as stored.
         self.compress_min = compress_min

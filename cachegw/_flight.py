@@ -19,7 +19,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from cachegw._store import OP_TIMEOUT, Breaker
+from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend
+from cachegw._store import Breaker
 
 __all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
 
@@ -171,13 +172,12 @@ class RedisCoordinator(Coordinator):
             self._task = None
 
 
-def coordinator_for(backend: object, prefix: str) -> Coordinator:
-    """Redis coordination when ``backend`` is cachegw's `RedisBackend`, else none."""
-    from redis.asyncio import Redis, RedisCluster
+def coordinator_for(backend: CacheBackend, prefix: str) -> Coordinator:
+    """Redis coordination when ``backend`` is cachegw's `RedisBackend`, else none.
 
-    client = getattr(backend, "client", None)
-    if isinstance(client, Redis | RedisCluster):
-        return RedisCoordinator(
-            client, prefix, op_timeout=getattr(backend, "op_timeout", OP_TIMEOUT)
-        )
+    fastapi-cache2's Redis backend shares purges (`_purge.purges_for`) but not fetches:
+    its `@cached` routes keep coalescing per process, as they always did.
+    """
+    if isinstance(backend, RedisBackend):
+        return RedisCoordinator(backend.client, prefix, op_timeout=backend.op_timeout)
     return Coordinator()

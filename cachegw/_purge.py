@@ -40,7 +40,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from cachegw._store import OP_TIMEOUT, Breaker
+from cachegw._backends import OP_TIMEOUT, CacheBackend
+from cachegw._store import Breaker
 
 __all__ = [
     "STORE_WINDOW",
@@ -79,18 +80,10 @@ def scopes_for(service: str, path: str, tags: Iterable[str], route: str | None =
     return scopes
 
 
-def purges_for(backend: object, prefix: str) -> Purges:
-    """Purges shared through Redis when ``backend`` is a Redis one, else per process.
-
-    Works for cachegw's `RedisBackend` (``.client``) and fastapi-cache2's (``.redis``).
-    """
-    from redis.asyncio import Redis, RedisCluster
-
-    for attribute in ("client", "redis"):
-        client = getattr(backend, attribute, None)
-        if isinstance(client, Redis | RedisCluster):
-            return RedisPurges(client, prefix)
-    return LocalPurges()
+def purges_for(backend: CacheBackend, prefix: str) -> Purges:
+    """Purges shared through Redis when ``backend`` is shared, else per process."""
+    client = backend.shared_client
+    return LocalPurges() if client is None else RedisPurges(client, prefix)
 
 
 class PurgeState:

@@ -7,10 +7,14 @@ import asyncio
 import signal
 from typing import Any
 
-from fastapi_cache.types import Backend
-
 from cachegw._accesslog import flush_access_log
-from cachegw._backends import MemoryBackend, RedisBackend
+from cachegw._backends import (
+    CacheBackend,
+    MemoryBackend,
+    RedisBackend,
+    backend_from_url,
+    cache_backend,
+)
 from cachegw._engine import CacheEngine
 from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway
@@ -29,7 +33,8 @@ class Runtime:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.backend: Backend | None = None
+        self.backend: CacheBackend | None = None
+        self._owned: MemoryBackend | RedisBackend | None = None  # built here from a URL
         self.engine: CacheEngine | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.metrics = Metrics(version=__version__)
@@ -42,14 +47,15 @@ class Runtime:
 
     async def open(self) -> None:
         gateway = self.gateway
-        backend: Backend
-        if isinstance(gateway.backend, Backend):
-            backend = gateway.backend
-        elif gateway.backend == "memory":
-            backend = MemoryBackend(max_entries=gateway.max_entries, max_bytes=gateway.max_bytes)
+        if isinstance(gateway.backend, str):
+            self._owned = backend_from_url(
+                gateway.backend, max_entries=gateway.max_entries, max_bytes=gateway.max_bytes
+            )
+            if isinstance(self._owned, RedisBackend):
+                await self._owned.warm()
+            backend = cache_backend(self._owned)
         else:
-            backend = RedisBackend.from_url(gateway.backend)
-            await backend.warm()
+            backend = cache_backend(gateway.backend)
         self.backend = backend
         if isinstance(backend, MemoryBackend):
             self.metrics.watch_memory(backend.stats)
@@ -90,6 +96,6 @@ class Runtime:
         for upstream in self.upstreams.values():
             await upstream.aclose()
         self.upstreams.clear()
-        if isinstance(self.backend, RedisBackend) and not isinstance(self.gateway.backend, Backend):
-            await self.backend.aclose()
+        if isinstance(self._owned, RedisBackend):
+            await self._owned.aclose()
         flush_access_log()

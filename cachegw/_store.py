@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-from fastapi_cache.types import Backend
+from typing import TypeVar
 
 from cachegw import _entry
+from cachegw._backends._base import OP_TIMEOUT, CacheBackend, is_inline
 from cachegw._entry import Entry, Item
 
 __all__ = ["L1", "OP_TIMEOUT", "Breaker", "Store"]
-
-#: Default deadline of one backend operation (seconds). The deadline is wall-clock time
-#: on the event loop, so it includes the loop's own queueing: with 100 concurrent
-#: requests on this 2-core machine (the cache-tests suite) 100 ms still timed out
-#: healthy Redis operations now and then (9-40 per run), 250 ms never did. A stalled
-#: Redis costs at most `failures` such waits before the breaker stops asking it; a
-#: stopped one fails at once (connection refused).
-OP_TIMEOUT = 0.25
 
 _DECODED_MAX_ENTRIES = 256  # with values up to 64 KiB: at most 16 MiB of bytes held
 _DECODED_MAX_VALUE = 64 * 1024
@@ -157,11 +147,11 @@ class L1:
 
 
 class Store:
-    """Entries in a backend: encode/decode, deadlines, breaker, error counting, L1."""
+    """Entries in a `CacheBackend`: encode/decode, deadlines, breaker, error counting, L1."""
 
     def __init__(
         self,
-        backend: Backend,
+        backend: CacheBackend,
         *,
         op_timeout: float = OP_TIMEOUT,
         breaker: Breaker | None = None,
@@ -174,16 +164,12 @@ class Store:
         self.on_error = on_error
         self.errors = 0
         self._quiet_until = 0.0
-        # Our MemoryBackend never blocks: call it synchronously, no deadline needed.
-        self.inline = bool(getattr(backend, "inline", False))
-        # fastapi-cache2's own backends take whole seconds and read 0 as "no expiry"
-        # (Redis) or "expire now" (InMemoryBackend): they get ceil(ttl) >= 1.
-        self._float_ttl = hasattr(backend, "delete")
+        # An in-process backend never blocks: called synchronously, no deadline needed.
+        self._inline = backend if is_inline(backend) else None
+        self.inline = self._inline is not None
         # A backend whose client bounds its own operations (RedisBackend.from_url with our
         # timeouts) needs no second deadline, unless this store was given a tighter one.
-        self._bounded = bool(getattr(backend, "bounded", False)) and op_timeout >= getattr(
-            backend, "op_timeout", float("inf")
-        )
+        self._bounded = backend.bounded and op_timeout >= backend.op_timeout
         self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
         # Values read from a remote backend and what they decoded to (see get).
         self._decoded: dict[str, tuple[bytes, Item]] = {}
@@ -197,10 +183,6 @@ class Store:
             else:
                 async with asyncio.timeout(self.op_timeout):
                     result = await make()
-        except KeyError:
-            # fastapi-cache2's InMemoryBackend.clear(key=) raises on a missing key.
-            self.breaker.success()
-            return default
         except Exception as exc:
             self.breaker.failure()
             self._failed(op, exc)
@@ -226,8 +208,8 @@ class Store:
 
     async def get(self, key: str) -> Item | None:
         l1 = self.l1
-        if self.inline:
-            data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
+        if self._inline is not None:
+            data = self._inline.get_nowait(key)
             if data is None:
                 return None
             item = l1.get(key, data)
@@ -251,7 +233,7 @@ class Store:
             logger.warning("cachegw: dropping undecodable cache value at %s", key)
             await self.delete(key)
             return None
-        if self.inline:
+        if self._inline is not None:
             l1.put(key, item, data)
         else:
             l1.put(key, item)
@@ -264,14 +246,13 @@ class Store:
     async def set(self, key: str, item: Item, ttl: float) -> bool:
         """Store ``item``; whether the backend took it."""
         data = _entry.encode(item)
-        if self.inline:
-            self.backend.set_nowait(key, data, ttl)  # type: ignore[attr-defined]
+        if self._inline is not None:
+            self._inline.set_nowait(key, data, ttl)
             self.l1.put(key, item, data)
             return True
-        expire: Any = ttl if self._float_ttl else max(1, math.ceil(ttl))
 
         async def write() -> bool:
-            await self.backend.set(key, data, expire)
+            await self.backend.set(key, data, ttl)
             return True
 
         # Into L1 only once the backend has it: an outage means no cache, not a local one.
@@ -283,8 +264,8 @@ class Store:
     def peek(self, key: str) -> Item | None:
         """The item for ``key`` if it can be had without I/O and without decoding: from
         the memory backend with its decoded copy, or from the L1. Else None."""
-        if self.inline:
-            data = self.backend.get_nowait(key)  # type: ignore[attr-defined]
+        if self._inline is not None:
+            data = self._inline.get_nowait(key)
             return None if data is None else self.l1.get(key, data)
         return self.l1.get(key)
 
@@ -295,11 +276,7 @@ class Store:
 
     async def delete(self, key: str) -> None:
         self.forget(key)
-        if self.inline:
-            self.backend.delete_nowait(key)  # type: ignore[attr-defined]
+        if self._inline is not None:
+            self._inline.delete_nowait(key)
             return
-        delete = getattr(self.backend, "delete", None)
-        if delete is not None:
-            await self._call("delete", lambda: delete(key), None)
-        else:
-            await self._call("delete", lambda: self.backend.clear(key=key), 0)
+        await self._call("delete", lambda: self.backend.delete(key), False)

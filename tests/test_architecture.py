@@ -42,8 +42,12 @@ def import_graph() -> dict[str, set[str]]:
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
-                if target and target != name:
-                    graph[name].add(target)
+                # Importing a.b.c runs a.b's __init__ first (the package root aside: it
+                # is the public facade every private module sits under).
+                while target and target != "cachegw":
+                    if target != name and not name.startswith(f"{target}."):
+                        graph[name].add(target)
+                    target = target.rpartition(".")[0]
     return graph
 
 

@@ -85,8 +85,12 @@ class MemoryBackend(Backend):
         clock: a monotonic clock in seconds (tests inject a fake one).
     """
 
-    #: The engine may call the ``*_nowait`` methods directly: they never block.
+    # The `CacheBackend` protocol (see `_base`): the engine may call the ``*_nowait``
+    # methods directly, they never block; nothing is shared with other processes.
     inline = True
+    bounded = True
+    op_timeout = 0.0
+    shared_client = None
 
     def __init__(
         self,

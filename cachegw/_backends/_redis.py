@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._errors import ConfigError
-from .._store import OP_TIMEOUT
+from ._base import OP_TIMEOUT
 
 __all__ = ["RedisBackend"]
 
@@ -77,6 +77,11 @@ class RedisBackend(Backend):
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.client!r}, default_ttl={self.default_ttl})"
+
+    @property
+    def shared_client(self) -> Redis | RedisCluster:
+        """Every process on this Redis shares purges, fetch locks and landing messages."""
+        return self.client
 
     @classmethod
     def from_url(
