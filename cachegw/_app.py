@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
 from cachegw._accesslog import access_log_enabled, log_access, log_hit
 from cachegw._admin import admin_router
@@ -37,6 +36,7 @@ from cachegw._purge import scopes_for
 from cachegw._ranges import ranged
 from cachegw._reload import Reloader
 from cachegw._runtime import Runtime
+from cachegw._server import FastHitServer, response_bytes
 from cachegw._target import BadTarget, check_headers, check_target, problem
 from cachegw._upstream import request_headers
 
@@ -130,19 +130,30 @@ def app_from_env() -> FastAPI:
     return create_app(gateway)
 
 
-class _GatewayApp(FastAPI):
+class _GatewayApp(FastAPI, FastHitServer):
     """FastAPI for the lifespan and the admin endpoints; proxy traffic goes first.
 
     A request for a service is answered before FastAPI's middleware stack and routing:
     a cache hit costs the checks, the key and the lookup, not a framework's dispatch.
+    Served by cachegw's own uvicorn protocol (`cachegw._server`), plain hits do not even
+    become an ASGI request: the protocol calls `fast_hit`.
     """
 
     def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._proxy = _Proxy(runtime)
-        # Used by cachegw's own uvicorn protocol (cachegw._server).
-        self.fast_hit = self._proxy.fast_hit
+        # Enforced on client connections by cachegw's own uvicorn protocol (cachegw._server).
         self.server_limits = runtime.gateway.server
+
+    def fast_hit(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        scheme: str,
+    ) -> bytes | None:
+        return _fast_hit(self._proxy, method, target, headers, client, scheme)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/_cachegw/"):
@@ -152,16 +163,6 @@ class _GatewayApp(FastAPI):
 
 
 class _Proxy:
-    def fast_hit(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        client: Any,
-        scheme: str = "http",
-    ) -> bytes | None:
-        return _fast_hit(self, method, target, headers, client, scheme)
-
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
@@ -525,7 +526,7 @@ def _fast_hit(
             "HIT",
             f"hit; ttl={seconds[1]}",
         )
-        built = _response_bytes(served)
+        built = response_bytes(served.status, served.headers, served.body)
         if built is None:
             return None
         answer, status, sent = built, served.status, len(served.body)
@@ -553,23 +554,6 @@ def _fast_hit(
             key=key,
         )
     return answer
-
-
-def _response_bytes(served: Served) -> bytes | None:
-    """The HTTP/1.1 bytes of ``served``, with uvicorn's own header checks; None when a
-    header would not pass them or the length is not declared (the ordinary path decides)."""
-    parts = [STATUS_LINE[served.status]]
-    length = False
-    for name, value in served.headers:
-        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-            return None
-        if name == b"content-length":
-            length = True
-        parts += (name, b": ", value, b"\r\n")
-    if not length:
-        return None
-    parts += (b"\r\n", served.body)
-    return b"".join(parts)
 
 
 async def _discard_stream(served: Served) -> None:

@@ -1,4 +1,15 @@
-"""How cachegw runs uvicorn: the settings a caching gateway needs, in one place.
+"""Everything cachegw knows of uvicorn's insides, in one module.
+
+* `uvicorn_options`: the settings a caching gateway runs with;
+* `GatewayHttpToolsProtocol`: uvicorn's httptools protocol keeping the raw request target,
+  handing plain hits to the app's fast path and enforcing client limits, both declared by
+  the app as a `FastHitServer`;
+* `response_bytes`: a response as HTTP/1.1 bytes, with uvicorn's own header checks.
+
+These use uvicorn internals (``HttpToolsProtocol``'s parser, cycle, pipeline, flow and
+server state, ``STATUS_LINE``, ``HEADER_RE``): pyproject.toml pins the uvicorn versions
+they were checked against and tests/test_server.py is the contract that fails on a
+uvicorn that changed them.
 
 Client-side limits (`ServerLimits`, the ``[server]`` table) are enforced by the protocol
 below, nginx's way: a deadline per connection for the phase it is in (reading a request
@@ -16,12 +27,27 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.middleware.message_logger import MessageLoggerMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+)
 
+from cachegw._entry import Headers
 from cachegw._errors import ConfigError
 from cachegw._policy import parse_duration
 
-__all__ = ["GatewayHttpToolsProtocol", "ServerLimits", "uvicorn_options"]
+__all__ = [
+    "FastHitServer",
+    "GatewayHttpToolsProtocol",
+    "ServerLimits",
+    "fast_path_of",
+    "response_bytes",
+    "uvicorn_options",
+]
 
 # A request head (request line + headers) larger than this is refused with 431 while it is
 # still arriving: the gateway's own check (16 KiB of headers, cachegw._target) runs only
@@ -72,6 +98,52 @@ class ServerLimits:
 _DEFAULT_LIMITS = ServerLimits()
 
 
+class FastHitServer:
+    """Base of an ASGI app served by `GatewayHttpToolsProtocol` that answers plain cache
+    hits without an ASGI cycle (cachegw's gateway app is one), and declares the limits
+    on its client connections."""
+
+    #: Enforced by the protocol on every connection (None: the defaults).
+    server_limits: ServerLimits | None = None
+
+    def fast_hit(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        scheme: str,
+    ) -> bytes | None:
+        """The bytes of a whole HTTP/1.1 response to this request, or None to leave it to
+        the ordinary (ASGI) path."""
+        raise NotImplementedError
+
+
+def fast_path_of(app: object) -> FastHitServer | None:
+    """The `FastHitServer` uvicorn serves, seen through the middleware uvicorn itself may
+    wrap it in (``--log-level trace``, ``--proxy-headers``); None for any other app."""
+    while isinstance(app, MessageLoggerMiddleware | ProxyHeadersMiddleware):
+        app = app.app
+    return app if isinstance(app, FastHitServer) else None
+
+
+def response_bytes(status: int, headers: Headers, body: bytes) -> bytes | None:
+    """The HTTP/1.1 bytes of a response, with uvicorn's own header checks; None when a
+    header would not pass them or the length is not declared (the ordinary path decides)."""
+    parts = [STATUS_LINE[status]]
+    length = False
+    for name, value in headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            return None
+        if name == b"content-length":
+            length = True
+        parts += (name, b": ", value, b"\r\n")
+    if not length:
+        return None
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
 class _NoEvent:
     def set(self) -> None:
         pass
@@ -111,10 +183,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     application could not tell it from ``GET /x``. The raw target goes into the scope's
     ``extensions`` and `check_target` refuses anything but origin-form.
 
-    A plain ``GET``/``HEAD`` that the gateway can answer from an entry already decoded in
-    the process (`cachegw._app._Proxy.fast_hit`: no credentials, conditionals, cache
-    directives or body; fresh; no Vary) is answered here, with one write, without an ASGI
-    cycle. Everything else, and any doubt, takes the ordinary path.
+    A plain ``GET``/``HEAD`` that the app (a `FastHitServer`) can answer from an entry
+    already decoded in the process (`cachegw._app._GatewayApp.fast_hit`: no credentials,
+    conditionals, cache directives or body; fresh; no Vary) is answered here, with one
+    write, without an ASGI cycle. Everything else, and any doubt, takes the ordinary path.
 
     The connection is in the scope's extensions too (``cachegw.connection``): the
     application reads `gone` to stop streaming to a client that left or was cut off, and
@@ -129,8 +201,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        limits = getattr(self.app, "server_limits", None)
-        self.limits: ServerLimits = limits if isinstance(limits, ServerLimits) else _DEFAULT_LIMITS
+        self._fast = fast_path_of(self.app)
+        limits = self._fast.server_limits if self._fast is not None else None
+        self.limits: ServerLimits = limits or _DEFAULT_LIMITS
         # uvicorn's keep-alive timer runs between requests; call_later takes any float.
         self.timeout_keep_alive = self.limits.keepalive_timeout  # type: ignore[assignment]
         self.gone = False
@@ -198,9 +271,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._deadline = _UNSET
         self._head_bytes = 0
-        fast_hit = getattr(self.app, "fast_hit", None)
+        fast = self._fast
         if (
-            fast_hit is not None
+            fast is not None
             and (self.cycle is None or self.cycle.response_complete)
             and not self.pipeline
             and self.limit_concurrency is None
@@ -209,7 +282,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             and parser.should_keep_alive()
             and not parser.should_upgrade()
         ):
-            answer = fast_hit(parser.get_method(), self.url, self.headers, self.client, self.scheme)
+            answer = fast.fast_hit(
+                parser.get_method(), self.url, self.headers, self.client, self.scheme or "http"
+            )
             if answer is not None:
                 self.transport.write(answer)
                 self.cycle = _ANSWERED  # type: ignore[assignment]
@@ -367,7 +442,7 @@ def uvicorn_options(**overrides: Any) -> dict[str, Any]:
     * ``proxy_headers=False``: ``X-Forwarded-For`` from a client is not trusted, the
       gateway sets it from the socket peer;
     * the httptools parser with the raw request target kept and the client limits of the
-      application's ``server_limits`` enforced (see above);
+      application's ``server_limits`` (a `FastHitServer`) enforced (see above);
     * a bounded graceful shutdown (10 s for requests in flight).
     """
     options: dict[str, Any] = {
