@@ -29,7 +29,7 @@ from cachegw._accesslog import log_config
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, policy_table
 from cachegw._metrics import multiprocess_dir
-from cachegw._policy import DEFAULT_STATUSES, CachePolicy
+from cachegw._policy import KNOB_SPECS
 from cachegw._reload import ReloadingSupervisor
 from cachegw._server import uvicorn_options
 from cachegw._version import __version__
@@ -508,61 +508,19 @@ def _admin_token(gateway: Gateway, file: Path) -> str:
     return token
 
 
-_COLUMNS = (
-    "SERVICE",
-    "PATH",
-    "UPSTREAM",
-    "TTL",
-    "MAX_TTL",
-    "SWR",
-    "SIE",
-    "VARY",
-    "TAGS",
-    "METHODS",
-    "MAX_BODY",
-    "STATUSES",
-    "HEURISTIC",
-)
+_COLUMNS = ("SERVICE", "PATH", "UPSTREAM", *(k.column for k in KNOB_SPECS.values()))
 
 
 def _route_table(gateway: Gateway) -> str:
     rows = [list(_COLUMNS)]
     for service, path, upstream, policy in policy_table(gateway):
-        rows.append([service, path, upstream, *_policy_cells(policy)])
+        cells = [k.cell(getattr(policy, name)) for name, k in KNOB_SPECS.items()]
+        rows.append([service, path, upstream, *cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
-
-
-def _policy_cells(policy: CachePolicy) -> list[str]:
-    assert policy.max_ttl is not None  # CachePolicy resolves it at construction
-    return [
-        _seconds(policy.ttl),
-        _seconds(policy.max_ttl),
-        _seconds(policy.stale_while_revalidate),
-        _seconds(policy.stale_if_error),
-        ",".join(policy.vary) or "-",
-        ",".join(policy.tags) or "-",
-        ",".join(policy.methods) if policy.methods is not None else "*",
-        _size(policy.max_body),
-        "default"
-        if policy.statuses == DEFAULT_STATUSES
-        else ",".join(str(s) for s in sorted(policy.statuses)),
-        f"{policy.heuristic:g}" if policy.heuristic else "-",
-    ]
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
-
-
-def _size(value: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if value >= factor and value % factor == 0:
-            return f"{value // factor}{unit}"
-    return f"{value}B"
 
 
 def _plural(count: int, noun: str) -> str:

@@ -28,7 +28,7 @@ from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
 from cachegw._models import Fetched, RequestInfo, Served
-from cachegw._policy import DEFAULT_STATUSES, CachePolicy, KeyFunc
+from cachegw._policy import DEFAULT_STATUSES, KNOB_SPECS, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
 from cachegw._store import L1
 
@@ -136,6 +136,9 @@ def cached(
     stale_if_error: float | str = 0,
     statuses: Iterable[int] | None = None,
     max_body: int | str = 1024 * 1024,
+    heuristic: float = 0.0,
+    early_refresh: float = 0.0,
+    ignore_request_cache_control: bool = False,
     policy: CachePolicy | None = None,
     per_host: bool = True,
 ) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]:
@@ -167,8 +170,9 @@ def cached(
     * **ttl** - see `CachePolicy`. Defaults to ``FastAPICache.init(expire=...)`` when
       that is set, else 60 seconds.
     * **max_ttl**, **vary**, **tags**, **stale_while_revalidate**,
-      **stale_if_error**, **statuses**, **max_body** - see `CachePolicy`. ``statuses``
-      defaults to every 2xx but 206, plus `CachePolicy`'s defaults.
+      **stale_if_error**, **statuses**, **max_body**, **heuristic**, **early_refresh**,
+      **ignore_request_cache_control** - see `CachePolicy`. ``statuses`` defaults to
+      every 2xx but 206, plus `CachePolicy`'s defaults.
     * **key** - ``(request) -> str``, sync or async. Its result joins the key and makes
       entries per-principal: requests with ``Authorization`` or ``Cookie`` then use the
       cache (without one they bypass it).
@@ -182,19 +186,14 @@ def cached(
         raise TypeError(f"per_host must be True or False, got {per_host!r}")
     policies: PolicyFor
     if policy is None:
+        # Every knob parameter of this function, as given: CachePolicy validates them.
+        given = locals()
+        knobs = {name: _snapshot(given[name]) for name, k in KNOB_SPECS.items() if k.decorator}
+        if statuses is None:
+            knobs["statuses"] = DECORATOR_STATUSES
 
         def make(ttl: float | str) -> CachePolicy:
-            return CachePolicy(
-                ttl=ttl,  # type: ignore[arg-type]  # validated (and converted) by CachePolicy
-                max_ttl=max_ttl,  # type: ignore[arg-type]
-                vary=tuple(vary) if not isinstance(vary, str) else vary,  # type: ignore[arg-type]
-                tags=tuple(tags) if not isinstance(tags, str) else tags,  # type: ignore[arg-type]
-                stale_while_revalidate=stale_while_revalidate,  # type: ignore[arg-type]
-                stale_if_error=stale_if_error,  # type: ignore[arg-type]
-                statuses=DECORATOR_STATUSES if statuses is None else frozenset(statuses),
-                max_body=max_body,  # type: ignore[arg-type]
-                key=key,
-            )
+            return CachePolicy(**{**knobs, "ttl": ttl}, key=key)
 
         policies = PolicyFor(make, ttl)
     elif not isinstance(policy, CachePolicy):
@@ -207,6 +206,13 @@ def cached(
         return wrap(func, face)
 
     return decorator
+
+
+def _snapshot(value: Any) -> Any:
+    """An iterable argument as a tuple: a generator would be used up by the first policy."""
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return tuple(value)
+    return value
 
 
 class PolicyFor:

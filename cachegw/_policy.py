@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -74,7 +74,7 @@ def parse_duration(value: object, *, what: str) -> float:
     return seconds
 
 
-def _header_names(value: object, *, what: str) -> tuple[str, ...]:
+def _header_names(value: object, what: str) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else value
     if not isinstance(names, Iterable):
         raise ConfigError(f"{what} must be a list of header names, got {value!r}")
@@ -86,11 +86,120 @@ def _header_names(value: object, *, what: str) -> tuple[str, ...]:
     return tuple(sorted(set(out)))
 
 
-def _str_list(value: object, *, what: str) -> tuple[str, ...]:
+def _str_list(value: object, what: str) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, Iterable) or not all(isinstance(i, str) and i for i in items):
         raise ConfigError(f"{what} must be a list of non-empty strings, got {value!r}")
     return tuple(items)
+
+
+# -- knob parsers: (value as given, its name) -> the value a CachePolicy holds -------------
+
+
+def _duration(value: object, what: str) -> float:
+    return parse_duration(value, what=what)
+
+
+def _optional_duration(value: object, what: str) -> float | None:
+    return None if value is None else parse_duration(value, what=what)
+
+
+def _methods(value: object, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    methods = _str_list(value, what)
+    if not all(_TOKEN.match(m) for m in methods):
+        raise ConfigError(f"{what} must be a list of HTTP methods, got {value!r}")
+    return tuple(sorted({m.upper() for m in methods}))
+
+
+def _statuses(value: object, what: str) -> frozenset[int]:
+    if (
+        isinstance(value, str | bytes)
+        or not isinstance(value, Iterable)
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in value
+        )
+    ):
+        raise ConfigError(f"{what} must be a list of HTTP status codes (100-599), got {value!r}")
+    return frozenset(value)
+
+
+def _size(value: object, what: str) -> int:
+    if isinstance(value, str):
+        # Imported here: the size parser lives with the memory backend's byte bounds.
+        from cachegw._backends._memory import parse_size
+
+        value = parse_size(value, what=what)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{what} must be a whole number of bytes ≥ 0, got {value!r}")
+    return value
+
+
+def _fraction(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{what} must be a fraction from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _beta(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise ConfigError(f"{what} must be a number from 0 to 100, got {value!r}")
+    return float(value)
+
+
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+# -- knob cells: the value as `cachegw check` shows it -------------------------------------
+
+
+def _seconds_cell(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _size_cell(value: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value}B"
+
+
+def _list_cell(value: tuple[str, ...]) -> str:
+    return ",".join(value) or "-"
+
+
+def _number_cell(value: float) -> str:
+    return f"{value:g}" if value else "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Knob:
+    """How one `CachePolicy` field appears everywhere else. Declared with the field
+    (``field(metadata=knob(...))``), so that a knob's type, default, parser, TOML key
+    (its name), ``@cached`` parameter, ``cachegw check`` column and docs line all come
+    from one place; tests/test_knobs.py fails when one of them is missing.
+    """
+
+    parse: Callable[[Any, str], Any]  # validates and normalises; ConfigError naming the knob
+    column: str  # its `cachegw check` column
+    cell: Callable[[Any], str]  # its value in that column
+    default_doc: str  # the default as docs/policies.md writes it
+    decorator: bool = True  # a parameter of @cached (methods is not: the route says it)
+
+
+def knob(
+    parse: Callable[[Any, str], Any],
+    column: str,
+    cell: Callable[[Any], str],
+    default_doc: str,
+    *,
+    decorator: bool = True,
+) -> dict[str, Knob]:
+    return {"knob": Knob(parse, column, cell, default_doc, decorator)}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,8 +223,8 @@ class CachePolicy:
     * **vary** - request header names that are part of the key.
     * **tags** - surrogate keys for purging; may use path params: `"item:{item_id}"`.
     * **methods** - methods the route accepts (gateway routes); `None` means all.
-    * **statuses** - statuses that may be stored.
     * **max_body** - largest body stored, in bytes; larger ones pass through uncached.
+    * **statuses** - statuses that may be stored.
     * **heuristic** - fraction (0 to 1) of a response's age since ``Last-Modified`` it is
       fresh for when it carries no explicit freshness (RFC 9111 §4.2.2; ``0.1`` is
       customary). ``0``, the default, leaves such responses to ``ttl``.
@@ -130,102 +239,80 @@ class CachePolicy:
     * **key** - `(request) -> str` (may be async) whose result is part of the key. Giving
       one declares the entries per-principal: requests with `Authorization` or `Cookie`
       may then use them.
+
+    Adding a knob: declare its field here with ``metadata=knob(...)`` (and a line in the
+    docstring above), add the parameter to `cachegw.cached` and its row to
+    docs/policies.md. The TOML key, the ``check`` column and the validation follow.
     """
 
-    ttl: float = 60.0
-    max_ttl: float | None = None
-    stale_while_revalidate: float = 0.0
-    stale_if_error: float = 0.0
-    vary: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    methods: tuple[str, ...] | None = None
-    statuses: frozenset[int] = DEFAULT_STATUSES
-    max_body: int = DEFAULT_MAX_BODY
-    heuristic: float = 0.0
-    early_refresh: float = 0.0
-    ignore_request_cache_control: bool = False
+    ttl: float = field(default=60.0, metadata=knob(_duration, "TTL", _seconds_cell, "`60`"))
+    max_ttl: float | None = field(
+        default=None, metadata=knob(_optional_duration, "MAX_TTL", _seconds_cell, "`ttl`")
+    )
+    stale_while_revalidate: float = field(
+        default=0.0, metadata=knob(_duration, "SWR", _seconds_cell, "`0`")
+    )
+    stale_if_error: float = field(
+        default=0.0, metadata=knob(_duration, "SIE", _seconds_cell, "`0`")
+    )
+    vary: tuple[str, ...] = field(
+        default=(), metadata=knob(_header_names, "VARY", _list_cell, "`()`")
+    )
+    tags: tuple[str, ...] = field(default=(), metadata=knob(_str_list, "TAGS", _list_cell, "`()`"))
+    methods: tuple[str, ...] | None = field(
+        default=None,
+        metadata=knob(
+            _methods,
+            "METHODS",
+            lambda v: ",".join(v) if v is not None else "*",
+            "`None` (all)",
+            decorator=False,
+        ),
+    )
+    max_body: int = field(
+        default=DEFAULT_MAX_BODY,
+        metadata=knob(_size, "MAX_BODY", _size_cell, "`1MiB` (1,048,576 bytes)"),
+    )
+    statuses: frozenset[int] = field(
+        default=DEFAULT_STATUSES,
+        metadata=knob(
+            _statuses,
+            "STATUSES",
+            lambda v: "default" if v == DEFAULT_STATUSES else ",".join(map(str, sorted(v))),
+            "`200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501`",
+        ),
+    )
+    heuristic: float = field(
+        default=0.0, metadata=knob(_fraction, "HEURISTIC", _number_cell, "`0`")
+    )
+    early_refresh: float = field(
+        default=0.0, metadata=knob(_beta, "EARLY_REFRESH", _number_cell, "`0`")
+    )
+    ignore_request_cache_control: bool = field(
+        default=False,
+        metadata=knob(_flag, "IGNORE_REQUEST_CC", lambda v: "yes" if v else "-", "`false`"),
+    )
     key: KeyFunc | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        setattr_ = object.__setattr__
-        ttl = parse_duration(self.ttl, what="ttl")
-        setattr_(self, "ttl", ttl)
-        max_ttl = ttl if self.max_ttl is None else parse_duration(self.max_ttl, what="max_ttl")
-        setattr_(self, "max_ttl", max_ttl)
-        if max_ttl < ttl:
-            raise ConfigError(f"max_ttl must be ≥ ttl ({ttl:g}), got {max_ttl:g}")
-        for name in ("stale_while_revalidate", "stale_if_error"):
-            setattr_(self, name, parse_duration(getattr(self, name), what=name))
-        setattr_(self, "vary", _header_names(self.vary, what="vary"))
-        setattr_(self, "tags", _str_list(self.tags, what="tags"))
-        if self.methods is not None:
-            methods = _str_list(self.methods, what="methods")
-            if not all(_TOKEN.match(m) for m in methods):
-                raise ConfigError(f"methods must be a list of HTTP methods, got {self.methods!r}")
-            setattr_(self, "methods", tuple(sorted({m.upper() for m in methods})))
-        statuses = self.statuses
-        if (
-            isinstance(statuses, str | bytes)
-            or not isinstance(statuses, Iterable)
-            or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in statuses
-            )
-        ):
-            raise ConfigError(
-                f"statuses must be a list of HTTP status codes (100-599), got {statuses!r}"
-            )
-        setattr_(self, "statuses", frozenset(statuses))
-        max_body = self.max_body
-        if isinstance(max_body, str):
-            # Imported here: the size parser lives with the memory backend's byte bounds.
-            from cachegw._backends._memory import parse_size
-
-            max_body = parse_size(max_body, what="max_body")
-        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
-            raise ConfigError(f"max_body must be a whole number of bytes ≥ 0, got {max_body!r}")
-        setattr_(self, "max_body", max_body)
-        heuristic = self.heuristic
-        if (
-            isinstance(heuristic, bool)
-            or not isinstance(heuristic, int | float)
-            or not 0 <= heuristic <= 1
-        ):
-            raise ConfigError(f"heuristic must be a fraction from 0 to 1, got {heuristic!r}")
-        setattr_(self, "heuristic", float(heuristic))
-        beta = self.early_refresh
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 100:
-            raise ConfigError(f"early_refresh must be a number from 0 to 100, got {beta!r}")
-        setattr_(self, "early_refresh", float(beta))
-        if not isinstance(self.ignore_request_cache_control, bool):
-            raise ConfigError(
-                f"ignore_request_cache_control must be true or false, "
-                f"got {self.ignore_request_cache_control!r}"
-            )
+        for name, declared in KNOB_SPECS.items():
+            value = declared.parse(getattr(self, name), name)
+            if name == "max_ttl":
+                # Follows ttl unless set; never below it.
+                value = self.ttl if value is None else value
+                if value < self.ttl:
+                    raise ConfigError(f"max_ttl must be ≥ ttl ({self.ttl:g}), got {value:g}")
+            object.__setattr__(self, name, value)
         if self.key is not None and not callable(self.key):
             raise ConfigError(f"key must be a callable (request) -> str, got {self.key!r}")
 
     def __repr__(self) -> str:
+        assert self.max_ttl is not None  # resolved at construction
         parts = [f"ttl={self.ttl:g}", f"max_ttl={self.max_ttl:g}"]
-        if self.stale_while_revalidate:
-            parts.append(f"stale_while_revalidate={self.stale_while_revalidate:g}")
-        if self.stale_if_error:
-            parts.append(f"stale_if_error={self.stale_if_error:g}")
-        if self.vary:
-            parts.append(f"vary={list(self.vary)!r}")
-        if self.tags:
-            parts.append(f"tags={list(self.tags)!r}")
-        if self.methods is not None:
-            parts.append(f"methods={list(self.methods)!r}")
-        if self.statuses != DEFAULT_STATUSES:
-            parts.append(f"statuses={sorted(self.statuses)!r}")
-        if self.max_body != DEFAULT_MAX_BODY:
-            parts.append(f"max_body={self.max_body}")
-        if self.heuristic:
-            parts.append(f"heuristic={self.heuristic:g}")
-        if self.early_refresh:
-            parts.append(f"early_refresh={self.early_refresh:g}")
-        if self.ignore_request_cache_control:
-            parts.append("ignore_request_cache_control=True")
+        for name in KNOB_SPECS:
+            value = getattr(self, name)
+            if name not in ("ttl", "max_ttl") and value != _DEFAULTS[name]:
+                parts.append(f"{name}={_repr_value(value)}")
         if self.key is not None:
             parts.append(f"key={getattr(self.key, '__qualname__', repr(self.key))}")
         return f"CachePolicy({', '.join(parts)})"
@@ -263,22 +350,23 @@ class CachePolicy:
             raise ConfigError(f"{exc} in {where}") from None
 
 
-KNOBS = frozenset(
-    {
-        "ttl",
-        "max_ttl",
-        "stale_while_revalidate",
-        "stale_if_error",
-        "vary",
-        "tags",
-        "methods",
-        "statuses",
-        "max_body",
-        "heuristic",
-        "early_refresh",
-        "ignore_request_cache_control",
-    }
-)
+#: Every knob, in declaration order, with how it appears everywhere else.
+KNOB_SPECS: dict[str, Knob] = {
+    f.name: f.metadata["knob"] for f in fields(CachePolicy) if "knob" in f.metadata
+}
+#: The knobs' names: CachePolicy fields, TOML keys of services and routes.
+KNOBS = frozenset(KNOB_SPECS)
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(CachePolicy)}
+
+
+def _repr_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return repr(list(value))
+    if isinstance(value, frozenset):
+        return repr(sorted(value))
+    return repr(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,8 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
         "MAX_BODY",
         "STATUSES",
         "HEURISTIC",
+        "EARLY_REFRESH",
+        "IGNORE_REQUEST_CC",
     ]
     rows = [line.split() for line in lines[1:-1]]
     assert rows == [
@@ -80,6 +82,8 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "1MiB",
             "default",
             "-",
+            "-",
+            "-",
         ],
         [
             "catalog",
@@ -94,6 +98,8 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "GET",
             "2MiB",
             "default",
+            "-",
+            "-",
             "-",
         ],
         [
@@ -110,6 +116,8 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "1MiB",
             "default",
             "-",
+            "-",
+            "-",
         ],
         [
             "users",
@@ -124,6 +132,8 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
             "*",
             "1MiB",
             "default",
+            "-",
+            "-",
             "-",
         ],
     ]
