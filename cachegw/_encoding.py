@@ -183,7 +183,10 @@ def for_storage(
     encoding = _header(headers, b"content-encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         if encoding.strip().lower() in ("gzip", "x-gzip") and gunzip(body, max_size) is not None:
-            return _with_vary(headers), body, ORIGIN
+            # An exact length, even if the upstream sent the body chunked.
+            kept = [(n, v) for n, v in headers if n != b"content-length"]
+            kept.append((b"content-length", str(len(body)).encode()))
+            return _with_vary(kept), body, ORIGIN
         return headers, body, ""
     if len(body) < min_size or not compressible_type(_header(headers, b"content-type")):
         return headers, body, ""
