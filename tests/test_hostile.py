@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cachegw._server import ServerLimits
 from tests.gateway_process import GatewayProcess
 from tests.hostile import HostileOrigin, read_response, send_raw
 
@@ -130,6 +131,22 @@ def test_slow_loris_idle_and_keepalive_connections_are_closed(gateway: int) -> N
         for sock in [*idle, *loris, crlf, kept]:
             sock.close()
     well_behaved(gateway)
+
+
+# How long common HTTP clients keep an idle connection before closing it themselves:
+# Node's http agent (the default agent's timeout, Node >= 19), httpx, aiohttp.
+CLIENT_IDLE_TIMEOUTS = {"node http.Agent": 5.0, "httpx": 5.0, "aiohttp": 15.0}
+
+
+def test_default_keepalive_outlives_common_client_idle_timeouts() -> None:
+    """A client reuses an idle connection until its own idle timeout. A gateway that closes
+    idle connections at the same moment races that reuse: the request is written as the
+    close arrives and the client sees "socket hang up" (ECONNRESET) with no answer. The
+    conformance suite's Node client hit exactly this, in bursts, while the gateway used
+    uvicorn's 5 s default: the default must outlive the clients' own timeouts."""
+    keepalive = ServerLimits().keepalive_timeout
+    outlived = {name: t for name, t in CLIENT_IDLE_TIMEOUTS.items() if t >= keepalive}
+    assert not outlived, f"keepalive_timeout {keepalive} s does not outlive {outlived}"
 
 
 def test_header_field_count_and_size_are_limited(gateway: int) -> None:

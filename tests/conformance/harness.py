@@ -329,6 +329,8 @@ class Score:
     rerun: list[str] = field(default_factory=list)
     # The gateway's /_cachegw/health "stats" after the run (HIT, MISS, backend_errors, ...).
     gateway_stats: dict[str, Any] = field(default_factory=dict)
+    # Summaries of earlier runs discarded because the backend failed open (see measure()).
+    invalid_runs: list[str] = field(default_factory=list)
 
     @property
     def backend_errors(self) -> int:
@@ -367,6 +369,8 @@ class Score:
         )
         if self.backend_errors:
             rerun += f"; {self.backend_errors} cache backend errors (failed open)"
+        if self.invalid_runs:
+            rerun += f"; {len(self.invalid_runs)} earlier run discarded (backend failed open)"
         return (
             f"cache-tests {package_version()}{where}: required {req}/{req_total}, "
             f"optimal {opt}/{opt_total}, checks yes {chk}/{chk_total} "
@@ -387,6 +391,7 @@ class Score:
                 "optimal": self.count_verdicts("optimal"),
             },
             "rerun_after_setup_failure": self.rerun,
+            "discarded_runs_backend_failed_open": self.invalid_runs,
             "gateway_stats": self.gateway_stats,
             "tests": {
                 o.id: {"kind": o.kind, "verdict": o.verdict, "name": o.name, "result": o.result}
@@ -454,7 +459,13 @@ def backend_url(backend: str) -> Iterator[str]:
         yield proc.url
 
 
-def measure(backend_or_url: str, label: str | None = None, *, rerun_setup: bool = True) -> Score:
+def measure(
+    backend_or_url: str,
+    label: str | None = None,
+    *,
+    rerun_setup: bool = True,
+    rerun_invalid: bool = True,
+) -> Score:
     """Start origin and gateway (``"memory"`` or a ``redis://`` URL), run the suite, score it.
 
     With ``rerun_setup`` (the default), tests whose ``PUT /config`` did not get a 201 are run
@@ -463,7 +474,28 @@ def measure(backend_or_url: str, label: str | None = None, *, rerun_setup: bool 
     ``rerun_setup=False`` for its exact numbers. The PUT is the suite's own bookkeeping, not a
     caching check, and the gateway fails it intermittently (an upstream keep-alive race), which
     would make the pinned tests and the ratchet flaky.
+
+    With ``rerun_invalid`` (the default), a run in which the cache backend failed open
+    (``Score.backend_errors``: a Redis operation past its 0.25 s deadline, which a saturated
+    2-core machine can cause by itself) is not a measurement of the cache: the whole suite
+    runs once more on a fresh gateway, and that run counts (``Score.invalid_runs`` says so).
+    A second invalid run is returned as it is, for the caller to fail on.
+
+    Client connections: the suite's Node client keeps idle connections for 5 s (Node's
+    http agent); the gateway keeps them 20 s (``keepalive_timeout``). With equal timeouts
+    (uvicorn's default 5 s, before the ``[server]`` limits) a reused connection raced the
+    gateway's close and ``PUT /config`` failed with "socket hang up" in bursts: that is a
+    product setting, tested in tests/test_hostile.py, not something to retry here.
     """
+    first = _measure_once(backend_or_url, label, rerun_setup=rerun_setup)
+    if first.backend_errors == 0 or not rerun_invalid:
+        return first
+    second = _measure_once(backend_or_url, label, rerun_setup=rerun_setup)
+    second.invalid_runs = [first.summary()]
+    return second
+
+
+def _measure_once(backend_or_url: str, label: str | None, *, rerun_setup: bool) -> Score:
     ensure_installed()
     started = time.monotonic()
     with origin() as upstream, gateway(upstream, backend_or_url) as base:
