@@ -213,6 +213,21 @@ def test_serve_bad_file_exits_2(tmp_path: Path) -> None:
     assert "nope.toml: cannot read the file" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--send-timeout", "0", "--send-timeout must be a number of seconds > 0"),
+        ("--max-header-fields", "0", "--max-header-fields must be a whole number from 1"),
+    ],
+)
+def test_serve_bad_limit_flag_exits_2(
+    gateway_file: Path, flag: str, value: str, expected: str
+) -> None:
+    result = run("serve", str(gateway_file), flag, value)
+    assert result.exit_code == 2
+    assert expected in result.stderr
+
+
 def test_serve_port_in_use(gateway_file: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
