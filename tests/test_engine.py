@@ -758,12 +758,13 @@ async def test_success_after_stale_replaces_entry(engine: CacheEngine, clock: Cl
 
 async def test_stale_while_revalidate(engine: CacheEngine, clock: Clock) -> None:
     policy = CachePolicy(ttl=10, stale_while_revalidate=30)
-    up = Upstream(delay=0.3)
+    up = Upstream(delay=1.0)
     await engine.serve(req(), policy, up)
     clock.advance(15)
     started = time.monotonic()
     stale = await asyncio.gather(*(engine.serve(req(), policy, up) for _ in range(10)))
-    assert time.monotonic() - started < 0.2  # served without waiting for the refresh
+    # Served without waiting for the refresh (1 s); the margin is for a loaded machine.
+    assert time.monotonic() - started < 0.9
     assert {(s.cache_status, s.body) for s in stale} == {("STALE", b"v1")}
     assert all(header(s, "age") == "15" for s in stale)
     await engine.aclose()
