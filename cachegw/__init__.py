@@ -9,12 +9,14 @@ from cachegw._backends import MemoryBackend, RedisBackend
 from cachegw._decorator import cached, purge
 from cachegw._errors import CacheGWError, ConfigError
 from cachegw._gateway import Gateway, Service
+from cachegw._hits import CachedHits
 from cachegw._policy import CachePolicy
 from cachegw._version import __version__
 
 __all__ = [
     "CacheGWError",
     "CachePolicy",
+    "CachedHits",
     "ConfigError",
     "Gateway",
     "MemoryBackend",

@@ -35,6 +35,7 @@ from cachegw._store import L1
 __all__ = [
     "DECORATOR_STATUSES",
     "DEFAULT_TTL",
+    "READ_DEADLINE",
     "Face",
     "PolicyFor",
     "cached",
@@ -55,6 +56,10 @@ R = TypeVar("R")
 _REQUEST_PARAM = "__cachegw_request"
 _RESPONSE_PARAM = "__cachegw_response"
 _SERIALIZE_HAS_DUMP_JSON = "dump_json" in inspect.signature(serialize_response).parameters
+
+#: Scope key where `cachegw.CachedHits` leaves the end of the request's read budget after
+#: a lookup that found no hit, so the ordinary path does not start a second budget.
+READ_DEADLINE = "cachegw.read_deadline"
 
 #: A handler's 2xx answers are its deliberate responses (errors arrive as exceptions), so
 #: the decorator stores them all by default, plus the shared-cache defaults. 206 is a
@@ -462,6 +467,7 @@ async def _serve(
         per_principal=keyed,
         scopes=scopes,
         target=scopes[2],  # the path: every query, variant and principal
+        read_deadline=request.scope.get(READ_DEADLINE),
     )
     try:
         served = await engine.serve(info, policy, fetch)

@@ -46,7 +46,7 @@ from cachegw._purge import (
     RedisPurges,
     Verdict,
 )
-from cachegw._store import L1, Store
+from cachegw._store import L1, READ_BUDGET, Store, end_read_budget, read_budget
 
 if TYPE_CHECKING:
     from cachegw._metrics import Metrics
@@ -57,6 +57,14 @@ MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
 HIT_FOR_MISS_TTL = 10.0  # how long an uncacheable answer keeps a key out of coalescing
 _L1_SLACK = 60.0  # in-process copies outlive their backend entry by at most l1_ttl
 _TIMED_OUT = "timed-out"  # a "token" meaning: fetch without the lock, and don't store
+
+
+# A request's backend writes, queued to run in order after its answer (_write_behind).
+_Writes = list[Callable[[], Awaitable[Any]]]
+#: How long an answer waits for its writes before it is sent without them: a healthy
+#: backend takes well under a millisecond (the answer is then as before: the entry is in
+#: the backend, and ``stored`` is said), a stalled one does not hold the answer.
+WRITE_GRACE = 0.01
 
 StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
 
@@ -100,8 +108,10 @@ class CacheEngine:
     """Serves requests from a cache backend (a `CacheBackend`, or any fastapi-cache2
     ``Backend``), fetching and storing on misses.
 
-    Every backend operation has a deadline (``op_timeout``) and fails open: on an
-    error the request is answered as if the cache were empty, and the failure counted.
+    Every backend operation fails open: on an error the request is answered as if the
+    cache were empty, and the failure counted. A request's reads share one budget
+    (``read_budget``, see `cachegw._store.read_budget`); on a backend with I/O its writes
+    run after its answer (see `_write_behind`), each bounded by ``op_timeout``.
     """
 
     def __init__(
@@ -130,7 +140,17 @@ class CacheEngine:
         self.op_timeout = op_timeout
         self.clock = clock
         self.stats: dict[str, int] = dict.fromkeys(
-            ("HIT", "MISS", "STALE", "BYPASS", "EXPIRED", "coalesced", "backend_errors"), 0
+            (
+                "HIT",
+                "MISS",
+                "STALE",
+                "BYPASS",
+                "EXPIRED",
+                "coalesced",
+                "backend_errors",
+                "writes_dropped",
+            ),
+            0,
         )
         self.metrics = metrics
         # Surrogate-Key / Cache-Tag are for this cache: stripped unless asked otherwise.
@@ -144,6 +164,7 @@ class CacheEngine:
         # lock expires after lock_ttl. `recheck` backs up the landing message.
         self.lock_timeout = lock_timeout
         self.lock_ttl = lock_ttl
+        self.read_budget = READ_BUDGET
         self.recheck = 0.1
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed, l1=l1)
         if isinstance(self.coordinator, RedisCoordinator):
@@ -156,6 +177,11 @@ class CacheEngine:
             self.store.breaker.on_change = metrics.circuit
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Writes done after the answer was sent (see _write_behind), at most this many
+        # requests' worth at a time: a stalled backend cannot make them pile up.
+        self.max_writes_in_flight = 512
+        self._writing: set[asyncio.Task[None]] = set()
+        self._dropped_at = 0.0
 
     def _backend_failed(self, op: str, exc: BaseException) -> None:
         self.stats["backend_errors"] += 1
@@ -194,6 +220,16 @@ class CacheEngine:
         await self.purges.purge(scopes, soft=soft)
 
     async def serve(self, request: RequestInfo, policy: CachePolicy, fetch: Fetch) -> Served:
+        if self.store.inline:
+            return await self._serve(request, policy, fetch)
+        # One budget for all of this request's backend reads (or what is left of it).
+        _, token = read_budget(self.read_budget, until=request.read_deadline)
+        try:
+            return await self._serve(request, policy, fetch)
+        finally:
+            end_read_budget(token)
+
+    async def _serve(self, request: RequestInfo, policy: CachePolicy, fetch: Fetch) -> Served:
         if self.purges.due():
             await self.purges.refresh()
         request.started = self.clock()
@@ -276,14 +312,16 @@ class CacheEngine:
             status = "BYPASS" if bypass_read else "MISS"
             detail = "fwd=request" if bypass_read else "fwd=uri-miss"
             entry = None
+            writes = self._writes()
             if method == "GET":
                 if stale is not None and fetched.status == 304:
-                    entry = await self._revalidated(request, policy, stale, fetched)
+                    entry = await self._revalidated(request, policy, stale, fetched, writes)
                     detail += "; fwd-status=304"
                 else:
                     # Stored only when the rules allow: a response to credentials must
                     # say public, s-maxage or must-revalidate (RFC 9111 §3.5).
-                    entry = await self._store(request, policy, fetched, request_cc)
+                    entry = await self._store(request, policy, fetched, request_cc, writes=writes)
+            await self._grace(self._write_behind(writes))
             if entry is None and shared_only:
                 status, detail = "BYPASS", "fwd=bypass"
             self.stats[status] += 1
@@ -369,6 +407,7 @@ class CacheEngine:
     ) -> Served:
         """Fetch for every request of this process waiting on ``flight``, and with the
         other processes of the fleet: one upstream request per key."""
+        writes = self._writes()
         try:
             token = await self.coordinator.acquire(request.key, self.lock_ttl)
             if token is None:
@@ -385,13 +424,16 @@ class CacheEngine:
                 flight.started = self._fetching(request)
                 fetched = await _conditional(fetch, _validators(stale))
                 if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
-                    entry = await self._revalidated(request, policy, stale, fetched)
+                    entry = await self._revalidated(request, policy, stale, fetched, writes)
                 elif stale is not None and _failed(fetched):
                     flight.failed = True
                     if _stale_if_error_ok(stale, self.clock()):
                         await _discard(fetched)
                         if self.coordinator.shared:
-                            await self.coordinator.landed(request.key, failed=True)
+                            key = request.key
+                            await self._write(
+                                writes, lambda: self.coordinator.landed(key, failed=True)
+                            )
                         return self._stale_on_error(request, stale, fetched.status)
                     entry = None  # an error never replaces a good entry
                 elif fetched.status == 304:
@@ -400,7 +442,7 @@ class CacheEngine:
                 elif token == _TIMED_OUT:
                     entry = None  # like nginx after proxy_cache_lock_timeout: don't store
                 else:
-                    entry = await self._store(request, policy, fetched, request_cc)
+                    entry = await self._store(request, policy, fetched, request_cc, writes=writes)
                 if (
                     entry is None
                     and empty
@@ -409,19 +451,26 @@ class CacheEngine:
                     and "no-store" not in request_cc
                 ):
                     marker = HitForMiss(stored_at=self.clock())
-                    await self.store.set(request.key, marker, HIT_FOR_MISS_TTL)
+                    await self._put(writes, request.key, marker, HIT_FOR_MISS_TTL)
                 flight.entry = entry
                 if entry is not None:
                     names = _vary_names(entry)
                     flight.vary = vary_values(names, request.headers) if names else None
                 if self.coordinator.shared:
-                    await self.coordinator.landed(request.key)
+                    key = request.key
+                    await self._write(writes, lambda: self.coordinator.landed(key))
             finally:
                 if token != _TIMED_OUT:
-                    await self.coordinator.release(request.key, token)
+                    key, held = request.key, token
+                    await self._write(writes, lambda: self.coordinator.release(key, held))
         finally:
+            # The answer is ready: the store, the landing message and the lock release
+            # happen in that order, in a task of their own that the answer waits for only
+            # briefly (WRITE_GRACE).
+            behind = self._write_behind(writes)
             self._drop_flight(request.key, flight)
             flight.done.set()
+        await self._grace(behind)
         status = "EXPIRED" if stale is not None else "MISS"
         fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
         if request.forced:
@@ -458,6 +507,9 @@ class CacheEngine:
             if remaining <= 0:
                 return _TIMED_OUT
             news = await self.coordinator.wait(request.key, min(self.recheck, remaining))
+            if not self.store.inline:
+                # Reads after a wait are not the stall's (this task is the fetch's own).
+                read_budget(self.read_budget)
             if news == "failed" and stale is not None and _stale_if_error_ok(stale, self.clock()):
                 # The fetch elsewhere failed upstream: serve our stale copy rather than ask
                 # a failing upstream again.
@@ -494,6 +546,8 @@ class CacheEngine:
 
         async def refresh() -> None:
             token = None
+            if not self.store.inline:
+                read_budget(self.read_budget)  # its own reads, not the request's
             try:
                 # One refresh per key for the whole fleet: skip if another process has it.
                 token = await self.coordinator.acquire(request.key, self.lock_ttl)
@@ -548,6 +602,8 @@ class CacheEngine:
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Wait (bounded) for fetches and refreshes in flight, then cancel the rest."""
+        if self._writing:
+            await asyncio.wait(set(self._writing), timeout=grace)
         await self.coordinator.aclose()
         if self._background:
             _, pending = await asyncio.wait(set(self._background), timeout=grace)
@@ -557,7 +613,12 @@ class CacheEngine:
     # -- storing ----------------------------------------------------------------------
 
     async def _revalidated(
-        self, request: RequestInfo, policy: CachePolicy, stale: Entry, fetched: Fetched
+        self,
+        request: RequestInfo,
+        policy: CachePolicy,
+        stale: Entry,
+        fetched: Fetched,
+        writes: _Writes | None = None,
     ) -> Entry:
         """The stored entry updated from a 304 to our conditional request (RFC 9111 §4.3.4).
 
@@ -569,7 +630,9 @@ class CacheEngine:
         headers = [(n, v) for n, v in stale.headers if n not in replaced]
         headers += [(n, v) for n, v in fetched.headers if n not in skip and n not in self._unstored]
         updated = Fetched(stale.status, headers, stale.body, response_time=fetched.response_time)
-        entry = await self._store(request, policy, updated, CacheControl({}), revalidated=stale)
+        entry = await self._store(
+            request, policy, updated, CacheControl({}), revalidated=stale, writes=writes
+        )
         return entry if entry is not None else stale
 
     async def _store(
@@ -580,11 +643,13 @@ class CacheEngine:
         request_cc: CacheControl,
         *,
         revalidated: Entry | None = None,
+        writes: _Writes | None = None,
     ) -> Entry | None:
         """Store ``fetched`` if the rules allow; the stored entry, or None.
 
         ``revalidated`` is the entry a 304 just confirmed: its policy-derived settings
-        (tags, stale windows, sharing) carry over.
+        (tags, stale windows, sharing) carry over. With ``writes``, the backend writes are
+        queued there (see `_write_behind`) and the entry does not claim to be stored.
         """
         if fetched.body is None or fetched.failed or len(fetched.body) > policy.max_body:
             return None
@@ -736,12 +801,78 @@ class CacheEngine:
                 marker = VaryMarker(names=names, stored_at=now, gen=secrets.token_hex(8))
             # The marker outlives this variant: other variants may be kept longer.
             marker_ttl = max(ttl, min(MAX_STORAGE_TTL, policy.max_ttl + policy.stale_window + keep))
-            await self.store.set(request.key, marker, marker_ttl)
-            variant = _variant_key(request.key, marker, request.headers)
-            entry.stored = await self.store.set(variant, entry, ttl)
+            await self._put(writes, request.key, marker, marker_ttl)
+            target = _variant_key(request.key, marker, request.headers)
         else:
-            entry.stored = await self.store.set(request.key, entry, ttl)
+            target = request.key
+        if writes is None:
+            entry.stored = await self.store.set(target, entry, ttl)
+        else:
+            entry.stored = False  # until the write lands
+
+            async def write() -> None:
+                entry.stored = await self.store.set(target, entry, ttl)
+
+            writes.append(write)
         return entry
+
+    async def _put(self, writes: _Writes | None, key: str, item: Item, ttl: float) -> None:
+        """``store.set`` now, or queued in ``writes``."""
+        if writes is None:
+            await self.store.set(key, item, ttl)
+        else:
+            writes.append(lambda: self.store.set(key, item, ttl))
+
+    # -- writes after the answer ------------------------------------------------------
+
+    def _writes(self) -> _Writes | None:
+        """A list collecting a request's writes to send them after its answer, or None
+        to write at once (a backend in the process: nothing to wait for)."""
+        return None if self.store.inline else []
+
+    @staticmethod
+    async def _write(writes: _Writes | None, op: Callable[[], Awaitable[Any]]) -> None:
+        if writes is None:
+            await op()
+        else:
+            writes.append(op)
+
+    def _write_behind(self, writes: _Writes | None) -> asyncio.Task[None] | None:
+        """Run ``writes`` in order in a task of their own (issue 12: a stalled backend
+        must not hold the answer). At most `max_writes_in_flight` such tasks: beyond,
+        the writes are dropped (the entry is not stored, the lock expires by itself).
+        Returns their task, if scheduled: the caller gives it `WRITE_GRACE` to finish."""
+        if not writes:
+            return None
+        if len(self._writing) >= self.max_writes_in_flight:
+            self.stats["writes_dropped"] += 1
+            now = time.monotonic()
+            if now >= self._dropped_at:
+                self._dropped_at = now + 1.0
+                logger.warning(
+                    "cachegw: %d cache writes in flight; dropping new ones until the "
+                    "backend keeps up",
+                    len(self._writing),
+                )
+            return None
+
+        async def run() -> None:
+            for op in writes:
+                try:
+                    await op()
+                except Exception:  # every op fails open by itself; this is a bug
+                    logger.exception("cachegw: a cache write failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+        return task
+
+    @staticmethod
+    async def _grace(task: asyncio.Task[None] | None) -> None:
+        """Wait (briefly) for a request's writes: see `WRITE_GRACE`."""
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=WRITE_GRACE)
 
     # -- building responses -------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend
-from cachegw._store import Breaker
+from cachegw._store import Breaker, read_time_left
 
 __all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
 
@@ -86,9 +86,12 @@ class RedisCoordinator(Coordinator):
     async def acquire(self, key: str, ttl: float) -> str | None:
         if self.breaker is not None and self.breaker.open:
             return UNLOCKED  # Redis is known to be sick: don't wait on it for a lock
+        timeout = read_time_left(self.op_timeout)
+        if timeout <= 0:
+            return UNLOCKED  # the request's read budget is spent: fetch without the fleet
         token = secrets.token_hex(8)
         try:
-            async with asyncio.timeout(self.op_timeout):
+            async with asyncio.timeout(timeout):
                 got = await self.client.set(
                     f"{key}:lock", token, nx=True, px=max(1, int(ttl * 1000))
                 )

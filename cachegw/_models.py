@@ -37,6 +37,9 @@ class RequestInfo:
     # entry stored before it arrived does not do.
     forced: bool = False
     primary: Item | None = None  # what the primary key held when it was looked up
+    # When its backend reads must be done (event-loop time), if a budget was started
+    # before the engine saw it (cachegw.CachedHits); else the engine starts one.
+    read_deadline: float | None = None
 
     @property
     def authorized(self) -> bool:

@@ -35,13 +35,14 @@ purge survive it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from cachegw._backends import OP_TIMEOUT, CacheBackend
-from cachegw._store import Breaker
+from cachegw._store import Breaker, read_time_left
 
 __all__ = [
     "STORE_WINDOW",
@@ -240,10 +241,16 @@ class RedisPurges(Purges):
         # One poll at a time, and every request that finds the record too old waits for
         # it: a request never goes on with a record older than `interval` (the
         # visibility window), even when it arrives while another request polls.
+        left = read_time_left(self.op_timeout)
+        if left <= 0:
+            return  # the request's read budget is spent: as after a failed poll
         poll = self._poll
         if poll is None or poll.done():
             poll = self._poll = asyncio.get_running_loop().create_task(self._refresh())
-        await asyncio.shield(poll)
+        # Waited for within the request's read budget (issue 12); past it the request
+        # goes on as after a failed poll, and the poll goes on for the next ones.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(poll), left)
 
     async def _refresh(self) -> None:
         started = time.monotonic()
@@ -259,6 +266,8 @@ class RedisPurges(Purges):
             # Not fresh: the next request polls again (one poll at a time) rather than
             # serve with a record that may miss an invalidation.
             logger.debug("cachegw: reading purges failed: %s", exc)
+            if self.breaker is not None:
+                self.breaker.failure()  # a stalled Redis shows here first, every 100 ms
         else:
             self._fresh_until = started + self.interval
 

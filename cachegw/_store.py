@@ -14,13 +14,56 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from contextvars import ContextVar, Token
+from typing import Any, TypeVar
 
 from cachegw import _entry
 from cachegw._backends._base import OP_TIMEOUT, CacheBackend, is_inline
 from cachegw._entry import Entry, Item
 
-__all__ = ["L1", "OP_TIMEOUT", "Breaker", "Store"]
+__all__ = [
+    "L1",
+    "OP_TIMEOUT",
+    "READ_BUDGET",
+    "Breaker",
+    "Store",
+    "end_read_budget",
+    "read_budget",
+    "read_time_left",
+]
+
+#: Default time one request may spend on backend reads, all of them together (the
+#: lookup, a Vary variant, the purge record, the lock): a stalled Redis costs a request
+#: at most this much before it is answered uncached (issue 12), not a deadline per read.
+READ_BUDGET = OP_TIMEOUT
+
+# When the current request's backend reads must be done (event-loop time), if it has a
+# budget: a context variable, so a request's own tasks (the fetch it leads) share it.
+_read_deadline: ContextVar[float | None] = ContextVar("cachegw_read_deadline", default=None)
+
+
+def read_budget(seconds: float, *, until: float | None = None) -> tuple[float, Token[float | None]]:
+    """Give the current request (task) ``seconds`` for its backend reads from now on, or
+    the rest of a budget that ends at ``until`` (event-loop time). Returns the end, and
+    the token for `end_read_budget` (which the caller must call when the request is done
+    unless the task ends with it)."""
+    deadline = asyncio.get_running_loop().time() + seconds if until is None else until
+    return deadline, _read_deadline.set(deadline)
+
+
+def end_read_budget(token: Token[float | None]) -> None:
+    """Back to the budget (or none) that was current before `read_budget`."""
+    _read_deadline.reset(token)
+
+
+def read_time_left(op_timeout: float) -> float:
+    """How long the next backend read of the current request may take: its operation
+    deadline, or less when the request's read budget runs out sooner (<= 0: spent)."""
+    deadline = _read_deadline.get()
+    if deadline is None:
+        return op_timeout
+    return min(op_timeout, deadline - asyncio.get_running_loop().time())
+
 
 _DECODED_MAX_ENTRIES = 256  # with values up to 64 KiB: at most 16 MiB of bytes held
 _DECODED_MAX_VALUE = 64 * 1024
@@ -173,15 +216,41 @@ class Store:
         self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
         # Values read from a remote backend and what they decoded to (see get).
         self._decoded: dict[str, tuple[bytes, Item]] = {}
+        self._probes: set[asyncio.Task[Any]] = set()
 
-    async def _call(self, op: str, make: Callable[[], Awaitable[T]], default: T) -> T:
+    async def _call(
+        self, op: str, make: Callable[[], Awaitable[T]], default: T, *, read: bool = False
+    ) -> T:
+        # A read counts against the request's read budget; writes (done after the answer
+        # was sent, see CacheEngine) have the operation deadline.
+        timeout = read_time_left(self.op_timeout) if read else self.op_timeout
+        if timeout <= 0:
+            return default  # the request's budget is spent: not asked, not a failure
+        was_open = self.breaker.open
         if not self.breaker.allow():
             return default
+        if was_open:
+            # The breaker lets one probe through: it runs in the background, so no request
+            # waits on a backend that was failing a moment ago (issue 12).
+            probe = asyncio.get_running_loop().create_task(
+                self._attempt(op, make, default, self.op_timeout)
+            )
+            self._probes.add(probe)
+            probe.add_done_callback(self._probes.discard)
+            return default
+        return await self._attempt(op, make, default, timeout)
+
+    async def _attempt(
+        self, op: str, make: Callable[[], Awaitable[T]], default: T, seconds: float
+    ) -> T:
         try:
             if self._bounded:
+                # The client's socket timeouts bound it; they count time waiting on Redis,
+                # not the event loop's queueing (a loaded loop must not fail healthy reads).
+                # A read thus overruns the budget by at most what remained of it.
                 result = await make()
             else:
-                async with asyncio.timeout(self.op_timeout):
+                async with asyncio.timeout(seconds):
                     result = await make()
         except Exception as exc:
             self.breaker.failure()
@@ -219,7 +288,7 @@ class Store:
             item = l1.get(key)
             if item is not None:
                 return item
-            data = await self._call("get", lambda: self.backend.get(key), None)
+            data = await self._call("get", lambda: self.backend.get(key), None, read=True)
             if data is None:
                 return None
             # The same bytes as last time (a hot key): reuse what they decoded to. This is

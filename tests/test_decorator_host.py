@@ -20,7 +20,7 @@ from fastapi_cache.types import Backend
 from servers import run_uvicorn
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from cachegw import MemoryBackend, RedisBackend, cached
+from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
 
 COUNTS: Counter[str] = Counter()
 _LOOP: list[asyncio.AbstractEventLoop] = []
@@ -50,21 +50,49 @@ def make_app() -> FastAPI:
     return app
 
 
-APP = make_app()
-# Mounted on the same server (one event loop for the backends' clients); its routes have the
-# same templates as APP's, and the mount point keeps their entries apart.
-GUARDED = make_app()
-GUARDED.add_middleware(TrustedHostMiddleware, allowed_hosts=["api.example", "127.0.0.1"])
-APP.mount("/guarded", GUARDED)
+ROUTED: list[int] = [0]  # requests that reached FastAPI's routing (see Counting)
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, str]]:
+class Counting:
+    """Counts the requests that reach the router, inside every middleware of the app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ROUTED[0] += 1
+        await self.app(scope, receive, send)
+
+
+def make_apps(early: bool) -> FastAPI:
+    app = make_app()
+    app.add_middleware(Counting)
+    # Mounted on the same server (one event loop for the backends' clients); its routes
+    # have the same templates as the app's, and the mount point keeps their entries apart.
+    guarded = make_app()
+    guarded.add_middleware(TrustedHostMiddleware, allowed_hosts=["api.example", "127.0.0.1"])
+    if early:
+        # Plain hits answered before routing. Added first on the plain app, as documented;
+        # on the guarded one added last, in front of the host check: the key alone must
+        # keep another host's entry out of reach.
+        app.add_middleware(CachedHits)
+        guarded.add_middleware(CachedHits)
+    app.mount("/guarded", guarded)
+    return app
+
+
+APPS = {"routed": make_apps(early=False), "early": make_apps(early=True)}
+
+
+@pytest.fixture(scope="module", params=list(APPS))
+def servers(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     # The plain app trusts X-Forwarded-Proto from loopback, as uvicorn --proxy-headers does
     # behind a local proxy: the scheme the app sees is then the forwarded one.
-    with run_uvicorn(APP, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as base:
+    app = APPS[request.param]
+    with run_uvicorn(app, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as base:
         httpx.get(f"{base}/_loop").raise_for_status()
-        yield {"plain": base, "guarded": base}
+        yield {"plain": base, "guarded": base, "mode": request.param}
 
 
 _REDIS_URLS: dict[int, str] = {}
@@ -120,9 +148,12 @@ def test_evil_host_never_reaches_a_clean_client(servers: dict[str, str], backend
         assert b"evil.example" not in clean
         assert b'"self":"http://api.example/items/1"' in clean
     assert b"x-cache-status: HIT" in clean  # the clean host has its own entry, and it is used
+    routed = ROUTED[0]
     _, again = raw_get(base, "/items/1", "evil.example")
     assert b"x-cache-status: HIT" in again and b"api.example" not in again
     assert COUNTS["item"] == 2
+    # With CachedHits, that hit was answered before routing: the rules held there too.
+    assert ROUTED[0] - routed == (0 if servers["mode"] == "early" else 1)
 
 
 def test_forwarded_scheme_after_proxy_headers_is_keyed(

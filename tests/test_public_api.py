@@ -12,6 +12,7 @@ import cachegw
 PUBLIC_API = [
     "CacheGWError",
     "CachePolicy",
+    "CachedHits",
     "ConfigError",
     "Gateway",
     "MemoryBackend",

@@ -8,6 +8,7 @@ origin outage, stale-while-revalidate with one refresh for the fleet, graceful s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import statistics
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from cachegw import CachePolicy, RedisBackend
+from cachegw._engine import CacheEngine, Fetched, RequestInfo
 from cachegw._keys import hash_parts
 from tests.chaos import Answer, Gateway, Origin, burst, get, request_bytes
 from tests.redis_process import RedisProcess
@@ -133,8 +136,8 @@ def test_dead_lock_holder_does_not_wedge_the_key(fleet: Fleet) -> None:
     # The key format this test relies on, checked on a request of its own.
     fleet.origin.route("/lock/probe", body=b"probe")
     assert get(gateway.port, "/svc/lock/probe").status == 200
-    with fleet.redis.client() as client:
-        assert client.exists(primary_key("/lock/probe")) == 1
+    with fleet.redis.client() as client:  # written just after the answer was sent
+        assert wait_for(lambda: client.exists(primary_key("/lock/probe")) == 1, 5)
 
         fleet.origin.route("/lock/short", body=b"short")
         fleet.origin.route("/lock/long", body=b"long")
@@ -193,7 +196,7 @@ def test_leader_client_going_away_does_not_fail_the_waiters(fleet: Fleet) -> Non
     assert {(x.status, x.body, x.cache) for x in answers} == {(200, b"kept", "HIT")}
     assert fleet.origin.hits["/gone/leader"] == 1
     with fleet.redis.client() as client:
-        assert client.exists(primary_key("/gone/leader")) == 1
+        assert wait_for(lambda: client.exists(primary_key("/gone/leader")) == 1, 5)
 
 
 # -- c. hit-for-miss --------------------------------------------------------------------------
@@ -217,8 +220,8 @@ def test_uncacheable_answers_are_not_queued_behind_a_lock(fleet: Fleet) -> None:
     # 20 in a row would take 6 s; two delays plus scheduling slack is the bound.
     assert max(x.latency for x in cold) < 0.3 * 2 + SLACK, sorted(x.latency for x in cold)
     assert fleet.origin.hits["/private/c"] == 20
-    with fleet.redis.client() as client:
-        assert client.exists(primary_key("/private/c")) == 1  # the hit-for-miss marker
+    with fleet.redis.client() as client:  # the hit-for-miss marker
+        assert wait_for(lambda: client.exists(primary_key("/private/c")) == 1, 5)
 
     # Later requests go straight upstream, all at once: queued behind one another, the
     # origin's 20 answers would be at least 19 upstream delays (5.7 s) apart.
@@ -525,6 +528,78 @@ def test_redis_stalled_by_client_pause(faulty: Faulty) -> None:
     assert max(latencies) <= UPSTREAM_DELAY + OP_TIMEOUT + SLACK, latencies
 
 
+@pytest.fixture
+def paused_gateway(faulty: Faulty, tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway on the faulty Redis whose L1 copies last 5 s (1 s by default): long enough
+    for 'a warm entry is served during the pause' not to depend on the machine's load."""
+    config = write_config(tmp_path, faulty.redis.url, faulty.origin.base)
+    config.write_text(config.read_text().replace("[cache]\n", "[cache]\nl1_ttl = 5\n", 1))
+    gateway = Gateway(config).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def test_paused_redis_costs_a_cold_request_one_read_budget(
+    faulty: Faulty, paused_gateway: Gateway
+) -> None:
+    """Issue 12: with Redis paused (accepting connections, not answering), a cold request
+    waits at most one read budget for all its reads together (lookup, purge record, lock)
+    and never for its writes (store, landing message, lock release: after the answer).
+    Warm entries in the process's L1 are served as before; nothing fails."""
+    origin, redis, gateway = faulty.origin, faulty.redis, paused_gateway
+    origin.route("/d/pause/warm", body=b"warm")
+    cold = [f"/d/pause/cold/{i}" for i in range(400)]
+    for path in cold:
+        origin.route(path, body=b"cold", delay=UPSTREAM_DELAY)
+    redis.start()
+    assert wait_for(lambda: get(gateway.port, "/svc/d/pause/warm").cache == "HIT", 5)
+    assert gateway.health()["circuit"] == "closed"
+    paused = threading.Event()
+
+    def pause_redis() -> None:
+        with redis_lib.Redis(host="127.0.0.1", port=redis.port, socket_timeout=5) as client:
+            client.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        paused.set()
+        time.sleep(3)
+
+    sleeper = threading.Thread(target=pause_redis)
+    sleeper.start()
+    assert paused.wait(5)
+    began = time.monotonic()
+    # Within the L1 copy's life: answered from the process, Redis or not.
+    warm = [get(gateway.port, "/svc/d/pause/warm") for _ in range(5)]
+    answers: list[Answer] = []
+    queue = iter(cold)
+    lock = threading.Lock()
+
+    def client() -> None:
+        while time.monotonic() - began < 2.0:
+            with lock:
+                path = next(queue, None)
+            if path is None:
+                return
+            answers.append(get(gateway.port, f"/svc{path}", timeout=10))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(15)
+    sleeper.join(10)
+    assert {(a.status, a.body, a.cache) for a in warm} == {(200, b"warm", "HIT")}
+    assert len(answers) > 8
+    assert [a.status for a in answers] == [200] * len(answers), Counter(a.status for a in answers)
+    assert {a.body for a in answers} == {b"cold"}
+    latencies = sorted(round(a.latency, 3) for a in answers)
+    # One read budget (0.25 s) plus the upstream at most, with room for a loaded machine;
+    # a deadline per operation (lookup, lock, store, landing, release) was ~1 s.
+    assert latencies[-1] <= UPSTREAM_DELAY + OP_TIMEOUT + 0.35, latencies
+    # Once the breaker is open, Redis is not waited for at all: most answers are fast.
+    assert statistics.median(latencies) <= UPSTREAM_DELAY + 0.15, latencies
+
+
 @contextlib.contextmanager
 def out_of_memory(redis: RedisProcess) -> Iterator[None]:
     """Redis refusing every write with OOM (noeviction), for the duration."""
@@ -607,3 +682,39 @@ def test_redis_readonly_replica(fleet: Fleet, tmp_path_factory: pytest.TempPathF
     assert {a.cache for a in cold} == {"MISS"}
     assert_no_deadline_waits(cold)
     assert "READONLY" in output or "ReadOnly" in output, output[-2000:]
+
+
+async def test_writes_after_the_answer_are_bounded_while_redis_stalls(
+    redis_proc_private: RedisProcess,
+) -> None:
+    """Issue 12: answers do not wait for their cache writes, and a Redis that does not
+    take writes cannot make them pile up: beyond the bound, writes are dropped."""
+    backend = RedisBackend.from_url(redis_proc_private.url)
+    engine = CacheEngine(backend)  # locks in the process: only the stores go to Redis
+    engine.max_writes_in_flight = 3
+    policy = CachePolicy(ttl=60)
+
+    async def fetch(validators: object = ()) -> Fetched:
+        return Fetched(200, [(b"content-length", b"4")], b"cold")
+
+    with redis_proc_private.client() as client:
+        # Writes wait (reads still answer: every lookup is a quick miss).
+        client.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+        try:
+            answers = await asyncio.gather(
+                *(engine.serve(RequestInfo("GET", f"w:{i}", {}), policy, fetch) for i in range(10))
+            )
+            in_flight = list(engine._writing)
+            assert [a.status for a in answers] == [200] * 10
+            assert {a.body for a in answers} == {b"cold"}
+            # Every answer was ready while the writes were still waiting on Redis.
+            assert len(in_flight) == 3 and not any(task.done() for task in in_flight)
+            assert engine.stats["writes_dropped"] == 7
+            assert all("stored" not in dict(a.headers)[b"cache-status"].decode() for a in answers)
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+    await engine.aclose()
+    await backend.aclose()
+    with redis_proc_private.client() as client:
+        # The dropped writes never reached Redis (the others may have, once it resumed).
+        assert set(client.keys("w:*")) <= {b"w:0", b"w:1", b"w:2"}

@@ -17,8 +17,10 @@ Other configurations, labelled in the table:
 
   serve_memory_nolog  ``cachegw serve --no-access-log``, memory hit
   serve_redis_nol1    ``l1_entries = 0``: every hit reads Redis
-  cached_memory       FastAPI + cachegw ``@cached`` hit, MemoryBackend
-  cached_redis        FastAPI + cachegw ``@cached`` hit, RedisBackend
+  cached_memory       FastAPI + cachegw ``@cached`` hit, MemoryBackend, with
+                      ``app.add_middleware(CachedHits)`` (the documented setup)
+  cached_redis        the same on RedisBackend
+  cached_memory_routed  ``@cached`` hit without ``CachedHits`` (hits pay FastAPI's routing)
 
 Baselines: ``raw_asgi`` (a raw ASGI callable returning the bytes: the ceiling for Python),
 ``bare`` / ``bare_bytes`` (a bare FastAPI route returning the dict / the bytes),
@@ -42,6 +44,8 @@ setup is wrong (a server does not start, a cache does not hit, a miss is not for
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -58,9 +62,11 @@ from _suite import (
     serve_server,
     start_redis,
     uvicorn_server,
+    value,
 )
 from apps import REDIS_ENV
 from gateway_apps import BODY, KEEPALIVE_ENV, UPSTREAM_ENV
+from stall import StallResult, run_stall
 
 RATIOS = [
     # Issue 12: the defaults are the fast configuration.
@@ -80,6 +86,7 @@ RATIOS = [
     Ratio("serve memory hit / bare FastAPI bytes", "serve_memory", "bare_bytes", None),
     Ratio("serve memory hit / nginx proxy_cache hit", "serve_memory", "nginx", None),
     Ratio("@cached memory hit / raw ASGI", "cached_memory", "raw_asgi", None),
+    Ratio("@cached, routed / bare FastAPI bytes", "cached_memory_routed", "bare_bytes", None),
     Ratio("serve miss / naive, keep-alive 100", "serve_miss", "naive_ka", None),
 ]
 NOTES = [
@@ -175,6 +182,12 @@ def main() -> int:
             "cached_redis": lambda: app(
                 "cached_redis", "@cached hit, Redis", "apps:cachegw_redis", "HIT"
             ),
+            "cached_memory_routed": lambda: app(
+                "cached_memory_routed",
+                "[no CachedHits] @cached hit, memory",
+                "apps:cachegw_memory_routed",
+                "HIT",
+            ),
             # Baselines.
             "raw_asgi": lambda: app("raw_asgi", "raw ASGI", "gateway_apps:raw_asgi"),
             "bare": lambda: app("bare", "bare FastAPI (dict)", "apps:bare"),
@@ -213,30 +226,118 @@ def main() -> int:
         }
         if args.only:
             keys = [k.strip() for k in args.only.split(",") if k.strip()]
-            unknown = [k for k in keys if k not in builders]
+            unknown = [k for k in keys if k not in builders and k != "stall"]
             if unknown:
                 parser.error(f"unknown target(s) {unknown}; known: {', '.join(builders)}")
         else:
-            keys = list(builders)
+            keys = [*builders, "stall"]
+        if "stall" in keys:
+            keys = [k for k in keys if k != "stall"] + ["stall"]
         wrk, machine = prologue(args)
-        targets = [t for t in (builders[k]() for k in keys) if t is not None]
-        if not targets:
+        with_stall = "stall" in keys
+        targets = [t for t in (builders[k]() for k in keys if k != "stall") if t is not None]
+        if not targets and not with_stall:
             print("no target to run", file=sys.stderr)
             return 2
         servers = [upstream]
         for target in targets:
             if all(target.server is not s for s in servers):
                 servers.append(target.server)
-        return run_suite(
-            "tests/bench/all.py", args, servers, targets, upstream, BODY, RATIOS, wrk,
-            machine, notes,
-        )  # fmt: skip
+        code = 0
+        if targets:
+            code = run_suite(
+                "tests/bench/all.py", args, servers, targets, upstream, BODY, RATIOS, wrk,
+                machine, notes,
+            )  # fmt: skip
+            if code == 2:
+                return code
+        stall = None
+        if with_stall:
+            print("\nstalled Redis (CLIENT PAUSE), cachegw serve defaults:")
+            stall = run_stall(max(args.seconds, 5.0))
+            for line in stall.lines():
+                print(f"  {line}")
+            if args.json is not None:
+                doc = json.loads(args.json.read_text()) if args.json.exists() else {}
+                doc["stall"] = stall.as_dict()
+                args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        failed = report(targets, stall, wrk, machine)
+        return 1 if code == 1 or failed else 0
     except (SetupError, RuntimeError) as exc:
         print(f"\nABORTED: {exc}", file=sys.stderr)
         return 2
     finally:
         if redis_proc is not None:
             redis_proc.close()
+
+
+# The issue 12 targets: (label, numerator, denominator, minimum) on req/s (CPU without wrk).
+ISSUE_12 = [
+    ("1. access log on / off, memory hit", "serve_memory", "serve_memory_nolog", 0.9),
+    ("1. access log on / raw ASGI, memory hit", "serve_memory", "raw_asgi", 0.9),
+    ("5. @cached memory hit / bare FastAPI bytes", "cached_memory", "bare_bytes", 1.5),
+    ("5. @cached memory hit / fastapi-cache2 memory hit", "cached_memory", "fc2_memory", 4.0),
+    ("5. @cached Redis hit / fastapi-cache2 Redis hit", "cached_redis", "fc2_redis", 4.0),
+]
+
+
+def _ratio(by_key: dict[str, Target], num: str, den: str, wrk: str | None) -> float:
+    if num not in by_key or den not in by_key:
+        return math.nan
+    if wrk:
+        return value(by_key[num], "rps") / value(by_key[den], "rps")
+    return value(by_key[den], "cpu_us_per_req") / value(by_key[num], "cpu_us_per_req")
+
+
+def report(targets: list[Target], stall: StallResult | None, wrk: str | None, machine: str) -> bool:
+    """Print the issue 12 targets with PASS/FAIL and a markdown table for
+    docs/performance.md; whether a target was missed."""
+    by_key = {t.key: t for t in targets}
+    basis = "req/s" if wrk else "server CPU per request"
+    print(f"\nissue 12 targets (same run, by {basis}):")
+    failed = False
+    rows = []
+    for label, num, den, minimum in ISSUE_12:
+        got = _ratio(by_key, num, den, wrk)
+        verdict = "not run" if math.isnan(got) else "PASS" if got >= minimum else "FAIL"
+        failed |= verdict == "FAIL"
+        print(f"  {label:52s} {got:6.2f}x  >= {minimum:g}x  {verdict}")
+        rows.append((label, f"{got:.2f}x", f">= {minimum:g}x", verdict))
+    if stall is not None:
+        verdict = "PASS" if stall.ok else "FAIL"
+        failed |= not stall.ok
+        label = "4. stalled Redis: cold p99 - upstream p99, 0 x 5xx"
+        got = stall.cold_p99_ms - stall.upstream_p99_ms
+        print(f"  {label:52s} {got:6.0f} ms <= 150 ms, {stall.errors} x 5xx  {verdict}")
+        rows.append((label, f"{got:.0f} ms, {stall.errors} x 5xx", "<= 150 ms, 0", verdict))
+    print("\nmarkdown (docs/performance.md):\n")
+    print(f"Machine: {machine}; load: {'wrk' if wrk else 'Python client'}.\n")
+    print("| what runs | req/s | p99 ms | server CPU µs/req |")
+    print("|---|---:|---:|---:|")
+    for t in targets:
+        print(
+            f"| {t.name} | {value(t, 'rps'):,.0f} | {value(t, 'p99_ms'):.1f} | "
+            f"{value(t, 'cpu_us_per_req'):.1f} |"
+        )
+    print("\n| target | measured | goal | verdict |")
+    print("|---|---:|---:|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if stall is not None:
+        print(
+            f"\nStalled Redis: upstream alone p99 {stall.upstream_p99_ms:.1f} ms; cold requests "
+            f"during the pause p50 {_pct(stall.cold_ms, 0.5):.1f} ms, p99 "
+            f"{stall.cold_p99_ms:.1f} ms; warm (L1) hits p99 {_pct(stall.warm_ms, 0.99):.1f} ms; "
+            f"statuses {dict(sorted(stall.statuses.items()))}."
+        )
+    return failed
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def nginx_target(upstream: Server, notes: list[str]) -> Target | None:

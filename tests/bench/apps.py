@@ -22,7 +22,7 @@ from fastapi_cache.backends.inmemory import InMemoryBackend
 from fastapi_cache.decorator import cache
 from fastapi_cache.types import Backend
 
-from cachegw import MemoryBackend, cached
+from cachegw import CachedHits, MemoryBackend, cached
 
 #: The redis:// URL `fastapi_cache2_redis` connects to.
 REDIS_ENV = "CACHEGW_BENCH_REDIS"
@@ -101,7 +101,21 @@ def fastapi_cache2_redis() -> FastAPI:
 
 
 def cachegw_memory() -> FastAPI:
-    """(c) cachegw's ``@cached`` on cachegw's ``MemoryBackend``."""
+    """(c) cachegw's ``@cached`` on cachegw's ``MemoryBackend``, with ``CachedHits`` (the
+    documented setup: plain hits answered before routing)."""
+    app = FastAPI(lifespan=_lifespan(MemoryBackend))
+    app.add_middleware(CachedHits)
+
+    @app.get("/items")
+    @cached(ttl=60)
+    async def items():  # type: ignore[no-untyped-def]
+        return PAYLOAD
+
+    return app
+
+
+def cachegw_memory_routed() -> FastAPI:
+    """``@cached`` on ``MemoryBackend`` without ``CachedHits``: hits pay FastAPI's routing."""
     app = FastAPI(lifespan=_lifespan(MemoryBackend))
 
     @app.get("/items")
@@ -125,11 +139,13 @@ def cachegw_fc2_memory() -> FastAPI:
 
 
 def cachegw_redis() -> FastAPI:
-    """cachegw's ``@cached`` on cachegw's ``RedisBackend`` (URL in ``CACHEGW_BENCH_REDIS``)."""
+    """cachegw's ``@cached`` on cachegw's ``RedisBackend`` (URL in ``CACHEGW_BENCH_REDIS``),
+    with ``CachedHits``."""
     from cachegw import RedisBackend
 
     url = os.environ[REDIS_ENV]
     app = FastAPI(lifespan=_lifespan(lambda: RedisBackend.from_url(url)))
+    app.add_middleware(CachedHits)
 
     @app.get("/items")
     @cached(ttl=60)

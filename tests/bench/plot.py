@@ -25,7 +25,7 @@ COLOURS = {"cachegw": "#1f77b4", "fastapi-cache2": "#d62728", "nginx": "#2ca02c"
 
 
 def family(key: str) -> str:
-    if key.startswith("gw_") or key.startswith("cached_"):
+    if key.startswith(("gw_", "serve_", "cached_")):
         return "cachegw"
     if key.startswith("fc2_"):
         return "fastapi-cache2"

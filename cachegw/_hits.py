@@ -1,0 +1,238 @@
+"""`CachedHits`: plain hits of ``@cached`` routes answered before FastAPI's routing.
+
+A hit through FastAPI pays for routing, request parsing and dependency solving before the
+decorator even looks at the cache. This ASGI layer looks first: for a plain ``GET`` or
+``HEAD`` of a route whose handler is decorated with ``@cached``, it finds the route the
+way Starlette's router would (the first route that fully matches), builds the same key
+as the decorator (`cachegw._keys.handler_key`) and answers a fresh entry itself. Anything
+else, and any doubt, goes on to the application unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi.routing import APIRoute
+from fastapi_cache import FastAPICache
+from starlette.routing import Match
+
+from cachegw._decorator import READ_DEADLINE, Face, engine_for
+from cachegw._engine import CacheEngine
+from cachegw._entry import Entry, VaryMarker
+from cachegw._keys import handler_key
+from cachegw._models import RequestInfo, Served
+from cachegw._store import end_read_budget, read_budget
+
+__all__ = ["CachedHits"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Requests left to the ordinary path: credentials (a shared entry may not answer them),
+# cache directives, conditionals, ranges and bodies all need the rules it applies.
+_SLOW_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"cookie",
+        b"cache-control",
+        b"pragma",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+    }
+)
+_MEMO_SIZE = 4096
+_NO_HEADERS: dict[str, str] = {}
+
+
+class CachedHits:
+    """ASGI middleware that answers plain hits of ``@cached`` routes before routing.
+
+    Usage::
+
+        app = FastAPI(lifespan=lifespan)
+        app.add_middleware(CachedHits)   # first, before any other middleware
+
+    Middleware added after it runs before it, on hits too (CORS, GZip, sessions, ...);
+    middleware added before it does not see the requests it answers, so add it first.
+    ``CachedHits(app)`` around a FastAPI app (served instead of it) works too, and
+    answers hits before even FastAPI's own entry point, but then no middleware of the app
+    sees them.
+
+    Only what needs no decision of the application is answered here: a ``GET``/``HEAD``
+    without credentials, ``Cache-Control``, conditionals, ``Range`` or a body, of a route
+    whose handler is decorated with ``@cached`` without a ``key`` function and whose
+    parameters are path and query parameters only (no ``Depends``, headers, cookies,
+    body or security: those run, and may refuse the request, on every request), found
+    fresh and not purged. Everything else takes the ordinary path, which serves hits as
+    before.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._routes: dict[tuple[str, str, str], tuple[APIRoute, Face, dict[str, Any]] | None] = {}
+        self._router: tuple[int, int] = (0, 0)
+        self._keys: dict[tuple[Any, ...], str] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            served = await self._hit(scope)
+            if served is not None:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": served.status,
+                        "headers": served.headers,
+                    }
+                )
+                await send({"type": "http.response.body", "body": served.body})
+                return
+        await self.app(scope, receive, send)
+
+    async def _hit(self, scope: Scope) -> Served | None:
+        backend = FastAPICache._backend
+        if backend is None or not FastAPICache._enable:
+            return None
+        host: bytes | None = None
+        for name, value in scope["headers"]:
+            if name in _SLOW_HEADERS:
+                return None
+            if name == b"host" and host is None:
+                host = value
+        found = self._route(scope)
+        if found is None:
+            return None
+        route, face, path_params = found
+        policy = face.policy()
+        if policy.key is not None or policy.early_refresh:
+            return None
+        engine = engine_for(backend)
+        key = self._key(scope, route, face, path_params, host)
+        info = RequestInfo(method=scope["method"], key=key, headers=_NO_HEADERS)
+        if engine.store.inline:
+            entry = await self._lookup(engine, info, scope)
+        else:
+            # The request's one read budget: the ordinary path goes on with what is left.
+            scope[READ_DEADLINE], token = read_budget(engine.read_budget)
+            try:
+                if engine.purges.due():
+                    await engine.purges.refresh()  # as the ordinary path would first
+                entry = await self._lookup(engine, info, scope)
+            finally:
+                end_read_budget(token)
+        if entry is None or engine.purges.verdict(entry.tags, entry.fetched_at):
+            return None
+        now = engine.clock()
+        left = entry.ttl_left(now)
+        if left <= 0:
+            return None  # stale: the ordinary path decides (revalidate, stale windows)
+        engine.stats["HIT"] += 1
+        return engine._from_entry(entry, info, now, "HIT", f"hit; ttl={int(left)}")
+
+    @staticmethod
+    async def _lookup(engine: CacheEngine, info: RequestInfo, scope: Scope) -> Entry | None:
+        item = await engine.store.get(info.key)
+        if isinstance(item, VaryMarker):
+            info.headers = _headers(scope)  # only now: most entries do not vary
+            entry, _ = await engine._lookup(info)
+            return entry
+        return item if isinstance(item, Entry) else None
+
+    def _key(
+        self,
+        scope: Scope,
+        route: APIRoute,
+        face: Face,
+        path_params: dict[str, Any],
+        host: bytes | None,
+    ) -> str:
+        """`handler_key`, memoised on everything it reads (bounded)."""
+        prefix = FastAPICache._prefix or "cachegw"
+        memo = (
+            prefix,
+            scope.get("root_path", ""),
+            route.path,
+            scope["path"],
+            scope.get("query_string", b""),
+            face.per_host,
+            scope.get("scheme", "http"),
+            host,
+            None if host is not None else scope.get("server"),
+        )
+        key = self._keys.get(memo)
+        if key is None:
+            key = handler_key(prefix, scope, route.path, path_params, per_host=face.per_host)
+            if len(self._keys) >= _MEMO_SIZE:
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
+
+    def _route(self, scope: Scope) -> tuple[APIRoute, Face, dict[str, Any]] | None:
+        """The route Starlette's router would pick, when it is an eligible ``@cached``
+        route, with its path params; memoised per path (bounded)."""
+        router = getattr(self.app, "router", None) or getattr(scope.get("app"), "router", None)
+        routes = getattr(router, "routes", None)
+        if routes is None:
+            return None
+        # Routes added later (or another app behind the same layer) start a new memo.
+        current = (id(router), len(routes))
+        if current != self._router:
+            self._routes.clear()
+            self._router = current
+        memo = (scope.get("root_path", ""), scope["path"], scope["method"])
+        if memo in self._routes:
+            return self._routes[memo]
+        found: tuple[APIRoute, Face, dict[str, Any]] | None = None
+        for route in routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                face = getattr(route, "endpoint", None) and getattr(
+                    route.endpoint, "__cachegw_face__", None
+                )
+                if (
+                    isinstance(route, APIRoute)
+                    and isinstance(face, Face)
+                    and face.key_builder is None
+                    and face.finish is None
+                    and _plain(route)
+                ):
+                    found = (route, face, dict(child.get("path_params", {})))
+                break
+        if len(self._routes) >= _MEMO_SIZE:
+            self._routes.clear()
+        self._routes[memo] = found
+        return found
+
+
+def _plain(route: APIRoute) -> bool:
+    """Whether answering the route from the cache needs nothing of FastAPI's request
+    handling: only path and query parameters, nothing that runs (or refuses) per request."""
+    dependant = route.dependant
+    return not (
+        dependant.dependencies
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+        or getattr(dependant, "security_requirements", None)
+    )
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """Request headers as the engine reads them: lower-case names, repeats joined."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
