@@ -94,6 +94,8 @@ def test_two_processes_share_redis_entries_and_invalidation(tmp_path: Path, redi
             first = httpx.get(f"{a.base}/catalog/items/7")
             from_b = httpx.get(f"{b.base}/catalog/items/7")
             httpx.post(f"{b.base}/catalog/items/7", content=b"update")
+            # Another process sees a write within 200 ms (its purge record's polling).
+            time.sleep(0.25)
             after = httpx.get(f"{a.base}/catalog/items/7")
     assert first.headers["x-cache-status"] == "MISS"
     assert from_b.headers["x-cache-status"] == "HIT"
