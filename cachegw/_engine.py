@@ -240,6 +240,12 @@ class CacheEngine:
                 # RFC 9111 §4.4: a non-error response to an unsafe method invalidates
                 # the target URI's stored responses.
                 await self.invalidate([request.target_scope], policy)
+                # Also gone from the shared backend at once (and from other processes'
+                # in-process copies as soon as they hear of it): the common case is seen
+                # everywhere without waiting for the record's visibility window.
+                await self.store.delete(request.key)
+                if self.coordinator.shared:
+                    await self.coordinator.landed(request.key)
             self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
