@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from cachegw._accesslog import access_log_enabled, log_access, log_hit
 from cachegw._admin import admin_router
+from cachegw._core import NO_DIRECTIVES, decide
 from cachegw._encoding import accepts_gzip
 from cachegw._engine import CacheEngine
 from cachegw._entry import Entry
@@ -495,18 +496,29 @@ def _fast_hit(
     if (policy.methods is not None and verb not in policy.methods) or policy.key is not None:
         return None
     if policy.early_refresh:
-        return None
+        return None  # a hit may start a refresh: a task the ordinary path runs
     front = service.host_for(host.decode("latin-1")) if service.hosts is not None else ""
     if front is None:
         return None  # refused on the ordinary path
     key = proxy._key(service, rest, query, "", scheme, front)
     entry = engine.store.peek(key)
-    if not isinstance(entry, Entry) or engine.purges.verdict(entry.tags, entry.fetched_at):
-        return None
+    if not isinstance(entry, Entry):
+        return None  # not decoded in this process, or a Vary marker: the ordinary path
     now = engine.clock()
-    left = entry.ttl_left(now)
-    if left <= 0:
+    # The ordinary path's decision (`_core.decide`) for a request without directives,
+    # credentials or body: only a plain fresh hit is answered here.
+    decision = decide(
+        entry,
+        method=verb,
+        directives=NO_DIRECTIVES,
+        shared_only=False,
+        verdict=engine.purges.verdict(entry.tags, entry.fetched_at),
+        policy=policy,
+        now=now,
+    )
+    if decision.action != "fresh" or decision.refresh:
         return None
+    left = decision.left
     # The answer depends on the entry, the method and, through Age and Cache-Status, on
     # two whole numbers of seconds: the bytes are built once for those.
     seconds = (int(entry.age(now)), int(left))

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi_cache.types import Backend
 
 from cachegw._backends import OP_TIMEOUT, CacheBackend, cache_backend
-from cachegw._encoding import for_client, for_storage, upstream_etag
+from cachegw._core import (
+    Decision,
+    Directives,
+    decide,
+    directives,
+    stale_if_error_ok,
+    validators,
+    vary_names,
+)
+from cachegw._encoding import for_client, for_storage
 from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
 from cachegw._flight import Coordinator, RedisCoordinator
@@ -44,7 +53,6 @@ from cachegw._purge import (
     LocalPurges,
     Purges,
     RedisPurges,
-    Verdict,
 )
 from cachegw._store import L1, READ_BUDGET, Store, end_read_budget, read_budget
 
@@ -84,7 +92,6 @@ _NOT_UPDATED = frozenset(
 SURROGATE_TARGET = "cachegw"
 # Tags an upstream gives its response for purging (Fastly / Varnish xkey, Cloudflare).
 _TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
-_NO_DIRECTIVES = CacheControl({})
 
 
 @dataclass(slots=True)
@@ -249,100 +256,98 @@ class CacheEngine:
             self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
-        if policy.ignore_request_cache_control:
-            request_cc = _NO_DIRECTIVES
-            bypass_read = False
-        else:
-            request_cc = _request_cache_control(request.headers)
-            bypass_read = (
-                "no-cache" in request_cc
-                or request_cc.seconds("max-age") == 0
-                or (not request_cc and "no-cache" in request.headers.get("pragma", "").lower())
-            )
+        asked = directives(request.headers, policy)
         # Credentials make a request private unless the route keys on the principal.
         shared_only = request.authorized and not request.per_principal
-
-        stale: Entry | None = None
-        primary: Item | None = None
         found, primary = await self._lookup(request)
-        if found is not None and shared_only and not found.shared_auth:
-            found = None
-        purged: Verdict = None
-        if found is not None:
-            purged = self.purges.verdict(found.tags, found.fetched_at)
-            if purged is not None and purged[0] == "hard":
-                found = None
-        if found is not None and bypass_read:
-            # The client wants an answer checked with the origin: revalidate if we can.
-            stale = found if _validators(found) else None
-        elif found is not None:
-            now = self.clock()
-            left = found.ttl_left(now)
-            if purged is not None:  # soft-purged: stale since the purge
-                left = min(left, purged[1] - now)
-            if _fresh_enough(found, left, request_cc):
-                self.stats["HIT"] += 1
-                if policy.early_refresh and _refresh_early(found, left, policy.early_refresh):
-                    self._refresh_in_background(request, policy, fetch, found)
-                return self._from_entry(found, request, now, "HIT", f"hit; ttl={int(left)}")
-            stale = found
-            if (
-                -left <= found.stale_while_revalidate
-                and "max-age" not in request_cc
-                and "min-fresh" not in request_cc
-            ):
-                self._refresh_in_background(request, policy, fetch, found)
-                self._stale(request, "stale-while-revalidate")
-                return self._from_entry(
-                    found,
-                    request,
-                    now,
-                    "STALE",
-                    f"hit; ttl={int(left)}; fwd=stale; fwd-status=0",
-                )
-            if "only-if-cached" not in request_cc and _max_stale_ok(found, left, request_cc):
-                self._stale(request, "max-stale")
-                return self._from_entry(found, request, now, "STALE", f"hit; ttl={int(left)}")
+        verdict = self.purges.verdict(found.tags, found.fetched_at) if found is not None else None
+        now = self.clock()
+        decision = decide(
+            found,
+            method=method,
+            directives=asked,
+            shared_only=shared_only,
+            verdict=verdict,
+            policy=policy,
+            now=now,
+            primary=primary,
+            draw=random.random() if policy.early_refresh else 0.0,
+        )
+        if decision.action == "fetch":
+            if not decision.coalesce:
+                return await self._fetch_alone(request, policy, fetch, asked, decision.entry)
+            # Coalesced, also for a client asking for an answer checked with the origin
+            # (no-cache, Pragma, max-age=0): it shares the one upstream request in flight
+            # for the key (RFC 9111 §4: a response obtained from the origin after the
+            # request arrived satisfies it), so such requests cannot turn the cache off
+            # (issue 10).
+            request.forced = asked.bypass_read
+            return await self._miss(
+                request, policy, fetch, asked.cc, decision.entry, primary is None
+            )
+        return self._reuse(decision, request, policy, fetch, now)
 
-        if "only-if-cached" in request_cc:
+    def _reuse(
+        self,
+        decision: Decision,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetch: Fetch,
+        now: float,
+    ) -> Served:
+        """Answer from the cache as ``decision`` says: fresh, stale, or 504."""
+        entry, left = decision.entry, int(decision.left)
+        if entry is None:  # "unavailable": only-if-cached and nothing usable
             # RFC 9111 §5.2.1.7: nothing usable in cache -> 504.
             headers = [(b"content-length", b"0"), *self._cache_headers("MISS", "fwd=miss")]
             return Served(504, headers, b"", cache_status="MISS")
+        if decision.refresh:
+            self._refresh_in_background(request, policy, fetch, entry)
+        if decision.action == "fresh":
+            self.stats["HIT"] += 1
+            return self._from_entry(entry, request, now, "HIT", f"hit; ttl={left}")
+        assert decision.reason is not None
+        self._stale(request, decision.reason)
+        if decision.reason == "stale-while-revalidate":
+            detail = f"hit; ttl={left}; fwd=stale; fwd-status=0"
+        else:
+            detail = f"hit; ttl={left}"
+        return self._from_entry(entry, request, now, "STALE", detail)
 
-        if method == "HEAD" or shared_only or isinstance(primary, HitForMiss):
-            # Not coalesced: HEAD has no body to store, a request with credentials may get
-            # a private answer, and the last response for this key could not be stored
-            # (hit-for-miss).
-            self._fetching(request)
-            fetched = await _conditional(fetch, _validators(stale) if method == "GET" else [])
-            status = "BYPASS" if bypass_read else "MISS"
-            detail = "fwd=request" if bypass_read else "fwd=uri-miss"
-            entry = None
-            writes = self._writes()
-            if method == "GET":
-                if stale is not None and fetched.status == 304:
-                    entry = await self._revalidated(request, policy, stale, fetched, writes)
-                    detail += "; fwd-status=304"
-                else:
-                    # Stored only when the rules allow: a response to credentials must
-                    # say public, s-maxage or must-revalidate (RFC 9111 §3.5).
-                    entry = await self._store(request, policy, fetched, request_cc, writes=writes)
-            await self._grace(self._write_behind(writes))
-            if entry is None and shared_only:
-                status, detail = "BYPASS", "fwd=bypass"
-            self.stats[status] += 1
-            if entry is not None:
-                return self._from_entry(
-                    entry, request, self.clock(), status, detail + _stored(entry)
-                )
-            return self._passed(fetched, status, detail)
-
-        # Coalesced, also for a client asking for an answer checked with the origin
-        # (no-cache, Pragma, max-age=0): it shares the one upstream request in flight for
-        # the key (RFC 9111 §4: a response obtained from the origin after the request
-        # arrived satisfies it), so such requests cannot turn the cache off (issue 10).
-        request.forced = bypass_read
-        return await self._miss(request, policy, fetch, request_cc, stale, primary is None)
+    async def _fetch_alone(
+        self,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetch: Fetch,
+        asked: Directives,
+        stale: Entry | None,
+    ) -> Served:
+        """Fetch without coalescing: HEAD has no body to store, a request with credentials
+        may get a private answer, and the last response for this key could not be stored
+        (hit-for-miss)."""
+        method = request.method
+        shared_only = request.authorized and not request.per_principal
+        self._fetching(request)
+        fetched = await _conditional(fetch, validators(stale) if method == "GET" else [])
+        status = "BYPASS" if asked.bypass_read else "MISS"
+        detail = "fwd=request" if asked.bypass_read else "fwd=uri-miss"
+        entry = None
+        writes = self._writes()
+        if method == "GET":
+            if stale is not None and fetched.status == 304:
+                entry = await self._revalidated(request, policy, stale, fetched, writes)
+                detail += "; fwd-status=304"
+            else:
+                # Stored only when the rules allow: a response to credentials must
+                # say public, s-maxage or must-revalidate (RFC 9111 §3.5).
+                entry = await self._store(request, policy, fetched, asked.cc, writes=writes)
+        await self._grace(self._write_behind(writes))
+        if entry is None and shared_only:
+            status, detail = "BYPASS", "fwd=bypass"
+        self.stats[status] += 1
+        if entry is not None:
+            return self._from_entry(entry, request, self.clock(), status, detail + _stored(entry))
+        return self._passed(fetched, status, detail)
 
     async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
         """The entry for the request (Vary resolved) and what the primary key holds."""
@@ -382,10 +387,10 @@ class CacheEngine:
             entry = flight.entry
             if entry is not None and (
                 flight.vary is None
-                or flight.vary == vary_values(_vary_names(entry), request.headers)
+                or flight.vary == vary_values(vary_names(entry), request.headers)
             ):
                 return self._collapsed(request, entry)
-            if flight.failed and stale is not None and _stale_if_error_ok(stale, self.clock()):
+            if flight.failed and stale is not None and stale_if_error_ok(stale, self.clock()):
                 return self._stale_on_error(request, stale, 0)  # don't ask a failing upstream
             # The answer was not storable or varies differently: fetch our own.
             fetched = await fetch()
@@ -428,12 +433,12 @@ class CacheEngine:
                     flight.done.set()
             try:
                 flight.started = self._fetching(request)
-                fetched = await _conditional(fetch, _validators(stale))
+                fetched = await _conditional(fetch, validators(stale))
                 if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
                     entry = await self._revalidated(request, policy, stale, fetched, writes)
                 elif stale is not None and _failed(fetched):
                     flight.failed = True
-                    if _stale_if_error_ok(stale, self.clock()):
+                    if stale_if_error_ok(stale, self.clock()):
                         await _discard(fetched)
                         if self.coordinator.shared:
                             key = request.key
@@ -460,7 +465,7 @@ class CacheEngine:
                     await self._put(writes, request.key, marker, HIT_FOR_MISS_TTL)
                 flight.entry = entry
                 if entry is not None:
-                    names = _vary_names(entry)
+                    names = vary_names(entry)
                     flight.vary = vary_values(names, request.headers) if names else None
                 if self.coordinator.shared:
                     key = request.key
@@ -516,7 +521,7 @@ class CacheEngine:
             if not self.store.inline:
                 # Reads after a wait are not the stall's (this task is the fetch's own).
                 read_budget(self.read_budget)
-            if news == "failed" and stale is not None and _stale_if_error_ok(stale, self.clock()):
+            if news == "failed" and stale is not None and stale_if_error_ok(stale, self.clock()):
                 # The fetch elsewhere failed upstream: serve our stale copy rather than ask
                 # a failing upstream again.
                 flight.failed = True
@@ -524,7 +529,7 @@ class CacheEngine:
             landed = await self._landed(request)
             if isinstance(landed, Entry):
                 flight.entry = landed
-                names = _vary_names(landed)
+                names = vary_names(landed)
                 flight.vary = vary_values(names, request.headers) if names else None
                 return self._collapsed(request, landed)
             if isinstance(landed, HitForMiss):
@@ -560,7 +565,7 @@ class CacheEngine:
                 if token is None:
                     return
                 flight.started = self._fetching(request)
-                fetched = await _conditional(fetch, _validators(stale))
+                fetched = await _conditional(fetch, validators(stale))
                 entry: Entry | None = None
                 if fetched.status == 304:
                     entry = await self._revalidated(request, policy, stale, fetched)
@@ -569,7 +574,7 @@ class CacheEngine:
                 else:
                     await _discard(fetched)
                 flight.entry = entry
-                names = _vary_names(entry) if entry is not None else []
+                names = vary_names(entry) if entry is not None else []
                 flight.vary = vary_values(names, request.headers) if names else None
                 await self.coordinator.landed(request.key)
             except Exception:
@@ -928,47 +933,9 @@ def entry_life(policy: CachePolicy) -> float:
     return min(MAX_STORAGE_TTL, policy.max_ttl + max(policy.max_ttl, policy.stale_window))
 
 
-def _refresh_early(entry: Entry, left: float, beta: float) -> bool:
-    """XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): refresh when
-    ``now - delta * beta * ln(random()) >= expiry``, i.e. ``-delta * beta * ln(u) >= left``."""
-    delta = entry.fetch_time or 0.001
-    return -delta * beta * math.log(1.0 - random.random()) >= left
-
-
 def _stored(entry: Entry) -> str:
     """RFC 9211 ``stored``, only when the backend really took the entry."""
     return "; stored" if entry.stored else ""
-
-
-def _request_cache_control(headers: Mapping[str, str]) -> CacheControl:
-    value = headers.get("cache-control")
-    return parse_cache_control((value,)) if value else CacheControl({})
-
-
-def _fresh_enough(entry: Entry, left: float, request_cc: CacheControl) -> bool:
-    """RFC 9111 §4.2 with the request's ``max-age`` / ``min-fresh`` constraints."""
-    if left <= 0:
-        return False
-    if request_cc:
-        max_age = request_cc.seconds("max-age")
-        if max_age is not None and entry.lifetime - left > max_age:
-            return False
-        min_fresh = request_cc.seconds("min-fresh")
-        if min_fresh is not None and left < min_fresh:
-            return False
-    return True
-
-
-def _max_stale_ok(entry: Entry, left: float, request_cc: CacheControl) -> bool:
-    """A request's ``max-stale`` lets it take a stale entry (RFC 9111 §5.2.1.2)."""
-    if entry.must_revalidate or "max-stale" not in request_cc:
-        return False
-    limit = request_cc.seconds("max-stale")
-    return limit is None or -left <= limit
-
-
-def _stale_if_error_ok(entry: Entry, now: float) -> bool:
-    return not entry.must_revalidate and -entry.ttl_left(now) <= entry.stale_if_error
 
 
 def _failed(fetched: Fetched) -> bool:
@@ -998,32 +965,6 @@ def _initial_age(age_value: float, date: str | None, response_time: float) -> fl
     date_value = parse_http_date(date)
     apparent = max(0.0, response_time - date_value) if date_value is not None else 0.0
     return max(apparent, age_value)
-
-
-def _validators(entry: Entry | None) -> Headers:
-    """Conditional request headers that revalidate ``entry`` with its origin.
-
-    Only the upstream's own validators: an ETag cachegw made up means nothing there.
-    """
-    if entry is None:
-        return []
-    out: Headers = []
-    for name, value in entry.headers:
-        if name == b"etag" and entry.etag is None:
-            out.append((b"if-none-match", upstream_etag(entry.coding, value)))
-        elif name == b"last-modified":
-            out.append((b"if-modified-since", value))
-    return out
-
-
-def _vary_names(entry: Entry) -> list[str]:
-    names: set[str] = set()
-    for name, value in entry.headers:
-        if name == b"vary":
-            names.update(v.lower() for v in split_header_list(value.decode("latin-1")))
-    if entry.coding:
-        names.discard("accept-encoding")  # the engine serves either form (see `_encoding`)
-    return sorted(names)
 
 
 def _variant_key(primary: str, marker: VaryMarker, headers: Mapping[str, str]) -> str:
