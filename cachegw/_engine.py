@@ -16,36 +16,35 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi_cache.types import Backend
 
 from cachegw._backends import OP_TIMEOUT, CacheBackend, cache_backend
 from cachegw._core import (
+    UNSTORED,
     Decision,
     Directives,
+    StaleReason,
+    Storing,
+    build_entry,
     decide,
     directives,
+    merge_not_modified,
     stale_if_error_ok,
     validators,
     vary_names,
 )
-from cachegw._encoding import for_client, for_storage
-from cachegw._encoding import revalidated as recoded
-from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker, strong_etag
+from cachegw._encoding import for_client
+from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker
 from cachegw._flight import Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
 from cachegw._models import Fetch, Fetched, RequestInfo, Served
 from cachegw._policy import (
     CacheControl,
     CachePolicy,
-    freshness,
-    parse_cache_control,
     parse_http_date,
-    shareable_for_authorized,
     split_header_list,
-    storable_response,
-    surrogate_control,
 )
 from cachegw._purge import (
     RECORD_TTL,
@@ -64,6 +63,16 @@ __all__ = ["CacheEngine", "entry_life"]
 MAX_STORAGE_TTL = RECORD_TTL - 86400  # 30 days
 HIT_FOR_MISS_TTL = 10.0  # how long an uncacheable answer keeps a key out of coalescing
 _L1_SLACK = 60.0  # in-process copies outlive their backend entry by at most l1_ttl
+_COUNTERS = (
+    "HIT",
+    "MISS",
+    "STALE",
+    "BYPASS",
+    "EXPIRED",
+    "coalesced",
+    "backend_errors",
+    "writes_dropped",
+)
 _TIMED_OUT = "timed-out"  # a "token" meaning: fetch without the lock, and don't store
 
 
@@ -74,8 +83,6 @@ _Writes = list[Callable[[], Awaitable[Any]]]
 #: the backend, and ``stored`` is said), a stalled one does not hold the answer.
 WRITE_GRACE = 0.01
 
-StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
-
 logger = logging.getLogger("cachegw")
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -84,12 +91,7 @@ _NOT_MODIFIED_KEEP = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
 )
 # Never stored: computed per hit, or belonging to one connection / one caller.
-_UNSTORED = frozenset({b"age", b"set-cookie", b"x-cache-status", b"cache-status"})
-# Headers a 304 does not update: they describe the stored body (RFC 9111 §3.2).
-_NOT_UPDATED = frozenset(
-    {b"content-length", b"content-encoding", b"content-md5", b"content-range", b"etag"}
-)
-SURROGATE_TARGET = "cachegw"
+_UNSTORED = UNSTORED
 # Tags an upstream gives its response for purging (Fastly / Varnish xkey, Cloudflare).
 _TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
 
@@ -146,19 +148,7 @@ class CacheEngine:
         self.cache_name = cache_name
         self.op_timeout = op_timeout
         self.clock = clock
-        self.stats: dict[str, int] = dict.fromkeys(
-            (
-                "HIT",
-                "MISS",
-                "STALE",
-                "BYPASS",
-                "EXPIRED",
-                "coalesced",
-                "backend_errors",
-                "writes_dropped",
-            ),
-            0,
-        )
+        self.stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.metrics = metrics
         # Surrogate-Key / Cache-Tag are for this cache: stripped unless asked otherwise.
         hidden = (frozenset() if expose_tag_headers else _TAG_HEADERS) | {b"surrogate-control"}
@@ -174,14 +164,7 @@ class CacheEngine:
         self.read_budget = READ_BUDGET
         self.recheck = 0.1
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed, l1=l1)
-        if isinstance(self.coordinator, RedisCoordinator):
-            # Keys other processes store or invalidate leave this process's L1 at once.
-            self.coordinator.on_landed = self.store.forget
-            self.coordinator.breaker = self.store.breaker
-        if isinstance(self.purges, RedisPurges):
-            self.purges.breaker = self.store.breaker
-        if metrics is not None:
-            self.store.breaker.on_change = metrics.circuit
+        self._share_breaker()
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Writes done after the answer was sent (see _write_behind), at most this many
@@ -189,6 +172,17 @@ class CacheEngine:
         self.max_writes_in_flight = 512
         self._writing: set[asyncio.Task[None]] = set()
         self._dropped_at = 0.0
+
+    def _share_breaker(self) -> None:
+        """Coordination and purges through the same backend trip the store's breaker."""
+        if isinstance(self.coordinator, RedisCoordinator):
+            # Keys other processes store or invalidate leave this process's L1 at once.
+            self.coordinator.on_landed = self.store.forget
+            self.coordinator.breaker = self.store.breaker
+        if isinstance(self.purges, RedisPurges):
+            self.purges.breaker = self.store.breaker
+        if self.metrics is not None:
+            self.store.breaker.on_change = self.metrics.circuit
 
     def _backend_failed(self, op: str, exc: BaseException) -> None:
         self.stats["backend_errors"] += 1
@@ -432,44 +426,12 @@ class CacheEngine:
                     self._drop_flight(request.key, flight)
                     flight.done.set()
             try:
-                flight.started = self._fetching(request)
-                fetched = await _conditional(fetch, validators(stale))
-                if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
-                    entry = await self._revalidated(request, policy, stale, fetched, writes)
-                elif stale is not None and _failed(fetched):
-                    flight.failed = True
-                    if stale_if_error_ok(stale, self.clock()):
-                        await _discard(fetched)
-                        if self.coordinator.shared:
-                            key = request.key
-                            await self._write(
-                                writes, lambda: self.coordinator.landed(key, failed=True)
-                            )
-                        return self._stale_on_error(request, stale, fetched.status)
-                    entry = None  # an error never replaces a good entry
-                elif fetched.status == 304:
-                    entry = None  # not ours to answer (see _revalidated)
-                    fetched = await fetch()
-                elif token == _TIMED_OUT:
-                    entry = None  # like nginx after proxy_cache_lock_timeout: don't store
-                else:
-                    entry = await self._store(request, policy, fetched, request_cc, writes=writes)
-                if (
-                    entry is None
-                    and empty
-                    and token != _TIMED_OUT
-                    and not _failed(fetched)
-                    and "no-store" not in request_cc
-                ):
-                    marker = HitForMiss(stored_at=self.clock())
-                    await self._put(writes, request.key, marker, HIT_FOR_MISS_TTL)
-                flight.entry = entry
-                if entry is not None:
-                    names = vary_names(entry)
-                    flight.vary = vary_values(names, request.headers) if names else None
-                if self.coordinator.shared:
-                    key = request.key
-                    await self._write(writes, lambda: self.coordinator.landed(key))
+                led = await self._fetch_led(
+                    request, policy, fetch, request_cc, stale, empty, flight, token, writes
+                )
+                if isinstance(led, Served):
+                    return led
+                fetched, entry = led
             finally:
                 if token != _TIMED_OUT:
                     key, held = request.key, token
@@ -490,6 +452,58 @@ class CacheEngine:
         if entry is None:
             return self._passed(fetched, status, fwd)
         return self._from_entry(entry, request, self.clock(), status, fwd + _stored(entry))
+
+    async def _fetch_led(
+        self,
+        request: RequestInfo,
+        policy: CachePolicy,
+        fetch: Fetch,
+        request_cc: CacheControl,
+        stale: Entry | None,
+        empty: bool,
+        flight: _Flight,
+        token: str,
+        writes: _Writes | None,
+    ) -> Served | tuple[Fetched, Entry | None]:
+        """The leader's fetch, holding the key's lock (``token``): the response and the
+        entry stored from it, or the stale entry served instead of an upstream failure."""
+        flight.started = self._fetching(request)
+        fetched = await _conditional(fetch, validators(stale))
+        if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
+            entry = await self._revalidated(request, policy, stale, fetched, writes)
+        elif stale is not None and _failed(fetched):
+            flight.failed = True
+            if stale_if_error_ok(stale, self.clock()):
+                await _discard(fetched)
+                if self.coordinator.shared:
+                    key = request.key
+                    await self._write(writes, lambda: self.coordinator.landed(key, failed=True))
+                return self._stale_on_error(request, stale, fetched.status)
+            entry = None  # an error never replaces a good entry
+        elif fetched.status == 304:
+            entry = None  # not ours to answer (see _revalidated)
+            fetched = await fetch()
+        elif token == _TIMED_OUT:
+            entry = None  # like nginx after proxy_cache_lock_timeout: don't store
+        else:
+            entry = await self._store(request, policy, fetched, request_cc, writes=writes)
+        if (
+            entry is None
+            and empty
+            and token != _TIMED_OUT
+            and not _failed(fetched)
+            and "no-store" not in request_cc
+        ):
+            marker = HitForMiss(stored_at=self.clock())
+            await self._put(writes, request.key, marker, HIT_FOR_MISS_TTL)
+        flight.entry = entry
+        if entry is not None:
+            names = vary_names(entry)
+            flight.vary = vary_values(names, request.headers) if names else None
+        if self.coordinator.shared:
+            key = request.key
+            await self._write(writes, lambda: self.coordinator.landed(key))
+        return fetched, entry
 
     def _stale_on_error(self, request: RequestInfo, stale: Entry, status: int) -> Served:
         """The stale entry instead of an upstream failure (RFC 5861 stale-if-error)."""
@@ -631,16 +645,9 @@ class CacheEngine:
         fetched: Fetched,
         writes: _Writes | None = None,
     ) -> Entry:
-        """The stored entry updated from a 304 to our conditional request (RFC 9111 §4.3.4).
-
-        The 304's headers replace the stored ones of the same name, except those that
-        describe the stored body; freshness is computed again from the merged headers.
-        """
-        skip = _NOT_UPDATED | {n for n, _ in fetched.headers if n in _UNSTORED}
-        replaced = {n for n, _ in fetched.headers if n not in skip}
-        headers = [(n, v) for n, v in stale.headers if n not in replaced]
-        headers += [(n, v) for n, v in fetched.headers if n not in skip and n not in self._unstored]
-        updated = Fetched(stale.status, headers, stale.body, response_time=fetched.response_time)
+        """The stored entry updated from a 304 to our conditional request (RFC 9111 §4.3.4);
+        freshness is computed again from the merged headers."""
+        updated = merge_not_modified(stale, fetched, unstored=self._unstored)
         entry = await self._store(
             request, policy, updated, CacheControl({}), revalidated=stale, writes=writes
         )
@@ -656,139 +663,29 @@ class CacheEngine:
         revalidated: Entry | None = None,
         writes: _Writes | None = None,
     ) -> Entry | None:
-        """Store ``fetched`` if the rules allow; the stored entry, or None.
+        """Store ``fetched`` if the rules allow (`_core.build_entry`); the entry, or None.
 
         ``revalidated`` is the entry a 304 just confirmed: its policy-derived settings
         (tags, stale windows, sharing) carry over. With ``writes``, the backend writes are
         queued there (see `_write_behind`) and the entry does not claim to be stored.
         """
-        if fetched.body is None or fetched.failed or len(fetched.body) > policy.max_body:
-            return None
-        headers = fetched.headers
-        cc_values: list[str] = []
-        vary: list[str] = []
-        set_cookie = False
-        expires = date = last_modified = None
-        ages: list[str] = []
-        surrogate: list[str] = []
-        etag_present = False
-        upstream_tags: list[str] = []
-        for name, value in headers:
-            if name == b"surrogate-control":
-                surrogate.append(value.decode("latin-1"))
-            elif name == b"last-modified":
-                last_modified = value.decode("latin-1")
-            elif name == b"surrogate-key":
-                upstream_tags += value.decode("latin-1").split()
-            elif name == b"cache-tag":
-                upstream_tags += [t.strip() for t in value.decode("latin-1").split(",")]
-            elif name == b"cache-control":
-                cc_values.append(value.decode("latin-1"))
-            elif name == b"vary":
-                vary.extend(split_header_list(value.decode("latin-1")))
-            elif name == b"set-cookie":
-                set_cookie = True
-            elif name == b"expires":
-                expires = value.decode("latin-1")
-            elif name == b"date":
-                date = value.decode("latin-1")
-            elif name == b"age":
-                ages.append(value.decode("latin-1"))
-            elif name == b"etag":
-                etag_present = True
-        response_cc = parse_cache_control(cc_values)
-        # Surrogate-Control (W3C Edge Architecture) speaks to caches like this one and,
-        # when it says anything to us, replaces Cache-Control for storing and freshness.
-        targeted = surrogate_control(surrogate, SURROGATE_TARGET)
-        if targeted is not None:
-            response_cc = targeted
-        reason = storable_response(
-            method="GET",
-            status=fetched.status,
-            response_cc=response_cc,
-            set_cookie=set_cookie,
-            vary=vary,
-            request_cc=request_cc,
-            authorized=request.authorized,
-            per_principal=request.per_principal,
-            policy=policy,
-            explicit=expires is not None or "max-age" in response_cc or "s-maxage" in response_cc,
-        )
-        if reason is not None:
-            return None
-        fresh = freshness(
-            response_cc,
-            expires=expires,
-            date=date,
-            policy=policy,
-            received=fetched.response_time or self.clock(),
-            last_modified=last_modified,
-            status=fetched.status,
-        )
-        lifetime = fresh.lifetime
-        age_value = _age(ages)
-        if age_value is None:
-            lifetime = 0.0  # an invalid Age: treat the response as stale (RFC 9111 §5.1)
-        # A response with a validator is kept past its freshness (up to max_ttl) so that
-        # it can be revalidated with a conditional request instead of fetched again.
-        has_validator = last_modified is not None or (etag_present and fetched.status == 200)
-        assert policy.max_ttl is not None
-        keep = policy.max_ttl if has_validator else 0.0
-        if lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error, keep) <= 0:
-            return None
         now = self.clock()
-        response_time = fetched.response_time or now
         # Ordered against the start of the upstream request: a request that waited for
         # another fetch and then fetched itself is as new as its own fetch.
         started = request.fetch_started or request.started
-        age0 = _initial_age(age_value or 0, date, response_time)
-        stored_headers = [(n, v) for n, v in headers if n not in self._unstored]
-        etag = None
-        if not etag_present and fetched.body is not None and fetched.status == 200:
-            etag = strong_etag(fetched.body)
-            stored_headers.append((b"etag", etag.encode("ascii")))
-        if policy.vary:
-            missing = [v for v in policy.vary if v not in {x.lower() for x in vary}]
-            if missing:
-                stored_headers.append((b"vary", ", ".join(missing).encode("latin-1")))
-        body = fetched.body
-        coding = ""
-        if revalidated is not None:
-            coding = revalidated.coding  # the stored body, as it was stored
-            stored_headers = recoded(stored_headers, coding)
-        elif self.compress_min is not None:
-            stored_headers, body, coding = for_storage(
-                fetched.status,
-                stored_headers,
-                body,
-                no_transform="no-transform" in response_cc,
-                min_size=self.compress_min,
-                max_size=policy.max_body,
-            )
-        entry = Entry(
-            status=fetched.status,
-            headers=stored_headers,
-            body=body,
-            stored_at=response_time,
-            lifetime=lifetime,
-            age0=age0,
-            stale_while_revalidate=fresh.stale_while_revalidate,
-            stale_if_error=fresh.stale_if_error,
-            must_revalidate=fresh.must_revalidate,
-            shared_auth=request.per_principal or shareable_for_authorized(response_cc),
-            etag=etag,
-            tags=[*request.scopes, *(f"tag:{t}" for t in upstream_tags if t)],
-            fetched_at=started,
-            keep=keep,
-            fetch_time=max(0.0, response_time - started) if started else 0.0,
-            coding=coding,
+        storing = Storing(
+            authorized=request.authorized,
+            per_principal=request.per_principal,
+            scopes=request.scopes,
+            target_scope=None if request.target else request.target_scope,
+            started=started,
+            request_cc=request_cc,
+            unstored=self._unstored,
+            compress_min=self.compress_min,
         )
-        if not request.target:
-            entry.tags.append(request.target_scope)
-        if revalidated is not None:
-            entry.tags = revalidated.tags
-            entry.etag = revalidated.etag
-            entry.shared_auth = revalidated.shared_auth or entry.shared_auth
+        entry, names = build_entry(fetched, storing, policy, now, revalidated=revalidated)
+        if entry is None:
+            return None
         # Never kept longer than an invalidation of it is remembered (see `invalidate`).
         ttl = min(entry.storage_ttl(now), entry_life(policy))
         if ttl <= 0:
@@ -802,7 +699,20 @@ class CacheEngine:
             # time against fetch start, so a deferred store is judged the same way.
             entry.stored = False
             return entry
-        names = sorted({v.lower() for v in vary} | set(policy.vary))
+        await self._write_entry(request, policy, entry, names, ttl, now, writes)
+        return entry
+
+    async def _write_entry(
+        self,
+        request: RequestInfo,
+        policy: CachePolicy,
+        entry: Entry,
+        names: list[str],
+        ttl: float,
+        now: float,
+        writes: _Writes | None,
+    ) -> None:
+        target = request.key
         if names:
             # Responses here vary on request headers (the upstream's Vary and the route's
             # `vary`): the primary key holds a marker naming them, the response lives
@@ -811,21 +721,19 @@ class CacheEngine:
             if not isinstance(marker, VaryMarker) or marker.names != names:
                 marker = VaryMarker(names=names, stored_at=now, gen=secrets.token_hex(8))
             # The marker outlives this variant: other variants may be kept longer.
-            marker_ttl = max(ttl, min(MAX_STORAGE_TTL, policy.max_ttl + policy.stale_window + keep))
-            await self._put(writes, request.key, marker, marker_ttl)
+            assert policy.max_ttl is not None
+            life = policy.max_ttl + policy.stale_window + entry.keep
+            await self._put(writes, request.key, marker, max(ttl, min(MAX_STORAGE_TTL, life)))
             target = _variant_key(request.key, marker, request.headers)
-        else:
-            target = request.key
         if writes is None:
             entry.stored = await self.store.set(target, entry, ttl)
-        else:
-            entry.stored = False  # until the write lands
+            return
+        entry.stored = False  # until the write lands
 
-            async def write() -> None:
-                entry.stored = await self.store.set(target, entry, ttl)
+        async def write() -> None:
+            entry.stored = await self.store.set(target, entry, ttl)
 
-            writes.append(write)
-        return entry
+        writes.append(write)
 
     async def _put(self, writes: _Writes | None, key: str, item: Item, ttl: float) -> None:
         """``store.set`` now, or queued in ``writes``."""
@@ -947,24 +855,6 @@ async def _discard(fetched: Fetched) -> None:
         aclose = getattr(fetched.stream, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-def _age(values: list[str]) -> float | None:
-    """The upstream's Age: 0 when absent, None when invalid (not one plain number)."""
-    if not values:
-        return 0.0
-    if len(values) > 1:
-        return None
-    value = values[0].strip()
-    # isascii(): "²".isdigit() is true.
-    return float(value) if value.isascii() and value.isdigit() else None
-
-
-def _initial_age(age_value: float, date: str | None, response_time: float) -> float:
-    """RFC 9111 §4.2.3 corrected_initial_age, without request-delay correction."""
-    date_value = parse_http_date(date)
-    apparent = max(0.0, response_time - date_value) if date_value is not None else 0.0
-    return max(apparent, age_value)
 
 
 def _variant_key(primary: str, marker: VaryMarker, headers: Mapping[str, str]) -> str:

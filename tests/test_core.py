@@ -3,6 +3,7 @@ server, no backend, no clock (``NOW`` is passed in)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,12 +12,17 @@ from cachegw import CachePolicy
 from cachegw._core import (
     NO_DIRECTIVES,
     Decision,
+    Storing,
+    build_entry,
     decide,
     directives,
+    merge_not_modified,
     stale_if_error_ok,
     validators,
 )
 from cachegw._entry import Entry, HitForMiss
+from cachegw._models import Fetched
+from cachegw._policy import CacheControl
 
 NOW = 1_000_000.0
 POLICY = CachePolicy(ttl=60)
@@ -221,3 +227,100 @@ def test_validators_are_the_upstreams_own() -> None:
     ]
     # An ETag cachegw made up (from the body) means nothing upstream.
     assert validators(entry(headers=[(b"etag", b'"x"')], etag='"x"')) == []
+
+
+# -- storing --------------------------------------------------------------------------------
+
+REQUEST = Storing(
+    authorized=False,
+    per_principal=False,
+    scopes=["*"],
+    target_scope=None,
+    started=NOW - 1,
+    request_cc=CacheControl({}),
+)
+
+
+def fetched(*headers: tuple[bytes, bytes], status: int = 200, body: bytes = b"ok") -> Fetched:
+    return Fetched(status, list(headers), body, response_time=NOW)
+
+
+CC = b"cache-control"
+STORING = [
+    ("max-age sets freshness", fetched((CC, b"max-age=30")), POLICY, 30.0),
+    ("no freshness: the route's ttl", fetched(), POLICY, 60.0),
+    (
+        "ttl capped by max_ttl",
+        fetched((CC, b"max-age=9999")),
+        CachePolicy(ttl=60, max_ttl=120),
+        120.0,
+    ),
+    ("no-store (§3)", fetched((CC, b"no-store")), POLICY, None),
+    ("private (§3)", fetched((CC, b"private, max-age=60")), POLICY, None),
+    ("Set-Cookie (contract)", fetched((b"set-cookie", b"a=1")), POLICY, None),
+    ("Vary: * (§4.1)", fetched((b"vary", b"*")), POLICY, None),
+    ("206 never stored", fetched((CC, b"max-age=60"), status=206), POLICY, None),
+    ("too large", fetched(body=b"x" * 11), CachePolicy(ttl=60, max_body=10), None),
+    ("invalid Age: stale at once (§5.1)", fetched((b"age", b"1x"), (b"etag", b'"e"')), POLICY, 0.0),
+    (
+        "Surrogate-Control for us wins",
+        fetched((CC, b"max-age=5"), (b"surrogate-control", b"max-age=40;cachegw")),
+        POLICY,
+        40.0,
+    ),
+    ("ttl=0 and nothing explicit: not stored", fetched(), CachePolicy(ttl=0), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("response", "policy", "lifetime"),
+    [case[1:] for case in STORING],
+    ids=[case[0] for case in STORING],
+)
+def test_storing(response: Fetched, policy: CachePolicy, lifetime: float | None) -> None:
+    built, _ = build_entry(response, REQUEST, policy, NOW)
+    assert (None if built is None else built.lifetime) == lifetime
+
+
+def test_credentials_need_a_shareable_response() -> None:
+    authorized = replace(REQUEST, authorized=True)
+    assert build_entry(fetched((CC, b"max-age=60")), authorized, POLICY, NOW)[0] is None
+    shared, _ = build_entry(fetched((CC, b"public, max-age=60")), authorized, POLICY, NOW)
+    assert shared is not None and shared.shared_auth
+
+
+def test_a_stored_entry_gets_an_etag_tags_and_the_vary_names() -> None:
+    response = fetched((CC, b"max-age=60"), (b"vary", b"Accept"), (b"surrogate-key", b"a b"))
+    built, names = build_entry(response, REQUEST, CachePolicy(ttl=60, vary=["X-Tenant"]), NOW)
+    assert built is not None
+    assert built.etag is not None and (b"etag", built.etag.encode()) in built.headers
+    assert built.tags == ["*", "tag:a", "tag:b"]
+    assert names == ["accept", "x-tenant"]
+    assert (b"vary", b"x-tenant") in built.headers  # the route's vary is declared downstream
+    assert built.fetch_time == 1.0
+
+
+def test_a_304_updates_the_headers_but_not_the_body() -> None:
+    stale = entry(
+        100,
+        headers=[
+            (CC, b"max-age=60"),
+            (b"content-length", b"2"),
+            (b"etag", b'"1"'),
+            (b"x-a", b"old"),
+        ],
+    )
+    answer = Fetched(
+        304,
+        [(CC, b"max-age=600"), (b"content-length", b"0"), (b"x-a", b"new"), (b"etag", b'"2"')],
+        b"",
+        response_time=NOW,
+    )
+    merged = merge_not_modified(stale, answer)
+    assert merged.status == 200 and merged.body == b"ok"
+    assert (CC, b"max-age=600") in merged.headers and (b"x-a", b"new") in merged.headers
+    assert (b"content-length", b"2") in merged.headers and (b"etag", b'"1"') in merged.headers
+    rebuilt, _ = build_entry(
+        merged, REQUEST, CachePolicy(ttl=60, max_ttl=3600), NOW, revalidated=stale
+    )
+    assert rebuilt is not None and rebuilt.lifetime == 600
