@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from cachegw._accesslog import access_log_enabled, log_access, log_hit
 from cachegw._admin import admin_router
-from cachegw._core import NO_DIRECTIVES, decide
+from cachegw._core import NO_DIRECTIVES, SLOW_HEADERS, decide
 from cachegw._encoding import accepts_gzip
 from cachegw._engine import CacheEngine
 from cachegw._entry import Entry
@@ -419,26 +419,6 @@ def _same_origin_target(location: str, headers: Mapping[str, str]) -> str | None
     return f"{path}?{parts.query}" if parts.query else path
 
 
-# Requests the fast path leaves to the ordinary one: credentials, conditionals, cache
-# directives, ranges and bodies all need rules the ordinary path applies.
-_SLOW_HEADERS = frozenset(
-    {
-        b"authorization",
-        b"cookie",
-        b"cache-control",
-        b"pragma",
-        b"if-none-match",
-        b"if-modified-since",
-        b"if-match",
-        b"if-unmodified-since",
-        b"if-range",
-        b"range",
-        b"content-length",
-        b"transfer-encoding",
-        b"expect",
-        b"upgrade",
-    }
-)
 _NO_HEADERS: dict[str, str] = {}
 _GZIP_ACCEPTED = {"accept-encoding": "gzip"}
 
@@ -468,7 +448,7 @@ def _fast_hit(
     host = b""
     accept_encoding: bytes | None = None
     for name, value in headers:
-        if name in _SLOW_HEADERS:
+        if name in SLOW_HEADERS:
             return None
         if name == b"host":
             hosts += 1

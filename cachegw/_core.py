@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_DIRECTIVES",
+    "SLOW_HEADERS",
     "Decision",
     "Directives",
     "Storing",
@@ -51,6 +52,30 @@ __all__ = [
     "validators",
     "vary_names",
 ]
+
+#: Request headers whose presence leaves a request to the ordinary path, on both fast
+#: paths (the gateway's protocol-level one and `CachedHits`): credentials (a shared entry
+#: may not answer them), cache directives, conditionals, ranges and bodies all need rules
+#: only the ordinary path applies.
+SLOW_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"cookie",
+        b"cache-control",
+        b"pragma",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+    }
+)
+
 
 StaleReason = Literal["stale-while-revalidate", "stale-if-error", "max-stale"]
 #: The name Surrogate-Control directives are targeted at (``max-age=60;cachegw``).

@@ -10,13 +10,14 @@ else, and any doubt, goes on to the application unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi.routing import APIRoute
 from fastapi_cache import FastAPICache
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cachegw._core import SLOW_HEADERS
 from cachegw._decorator import READ_DEADLINE, Face, engine_for
 from cachegw._engine import CacheEngine
 from cachegw._entry import Entry, VaryMarker
@@ -26,32 +27,7 @@ from cachegw._store import end_read_budget, read_budget
 
 __all__ = ["CachedHits"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Requests left to the ordinary path: credentials (a shared entry may not answer them),
-# cache directives, conditionals, ranges and bodies all need the rules it applies.
-_SLOW_HEADERS = frozenset(
-    {
-        b"authorization",
-        b"cookie",
-        b"cache-control",
-        b"pragma",
-        b"if-none-match",
-        b"if-modified-since",
-        b"if-match",
-        b"if-unmodified-since",
-        b"if-range",
-        b"range",
-        b"content-length",
-        b"transfer-encoding",
-        b"expect",
-        b"upgrade",
-    }
-)
 _MEMO_SIZE = 4096
 _NO_HEADERS: dict[str, str] = {}
 
@@ -106,7 +82,7 @@ class CachedHits:
             return None
         host: bytes | None = None
         for name, value in scope["headers"]:
-            if name in _SLOW_HEADERS:
+            if name in SLOW_HEADERS:
                 return None
             if name == b"host" and host is None:
                 host = value
