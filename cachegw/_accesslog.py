@@ -207,6 +207,11 @@ def log_access(
         upstream=upstream,
         key=key,
     )
+    _emit(line)
+
+
+def _emit(line: str) -> None:
+    """Hand one formatted line to the buffered handler directly, else to the logger."""
     writer = _buffered()
     if writer is not None:
         writer.write(line)
@@ -309,11 +314,7 @@ def log_hit(
             _tails.clear()
         _tails[memo] = tail
     line = f'{{"time":"{_now()}",{tail}'
-    writer = _buffered()
-    if writer is not None:
-        writer.write(line)
-    else:
-        _logger.info(line)
+    _emit(line)
 
 
 _TAILS = 4096

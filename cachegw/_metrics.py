@@ -72,25 +72,7 @@ UPSTREAM_BUCKETS = (
 )
 
 #: Gateway response-time buckets (seconds): 100 µs (a cache hit) to 30 s (a slow miss).
-REQUEST_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, *UPSTREAM_BUCKETS)
 
 #: A callable returning `MemoryBackend.stats()`-shaped numbers: ``entries``, ``bytes``,
 #: ``max_entries``, ``max_bytes``, ``evictions``.
