@@ -9,31 +9,44 @@ Like nginx's ``access_log ... buffer=64k flush=1s``, `cachegw serve` writes line
 ``logging.LogRecord`` per request), kept in memory and written in batches, at least once a
 second (by a background thread) and whenever 64 KiB are waiting; whatever is left is
 written when the gateway shuts down (SIGTERM included) and by ``logging.shutdown`` at exit.
+A batch is one ``write`` to a file; on a pipe or a socket, writes of whole lines of at most
+``PIPE_BUF`` bytes, so that other writers never cut a line.
+
+Hits answered by the protocol-level fast path keep the text of their line after the time
+(`hit_tail`) with the answer, per client, and hand it to the handler
+(`AccessSink.write_tail`), which formats the time once per millisecond: a hit costs a
+string concatenation and a list append.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+import select
+import stat
 import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from starlette.types import Scope
 
 __all__ = [
     "ACCESS_LOGGER",
+    "AccessSink",
     "BufferedAccessHandler",
     "access_line",
     "access_log_enabled",
     "access_record",
+    "access_sink",
     "enable_access_log",
     "flush_access_log",
+    "hit_tail",
     "log_access",
     "log_config",
-    "log_hit",
 ]
 
 #: The logger access lines go to, at INFO. Off unless a handler is attached to it (or
@@ -47,6 +60,7 @@ _KEY_PREFIX = 12
 _PIPE_BUF = 4096
 
 _logger = logging.getLogger(ACCESS_LOGGER)
+_INFO = logging.INFO
 
 
 class BufferedAccessHandler(logging.Handler):
@@ -54,10 +68,10 @@ class BufferedAccessHandler(logging.Handler):
 
     While one is attached to the ``cachegw.access`` logger, `log_access` hands it the
     formatted line directly, without a ``LogRecord``. Lines wait in memory until
-    ``buffer_bytes`` are waiting (the request that fills the buffer writes it, in one
-    write per 4 KiB) or for at most ``flush_interval`` seconds (a background thread
-    writes them). `flush` writes everything left; the gateway calls it when it shuts
-    down, ``logging.shutdown`` at exit.
+    ``buffer_bytes`` are waiting (the request that fills the buffer writes them) or for at
+    most ``flush_interval`` seconds (a background thread writes them). `flush` writes
+    everything left; the gateway calls it when it shuts down, ``logging.shutdown`` at
+    exit.
     """
 
     def __init__(
@@ -71,19 +85,47 @@ class BufferedAccessHandler(logging.Handler):
         self.stream = stream if stream is not None else sys.stdout
         self.flush_interval = flush_interval
         self.buffer_bytes = buffer_bytes
-        self._lines: list[str] = []
+        self._lines: list[str] = []  # each with its newline
         self._size = 0
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._fd: int | object | None = _UNKNOWN
+        self._chunked = False
+        self._ms = -1  # the millisecond `_stamp` is for
+        self._stamp = ""
 
     def write(self, line: str) -> None:
         """Queue one line (without its newline)."""
-        self._lines.append(line)
+        self._lines.append(line + "\n")
         self._size += len(line) + 1
         if self._size >= self.buffer_bytes:
             self.flush()  # one write for many lines, like nginx's buffer=64k
+        elif self._thread is None:
+            self._start()
+
+    def write_tail(self, tail: str, when: float) -> None:
+        """Queue the line ``{"time":"<when>",`` + ``tail`` (from `hit_tail`, with its
+        newline; ``when`` in seconds since the epoch): the time's text is formatted once
+        per millisecond."""
+        ms = int(when * 1000)
+        if ms != self._ms:
+            if _hot is self and _buffered() is not self:
+                # Removed, or the logger was turned off or reconfigured, since
+                # `access_sink` last looked: hand the line to what is there now.
+                _forget(self)
+                sink = access_sink()
+                if sink is not self:
+                    if sink is not None:
+                        sink.write_tail(tail, when)
+                    return
+            self._stamp = f'{{"time":"{_time_text(ms)}",'
+            self._ms = ms
+        self._lines.append(self._stamp + tail)
+        self._size += len(tail) + 33
+        if self._size >= self.buffer_bytes:
+            self.flush()
         elif self._thread is None:
             self._start()
 
@@ -102,28 +144,52 @@ class BufferedAccessHandler(logging.Handler):
             self._size = 0
             if not lines:
                 return
-            try:
-                # Writes of at most PIPE_BUF bytes, each of whole lines, are atomic on a
-                # pipe: a line is never cut by another writer (stderr sharing the pipe,
-                # other worker processes).
-                chunk: list[str] = []
-                size = 0
-                for line in lines:
-                    if size + len(line) >= _PIPE_BUF and chunk:
-                        self._write(chunk)
-                        chunk, size = [], 0
-                    chunk.append(line)
-                    size += len(line) + 1
-                self._write(chunk)
-            except (OSError, ValueError):
-                pass  # a closed or broken stdout: nothing sensible to do with the lines
+            text = "".join(lines)
+            # A closed or broken stdout: nothing sensible to do with the lines.
+            with contextlib.suppress(OSError, ValueError):
+                self._write(text)
 
-    def _write(self, lines: list[str]) -> None:
-        lines.append("")
-        self.stream.write("\n".join(lines))
-        self.stream.flush()
+    def _write(self, text: str) -> None:
+        fd = self._descriptor()
+        if fd is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        data = text.encode("utf-8", "backslashreplace")  # lines are ASCII: JSON-escaped
+        if not self._chunked:
+            _write_all(fd, data)  # one write for the batch, like nginx's buffer
+            return
+        # On a pipe or a socket, writes of at most PIPE_BUF bytes of whole lines are
+        # atomic: a line is never cut by another writer (stderr sharing the pipe, other
+        # worker processes).
+        start, end = 0, len(data)
+        while start < end:
+            stop = end
+            if end - start > _PIPE_BUF:
+                stop = data.rfind(b"\n", start, start + _PIPE_BUF) + 1
+            if stop <= start:  # one line longer than PIPE_BUF: written whole
+                stop = data.find(b"\n", start) + 1 or end
+            _write_all(fd, data[start:stop])
+            start = stop
+
+    def _descriptor(self) -> int | None:
+        """The stream's file descriptor, when it has one (found once); None for streams
+        in memory. Whatever the stream itself buffered is written first."""
+        if self._fd is _UNKNOWN:
+            try:
+                fd = self.stream.fileno()
+                mode = os.fstat(fd).st_mode
+            except (AttributeError, OSError, ValueError):
+                self._fd = None
+            else:
+                self._fd = fd
+                self._chunked = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        if self._fd is not None:
+            self.stream.flush()
+        return self._fd  # type: ignore[return-value]
 
     def close(self) -> None:
+        _forget(self)
         self.flush()
         self._closed = True
         self._stop.set()
@@ -142,15 +208,77 @@ class BufferedAccessHandler(logging.Handler):
             self.flush()
 
 
+_UNKNOWN = object()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a non-blocking descriptor waits)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+
+
 def _buffered() -> BufferedAccessHandler | None:
     """The handler to give lines to directly: the access logger's only handler, when it is
     a `BufferedAccessHandler` and nothing else (no propagation) expects a record."""
     handlers = _logger.handlers
-    if len(handlers) == 1 and not _logger.propagate and _logger.isEnabledFor(logging.INFO):
+    if len(handlers) == 1:
         handler = handlers[0]
-        if isinstance(handler, BufferedAccessHandler):
+        if (
+            isinstance(handler, BufferedAccessHandler)
+            and not _logger.propagate
+            and _logger.isEnabledFor(_INFO)
+        ):
             return handler
     return None
+
+
+class AccessSink(Protocol):
+    """What `access_sink` returns: takes a line by its tail (see `hit_tail`)."""
+
+    def write_tail(self, tail: str, when: float) -> None: ...
+
+
+class _Records:
+    """The sink when the access logger has other handlers: one log record per line."""
+
+    @staticmethod
+    def write_tail(tail: str, when: float) -> None:
+        _logger.info(f'{{"time":"{_now(when)}",{tail[:-1]}')
+
+
+_RECORDS = _Records()
+
+
+#: The buffered handler `access_sink` found last. It is looked up again at most a
+#: millisecond later (`BufferedAccessHandler.write_tail`), so that a hot path pays no
+#: logging checks per line while the configuration stays as it is.
+_hot: BufferedAccessHandler | None = None
+
+
+def _forget(handler: BufferedAccessHandler) -> None:
+    global _hot
+    if _hot is handler:
+        _hot = None
+
+
+def access_sink() -> AccessSink | None:
+    """Where a hot path hands its lines (`AccessSink.write_tail`): the buffered handler
+    when it alone takes them, else the logger; None when the access log is off (one
+    level check, as `access_log_enabled`)."""
+    global _hot
+    if _hot is not None:
+        return _hot
+    if not _logger.isEnabledFor(_INFO):
+        return None
+    handler = _buffered()
+    if handler is not None:
+        _hot = handler
+        return handler
+    return _RECORDS
 
 
 def flush_access_log() -> None:
@@ -166,7 +294,7 @@ def flush_access_log() -> None:
 
 def access_log_enabled() -> bool:
     """Whether access lines are written (a cheap check for hot paths)."""
-    return _logger.isEnabledFor(logging.INFO)
+    return _logger.isEnabledFor(_INFO)
 
 
 def log_access(
@@ -194,7 +322,7 @@ def log_access(
         upstream: seconds the upstream took, when the request was forwarded.
         key: the cache key; its first 12 hex digits are logged.
     """
-    if not _logger.isEnabledFor(logging.INFO):
+    if not _logger.isEnabledFor(_INFO):
         return
     line = access_line(
         scope,
@@ -223,15 +351,20 @@ _second = -1
 _second_text = ""
 
 
-def _now() -> str:
-    """The time as RFC 3339 UTC with milliseconds; the formatting of the second is reused."""
+def _now(now: float | None = None) -> str:
+    """The time (``now``, else the current time) as RFC 3339 UTC with milliseconds."""
+    return _time_text(int((time.time() if now is None else now) * 1000))
+
+
+def _time_text(ms: int) -> str:
+    """A time in milliseconds since the epoch as RFC 3339 UTC with milliseconds; the
+    formatting of the second is reused."""
     global _second, _second_text
-    now = time.time()
-    second = int(now)
+    second, frac = divmod(ms, 1000)
     if second != _second:
         _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second = second
-    return f"{_second_text}.{int((now - second) * 1000):03d}Z"
+    return f"{_second_text}.{frac:03d}Z"
 
 
 def access_line(
@@ -273,7 +406,7 @@ def access_line(
     return f'{{"time":"{_now()}",{tail}'
 
 
-def log_hit(
+def hit_tail(
     method: str,
     raw_path: bytes,
     query: bytes,
@@ -285,18 +418,13 @@ def log_hit(
     service: str,
     route: str,
     key: str,
-) -> None:
-    """`log_access` for a hit answered by the protocol-level fast path (no ASGI scope, a
-    duration of 0): all but the time is the same from one hit of a client to the next,
-    so that part of the line is formatted once and reused."""
-    if not _logger.isEnabledFor(logging.INFO):
-        return
-    ip = client[0] if client else None
-    memo = (method, raw_path, query, user_agent, ip, status, bytes_sent, service, route, key)
-    tail = _tails.get(memo)
-    if tail is None:
-        tail = _tail(
-            ip,
+) -> str:
+    """The access line of a hit answered by the protocol-level fast path (no ASGI scope,
+    a duration of 0) after its time field, with its newline: the part a caller keeps and
+    hands to `AccessSink.write_tail` again for the next identical hit."""
+    return (
+        _tail(
+            client[0] if client else None,
             method,
             raw_path.decode("latin-1"),
             query.decode("latin-1"),
@@ -310,15 +438,8 @@ def log_hit(
             key,
             user_agent.decode("latin-1"),
         )
-        if len(_tails) >= _TAILS:  # bounded: a flood of distinct requests can't grow it
-            _tails.clear()
-        _tails[memo] = tail
-    line = f'{{"time":"{_now()}",{tail}'
-    _emit(line)
-
-
-_TAILS = 4096
-_tails: dict[tuple[Any, ...], str] = {}
+        + "\n"
+    )
 
 
 def _tail(

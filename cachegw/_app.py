@@ -24,7 +24,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from cachegw._accesslog import access_log_enabled, log_access, log_hit
+from cachegw import _accesslog
+from cachegw._accesslog import access_sink, hit_tail, log_access
 from cachegw._admin import admin_router
 from cachegw._core import NO_DIRECTIVES, SLOW_HEADERS, decide
 from cachegw._encoding import accepts_gzip
@@ -169,9 +170,7 @@ class _Proxy:
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
         # The last fast-path answer per key and method: see `_fast_hit`.
-        self._answers: dict[
-            tuple[str, str, bool], tuple[Entry, tuple[int, int], bytes, int, int]
-        ] = {}
+        self._answers: dict[tuple[str, str, bool], _Answer] = {}
 
     def forget(self) -> None:
         """Drop what was memoised from the previous configuration (after a reload)."""
@@ -447,6 +446,7 @@ def _fast_hit(
     size = 0
     host = b""
     accept_encoding: bytes | None = None
+    user_agent: bytes | None = None
     for name, value in headers:
         if name in SLOW_HEADERS:
             return None
@@ -457,6 +457,8 @@ def _fast_hit(
             if accept_encoding is not None:
                 return None  # several lines: the ordinary path joins them
             accept_encoding = value
+        elif name == b"user-agent" and user_agent is None:
+            user_agent = value  # the first, as the ordinary path logs it
         size += len(name) + len(value)
     if hosts != 1 or size > _FAST_HEADER_BYTES:
         return None
@@ -508,9 +510,7 @@ def _fast_hit(
         accept_encoding.decode("latin-1") if accept_encoding is not None else None
     )
     memo = proxy._answers.get((key, verb, gz))
-    if memo is not None and memo[0] is entry and memo[1] == seconds:
-        answer, status, sent = memo[2], memo[3], memo[4]
-    else:
+    if memo is None or memo.entry is not entry or memo.seconds != seconds:
         served = engine._from_entry(
             entry,
             RequestInfo(method=verb, key=key, headers=_GZIP_ACCEPTED if gz else _NO_HEADERS),
@@ -521,31 +521,66 @@ def _fast_hit(
         built = response_bytes(served.status, served.headers, served.body)
         if built is None:
             return None
-        answer, status, sent = built, served.status, len(served.body)
+        memo = _Answer(entry, seconds, built, served.status, len(served.body))
         if len(proxy._answers) >= _MEMO_SIZE:
             proxy._answers.clear()
-        proxy._answers[(key, verb, gz)] = (entry, seconds, answer, status, sent)
+        proxy._answers[(key, verb, gz)] = memo
     engine.stats["HIT"] += 1
     runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
-    if access_log_enabled():
-        user_agent = b""
-        for name, value in headers:
-            if name == b"user-agent":
-                user_agent = value
-                break
-        log_hit(
-            verb,
-            raw_path,
-            query,
-            user_agent,
-            client,
-            status=status,
-            bytes_sent=sent,
-            service=service.name,
-            route=route.path,
-            key=key,
-        )
-    return answer
+    sink = _accesslog._hot or access_sink()  # no call while a buffered handler takes lines
+    if sink is not None:
+        # The line after its time is the same from one hit of a client to the next: kept
+        # with the answer for the last client (address, request target, User-Agent).
+        ip = client[0] if client else None
+        if memo.ip != ip or memo.target != target or memo.agent != user_agent:
+            memo.tail = hit_tail(
+                verb,
+                raw_path,
+                query,
+                user_agent or b"",
+                client,
+                status=memo.status,
+                bytes_sent=memo.sent,
+                service=service.name,
+                route=route.path,
+                key=key,
+            )
+            memo.ip, memo.target, memo.agent = ip, target, user_agent
+        sink.write_tail(memo.tail, now)  # the hit's time (the engine's clock)
+    return memo.answer
+
+
+class _Answer:
+    """A fast-path answer kept for its key, method and encoding (see `_fast_hit`), and the
+    access line's tail for the last client that got it."""
+
+    __slots__ = (
+        "agent",
+        "answer",
+        "entry",
+        "ip",
+        "seconds",
+        "sent",
+        "status",
+        "tail",
+        "target",
+    )
+
+    def __init__(
+        self, entry: Entry, seconds: tuple[int, int], answer: bytes, status: int, sent: int
+    ) -> None:
+        self.entry = entry
+        self.seconds = seconds
+        self.answer = answer
+        self.status = status
+        self.sent = sent
+        self.ip: object = _NOBODY
+        self.target = b""
+        self.agent: bytes | None = None
+        self.tail = ""
+
+
+_NOBODY = object()
 
 
 async def _discard_stream(served: Served) -> None:

@@ -182,8 +182,14 @@ def test_access_log_loses_no_line_at_sigterm(tmp_path: Path) -> None:
         config = write_config(tmp_path, upstream, "memory")
         with gateway_processes(config) as [gw], httpx.Client(base_url=gw.base) as client:
             statuses = [client.get("/catalog/items/1").headers["x-cache-status"]]
+            # Hits of one entry by clients that differ (User-Agent, query): each line is
+            # its own request's, though the fast path reuses the line's text.
+            agents = [f"agent-{i % 3}" for i in range(120)]
             statuses += [
-                client.get("/catalog/items/1").headers["x-cache-status"] for _ in range(120)
+                client.get(
+                    "/catalog/items/1", params={"v": i % 2}, headers={"user-agent": agent}
+                ).headers["x-cache-status"]
+                for i, agent in enumerate(agents)
             ]
             statuses += [
                 client.get(f"/catalog/other/{i}").headers["x-cache-status"] for i in range(10)
@@ -191,5 +197,10 @@ def test_access_log_loses_no_line_at_sigterm(tmp_path: Path) -> None:
             output = gw.stop()
     lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"time"')]
     assert [line["cache_status"] for line in lines] == statuses
-    assert statuses.count("HIT") == 120
+    assert statuses.count("HIT") == 118  # the first request of each query is a miss
+    hits = lines[1:121]
+    assert [line["user_agent"] for line in hits] == agents
+    assert [line["query"] for line in hits] == [f"v={i % 2}" for i in range(120)]
+    times = [line["time"] for line in lines]
+    assert times == sorted(times)
     assert [line["path"] for line in lines[-10:]] == [f"/catalog/other/{i}" for i in range(10)]

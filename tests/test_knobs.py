@@ -59,7 +59,7 @@ def test_check_has_a_column_per_knob(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(
         '[[services]]\nname = "s"\nupstream = "http://127.0.0.1:9"\n'
-        'early_refresh = 1\nignore_request_cache_control = true\n'
+        "early_refresh = 1\nignore_request_cache_control = true\n"
         '[[services.routes]]\npath = "/{rest:path}"\n'
     )
     result = CliRunner().invoke(main, ["check", str(path)])

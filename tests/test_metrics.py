@@ -31,10 +31,11 @@ from cachegw._accesslog import (
     BufferedAccessHandler,
     access_line,
     access_record,
+    access_sink,
     enable_access_log,
+    hit_tail,
     log_access,
     log_config,
-    log_hit,
 )
 from cachegw._errors import ConfigError
 from cachegw._metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
@@ -566,19 +567,19 @@ def test_a_fast_path_hit_line_is_the_ordinary_line(caplog: pytest.LogCaptureFixt
         "key": KEY,
     }
     expected = json.loads(access_line(request, duration=0.0, cache_status="HIT", **fields))
-    for _ in range(2):  # formatted, then reused
-        log_hit(
-            "GET",
-            request["raw_path"],
-            request["query_string"],
-            b'ua"\n',
-            request["client"],
-            **fields,
-        )
+    tail = hit_tail(
+        "GET", request["raw_path"], request["query_string"], b'ua"\n', request["client"], **fields
+    )
+    assert tail.endswith("}\n") and "\n" not in tail[:-1]  # one line, whatever the request
+    sink = access_sink()  # the logger's records (pytest's handler, not a buffered one)
+    assert sink is not None
+    for _ in range(2):  # the tail is kept and reused by the fast path
+        sink.write_tail(tail, 1_700_000_000.5)
         line = json.loads(caplog.records[-1].getMessage())
         assert {**line, "time": None} == {**expected, "time": None}
+        assert line["time"] == "2023-11-14T22:13:20.500Z"
     other = scope(raw_path=b"/catalog/items/43")
-    log_hit("GET", other["raw_path"], b"", b"", None, **fields)
+    sink.write_tail(hit_tail("GET", other["raw_path"], b"", b"", None, **fields), 0.0)
     assert json.loads(caplog.records[-1].getMessage())["path"] == "/catalog/items/43"
 
 
@@ -599,6 +600,92 @@ def test_buffered_lines_are_written_by_the_timer_and_on_flush() -> None:
     quiet.write("three")
     quiet.close()  # logging.shutdown closes handlers at exit
     assert quiet.stream.getvalue() == "two\nthree\n"  # type: ignore[attr-defined]
+
+
+def test_lines_by_tail_follow_the_logger_configuration() -> None:
+    # The hot path keeps the buffered handler it found (`access_sink`) and checks it again
+    # at most a millisecond later: removing the handler or turning the logger off stops
+    # its lines from then on.
+    logger = logging.getLogger(ACCESS_LOGGER)
+    saved = (logger.level, logger.propagate, logger.disabled)
+    stream = io.StringIO()
+    handler = enable_access_log(stream)
+    tail = hit_tail(
+        "GET",
+        b"/a",
+        b"q=1",
+        b"ua",
+        ("10.0.0.1", 1),
+        status=200,
+        bytes_sent=3,
+        service="s",
+        route="/a",
+        key=KEY,
+    )
+    try:
+        sink = access_sink()
+        assert sink is handler
+        sink.write_tail(tail, 1_700_000_000.25)
+        handler.flush()
+        line = json.loads(stream.getvalue())
+        assert line["time"] == "2023-11-14T22:13:20.250Z"
+        assert (line["path"], line["query"], line["user_agent"]) == ("/a", "q=1", "ua")
+        logger.disabled = True  # off
+        handler.write_tail(tail, 1_700_000_000.252)  # another millisecond: looked up again
+        assert access_sink() is None
+        logger.disabled = False
+        assert access_sink() is handler
+        logger.removeHandler(handler)
+        handler.write_tail(tail, 1_700_000_000.254)
+        assert access_sink() is not handler
+        handler.flush()
+        assert stream.getvalue().count("\n") == 1  # only the line written while attached
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate, logger.disabled = saved[1], saved[2]
+    assert access_sink() is not handler  # closed: forgotten
+
+
+@pytest.mark.parametrize("kind", ["file", "pipe"])
+def test_a_batch_is_one_write_to_a_file_and_whole_lines_to_a_pipe(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Like nginx's buffer: one write per batch to a file. On a pipe, writes of at most
+    # PIPE_BUF (4096) bytes of whole lines: atomic, so another writer (stderr on the same
+    # pipe, another worker) never cuts a line.
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def record(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", record)
+    if kind == "file":
+        stream = (tmp_path / "access.log").open("w")
+        read_back = lambda: (tmp_path / "access.log").read_text()  # noqa: E731
+    else:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        stream = os.fdopen(write_fd, "w")
+        read_back = lambda: os.read(read_fd, 1 << 20).decode()  # noqa: E731
+    lines = [f'{{"n":{i},"pad":"{"x" * (i % 300)}"}}' for i in range(200)]
+    handler = BufferedAccessHandler(stream, flush_interval=3600, buffer_bytes=1 << 20)
+    try:
+        for line in lines:
+            handler.write(line)
+        handler.flush()
+        assert read_back().splitlines() == lines
+    finally:
+        handler.close()
+        stream.close()
+    if kind == "file":
+        assert len(writes) == 1
+    else:
+        assert len(writes) > 1
+        assert all(len(data) <= 4096 and data.endswith(b"\n") for data in writes)
 
 
 def test_a_full_buffer_is_written_at_once() -> None:
