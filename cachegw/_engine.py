@@ -106,6 +106,7 @@ class _Flight:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     entry: Entry | None = None
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
+    marker: VaryMarker | None = None  # the Vary marker the leader's entry is stored under
     failed: bool = False  # the upstream failed: waiters holding a stale entry serve it
 
 
@@ -386,7 +387,16 @@ class CacheEngine:
                 return self._collapsed(request, entry)
             if flight.failed and stale is not None and stale_if_error_ok(stale, self.clock()):
                 return self._stale_on_error(request, stale, 0)  # don't ask a failing upstream
-            # The answer was not storable or varies differently: fetch our own.
+            if entry is not None:
+                # The answer varies differently: fetch our own variant and store it
+                # under the leader's marker (a new marker would orphan the leader's
+                # variant). Ordered against our own fetch start, like any store.
+                if flight.marker is not None:
+                    request.primary = flight.marker
+                return await self._fetch_alone(
+                    request, policy, fetch, directives(request.headers, policy), stale
+                )
+            # The answer was not storable: fetch our own.
             fetched = await fetch()
             self.stats["MISS"] += 1
             return self._passed(fetched, "MISS", "fwd=uri-miss")
@@ -500,6 +510,7 @@ class CacheEngine:
         if entry is not None:
             names = vary_names(entry)
             flight.vary = vary_values(names, request.headers) if names else None
+            flight.marker = _marker(request)
         if self.coordinator.shared:
             key = request.key
             await self._write(writes, lambda: self.coordinator.landed(key))
@@ -545,6 +556,7 @@ class CacheEngine:
                 flight.entry = landed
                 names = vary_names(landed)
                 flight.vary = vary_values(names, request.headers) if names else None
+                flight.marker = _marker(request)
                 return self._collapsed(request, landed)
             if isinstance(landed, HitForMiss):
                 return _TIMED_OUT  # not storable: fetch our own, like everyone now
@@ -590,6 +602,7 @@ class CacheEngine:
                 flight.entry = entry
                 names = vary_names(entry) if entry is not None else []
                 flight.vary = vary_values(names, request.headers) if names else None
+                flight.marker = _marker(request)
                 await self.coordinator.landed(request.key)
             except Exception:
                 logger.exception("cachegw: background refresh of %s failed", request.key)
@@ -720,6 +733,7 @@ class CacheEngine:
             marker = request.primary
             if not isinstance(marker, VaryMarker) or marker.names != names:
                 marker = VaryMarker(names=names, stored_at=now, gen=secrets.token_hex(8))
+                request.primary = marker  # for requests sharing this fetch (see _miss)
             # The marker outlives this variant: other variants may be kept longer.
             assert policy.max_ttl is not None
             life = policy.max_ttl + policy.stale_window + entry.keep
@@ -839,6 +853,11 @@ def entry_life(policy: CachePolicy) -> float:
     (``max_ttl``). Stale windows an upstream asks for beyond that are cut to it."""
     assert policy.max_ttl is not None
     return min(MAX_STORAGE_TTL, policy.max_ttl + max(policy.max_ttl, policy.stale_window))
+
+
+def _marker(request: RequestInfo) -> VaryMarker | None:
+    primary = request.primary
+    return primary if isinstance(primary, VaryMarker) else None
 
 
 def _stored(entry: Entry) -> str:

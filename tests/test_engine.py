@@ -520,6 +520,26 @@ async def test_coalesced_waiter_with_other_variant_fetches_its_own(engine: Cache
     assert sorted(calls) == ["en", "fr"]
 
 
+async def test_coalesced_waiter_with_other_variant_stores_its_own(
+    engine: CacheEngine, backend: MemoryBackend
+) -> None:
+    # The "fr" request waited for the "en" fetch: its own answer is stored too, under the
+    # same Vary marker (a new marker would orphan the "en" variant), so both hit next.
+    calls: list[str] = []
+    fetch = by_language(calls, delay=0.05)
+    en, fr = await asyncio.gather(
+        engine.serve(req(accept_language="en"), POLICY, fetch("en")),  # type: ignore[operator]
+        engine.serve(req(accept_language="fr"), POLICY, fetch("fr")),  # type: ignore[operator]
+    )
+    assert "stored" in (header(fr, "cache-status") or "")
+    en2 = await engine.serve(req(accept_language="en"), POLICY, fetch("en"))  # type: ignore[operator]
+    fr2 = await engine.serve(req(accept_language="fr"), POLICY, fetch("fr"))  # type: ignore[operator]
+    assert (en2.cache_status, en2.body) == ("HIT", en.body)
+    assert (fr2.cache_status, fr2.body) == ("HIT", fr.body)
+    assert sorted(calls) == ["en", "fr"]
+    assert backend.stats()["entries"] == 3  # one marker + two variants
+
+
 async def test_background_refresh_never_answers_another_variant(
     engine: CacheEngine, clock: Clock
 ) -> None:
