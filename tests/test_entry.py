@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cachegw
 from cachegw._entry import MAGIC, Entry, VaryMarker, decode, encode, strong_etag
@@ -101,7 +103,8 @@ def test_good_head_helper_is_good() -> None:
         pytest.param(b"", id="empty"),
         pytest.param(b"CGW", id="short"),
         pytest.param(b"CGX\x01" + encode(full_entry())[4:], id="wrong-magic"),
-        pytest.param(b"CGW\x02" + encode(full_entry())[4:], id="wrong-version"),
+        pytest.param(b"CGW\x03" + encode(full_entry())[4:], id="wrong-version"),
+        pytest.param(b"CGW\x00" + encode(full_entry())[4:], id="version-0"),
         pytest.param(encode(full_entry())[:6], id="truncated-length"),
         pytest.param(encode(full_entry())[:20], id="truncated-head"),
         pytest.param(MAGIC + struct.pack(">I", 10**9) + b"{}", id="length-past-end"),
@@ -122,6 +125,20 @@ def test_good_head_helper_is_good() -> None:
         pytest.param(_envelope(_good_head(h=[["a", 1]])), id="header-value-int"),
         pytest.param(_envelope(_good_head(h=[["a"]])), id="header-pair-short"),
         pytest.param(_envelope(_good_head(h=[["\u20ac", "x"]])), id="header-not-latin1"),
+        pytest.param(_envelope(_good_head(h=["\u20ac", "x"])), id="flat-header-not-latin1"),
+        pytest.param(_envelope(_good_head(h=["a", "1", "b"])), id="header-value-missing"),
+        pytest.param(_envelope(_good_head(h=["a", 1])), id="flat-header-value-int"),
+        pytest.param(_envelope(_good_head(h=[10])), id="coded-name-value-missing"),
+        pytest.param(_envelope(_good_head(h=[99])), id="header-code-unknown"),
+        pytest.param(_envelope(_good_head(h=[-1])), id="header-code-negative"),
+        pytest.param(_envelope(_good_head(h=[True])), id="header-code-bool"),
+        pytest.param(_envelope(_good_head(h=[1.0])), id="header-code-float"),
+        pytest.param(_envelope(_good_head(g=1, h=[])), id="derived-etag-without-header"),
+        pytest.param(_envelope(_good_head(g=True)), id="etag-bool"),
+        pytest.param(_envelope(_good_head(o=1.5)), id="fetch-offset-float"),
+        pytest.param(_envelope(_good_head(o="1")), id="fetch-offset-str"),
+        pytest.param(_envelope(_good_head(a="1")), id="age-str"),
+        pytest.param(_envelope(_good_head(c="br")), id="coding-unknown"),
         pytest.param(_envelope(_good_head(l="60")), id="lifetime-str"),
         pytest.param(_envelope(_good_head(l=None)), id="lifetime-null"),
         pytest.param(_envelope(_good_head(t=True)), id="stored-at-bool"),
@@ -137,6 +154,126 @@ def test_good_head_helper_is_good() -> None:
 )
 def test_decode_rejects(data: bytes) -> None:
     assert decode(data) is None
+
+
+# A version-1 envelope as cachegw wrote it before version 2 (a gzip-coded entry).
+V1_ENTRY = (
+    b"CGW\x01\x00\x00\x01\x52"
+    b'{"k":"r","s":200,"h":[["content-type","application/json"],'
+    b'["etag","\\"abc-gzip\\""],["content-encoding","gzip"],["content-length","4"],'
+    b'["vary","Accept-Encoding"]],"t":1796016093.5953474,"l":3600.0,"a":1.0,"w":2.0,'
+    b'"e":3.0,"m":true,"p":false,"g":"\\"abc\\"","x":["*","svc:api"],'
+    b'"f":1796016093.5953455,"r":4.0,"d":1.9073486328125e-06,"c":"gzip"}'
+    b"gzip"
+)
+
+
+def test_version_1_envelopes_still_decode() -> None:
+    size = struct.unpack(">I", V1_ENTRY[4:8])[0]
+    assert V1_ENTRY[8 + size :] == b"gzip"  # the literal is a well-formed envelope
+    entry = decode(V1_ENTRY)
+    assert entry == Entry(
+        status=200,
+        headers=[
+            (b"content-type", b"application/json"),
+            (b"etag", b'"abc-gzip"'),
+            (b"content-encoding", b"gzip"),
+            (b"content-length", b"4"),
+            (b"vary", b"Accept-Encoding"),
+        ],
+        body=b"gzip",
+        stored_at=1796016093.5953474,
+        lifetime=3600.0,
+        age0=1.0,
+        stale_while_revalidate=2.0,
+        stale_if_error=3.0,
+        must_revalidate=True,
+        shared_auth=False,
+        etag='"abc"',
+        tags=["*", "svc:api"],
+        fetched_at=1796016093.5953455,
+        keep=4.0,
+        fetch_time=1.9073486328125e-06,
+        coding="gzip",
+    )
+    assert decode(b"CGW\x01" + V1_ENTRY[4:].replace(b'"a":1.0', b'"a":"1"')) is None
+    # Re-encoded, it is version 2 and means the same (times no later, to the millisecond).
+    assert isinstance(entry, Entry)
+    again = decode(encode(entry))
+    assert isinstance(again, Entry)
+    assert again.headers == entry.headers and again.etag == entry.etag
+    assert entry.stored_at - 0.001 < again.stored_at <= entry.stored_at
+    assert entry.fetched_at - 0.002 < again.fetched_at <= entry.fetched_at
+
+
+def gateway_entry() -> Entry:
+    """A gzip-coded JSON entry shaped like the gateway's."""
+    body = b"\x1f\x8b" + bytes(range(200))
+    return Entry(
+        status=200,
+        headers=[
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"max-age=3600"),
+            (b"via", b"1.1 cachegw"),
+            (b"etag", b'"cab62d75702e0577b3dfc348a517ce14-gzip"'),
+            (b"content-encoding", b"gzip"),
+            (b"content-length", str(len(body)).encode()),
+            (b"vary", b"Accept-Encoding"),
+        ],
+        body=body,
+        stored_at=1796016117.2730608,
+        lifetime=3600.0,
+        etag='"cab62d75702e0577b3dfc348a517ce14"',
+        tags=["*", "svc:api", "path:api:/users/octocat/repos", "route:api:/{rest:path}"],
+        fetched_at=1796016117.2681386,
+        fetch_time=0.004922151565551758,
+        coding="gzip",
+    )
+
+
+def test_version_2_is_compact_and_exact() -> None:
+    entry = gateway_entry()
+    data = encode(entry)
+    head = data[8 : len(data) - len(entry.body)]
+    # Defaults left out, common headers as numbers, the body's length and the ETag the
+    # gateway made up not written twice: the fixed cost version 1 had was 510 bytes.
+    assert len(head) < 250, head
+    assert b"content-length" not in head and b"gzip" in head and head.count(b"cab62d") == 1
+    decoded = decode(data)
+    assert isinstance(decoded, Entry)
+    assert decoded.headers == entry.headers  # in order, byte for byte
+    assert decoded.body == entry.body and decoded.etag == entry.etag
+    assert decoded.tags == entry.tags and decoded.coding == "gzip"
+    assert (decoded.lifetime, decoded.age0, decoded.keep) == (3600.0, 0.0, 0.0)
+    assert decoded.must_revalidate is False and decoded.shared_auth is False
+    assert abs(decoded.fetch_time - entry.fetch_time) < 0.0001
+
+
+def test_a_content_length_other_than_the_body_length_is_kept() -> None:
+    entry = gateway_entry()
+    entry.headers = [
+        (b"content-length", b"999"),
+        (b"content-length", str(len(entry.body)).encode()),
+    ]
+    entry.etag = '"other"'  # not the header's: written as it is
+    decoded = decode(encode(entry))
+    assert isinstance(decoded, Entry)
+    assert decoded.headers == entry.headers and decoded.etag == '"other"'
+
+
+@given(
+    stored_at=st.floats(0, 4e9),
+    back=st.floats(-1e6, 1e6),
+)
+def test_times_are_rounded_towards_the_past(stored_at: float, back: float) -> None:
+    entry = gateway_entry()
+    entry.stored_at = stored_at
+    entry.fetched_at = stored_at - back or 1.0
+    decoded = decode(encode(entry))
+    assert isinstance(decoded, Entry)
+    # Never later (a purge after the fetch began is never missed), at most ~1 ms earlier.
+    assert entry.stored_at - 0.0011 < decoded.stored_at <= entry.stored_at
+    assert entry.fetched_at - 0.0021 < decoded.fetched_at <= entry.fetched_at
 
 
 def test_decode_rejects_non_finite_numbers() -> None:
