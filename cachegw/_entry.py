@@ -147,7 +147,9 @@ def encode(item: Item) -> bytes:
         head = {"k": "m", "t": item.stored_at}
     else:
         body = item.body
-        stored_at = math.floor(item.stored_at * 1000) / 1000
+        stored_at = item.stored_at
+        if math.isfinite(stored_at):  # (not finite: written as it is, and refused when read)
+            stored_at = math.floor(stored_at * 1000) / 1000
         head = {"k": "r", "s": item.status, "h": _pack_headers(item.headers, len(body))}
         head["t"] = _compact(stored_at)
         head["l"] = _compact(item.lifetime)
@@ -168,7 +170,7 @@ def encode(item: Item) -> bytes:
             head["g"] = 1 if item.etag == _header_etag(item.headers, item.coding) else item.etag
         if item.tags:
             head["x"] = item.tags
-        if item.fetched_at:
+        if item.fetched_at and math.isfinite(stored_at - item.fetched_at):
             # Whole milliseconds before ``stored_at``, rounded so that the decoded time is
             # never later than the real one (a purge after the fetch began is never missed).
             before = math.ceil((stored_at - item.fetched_at) * 1000)

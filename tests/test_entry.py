@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -274,6 +275,16 @@ def test_times_are_rounded_towards_the_past(stored_at: float, back: float) -> No
     # Never later (a purge after the fetch began is never missed), at most ~1 ms earlier.
     assert entry.stored_at - 0.0011 < decoded.stored_at <= entry.stored_at
     assert entry.fetched_at - 0.0021 < decoded.fetched_at <= entry.fetched_at
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_times_are_written_and_refused(value: float) -> None:
+    entry = gateway_entry()
+    entry.stored_at = value
+    assert decode(encode(entry)) is None
+    entry = gateway_entry()
+    entry.lifetime = value
+    assert decode(encode(entry)) is None
 
 
 def test_decode_rejects_non_finite_numbers() -> None:
