@@ -37,7 +37,7 @@ from cachegw._core import (
 )
 from cachegw._encoding import for_client
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker
-from cachegw._flight import Coordinator, RedisCoordinator
+from cachegw._flight import UNLOCKED, Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
 from cachegw._models import Fetch, Fetched, RequestInfo, Served
 from cachegw._policy import (
@@ -424,7 +424,12 @@ class CacheEngine:
         other processes of the fleet: one upstream request per key."""
         writes = self._writes()
         try:
-            token = await self.coordinator.acquire(request.key, self.lock_ttl)
+            token = await self._lock(request)
+            if token is None and await self._holder_superseded(request):
+                # The fetch holding the lock started before an invalidation this process
+                # knows of: its answer will not be stored. Fetch now, without the lock.
+                token = UNLOCKED
+                self._fetching(request)
             if token is None:
                 waited = await self._wait_for_fleet(request, flight, stale)
                 if isinstance(waited, Served):
@@ -477,7 +482,10 @@ class CacheEngine:
     ) -> Served | tuple[Fetched, Entry | None]:
         """The leader's fetch, holding the key's lock (``token``): the response and the
         entry stored from it, or the stale entry served instead of an upstream failure."""
-        flight.started = self._fetching(request)
+        if token == _TIMED_OUT:
+            self._fetching(request)
+        # Otherwise the fetch counts as started when the lock was asked for (see _lock).
+        flight.started = request.fetch_started
         fetched = await _conditional(fetch, validators(stale))
         if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
             entry = await self._revalidated(request, policy, stale, fetched, writes)
@@ -560,7 +568,7 @@ class CacheEngine:
                 return self._collapsed(request, landed)
             if isinstance(landed, HitForMiss):
                 return _TIMED_OUT  # not storable: fetch our own, like everyone now
-            token = await self.coordinator.acquire(request.key, self.lock_ttl)
+            token = await self._lock(request)
             if token is not None:
                 return token
 
@@ -587,10 +595,10 @@ class CacheEngine:
                 read_budget(self.read_budget)  # its own reads, not the request's
             try:
                 # One refresh per key for the whole fleet: skip if another process has it.
-                token = await self.coordinator.acquire(request.key, self.lock_ttl)
+                token = await self._lock(request)
                 if token is None:
                     return
-                flight.started = self._fetching(request)
+                flight.started = request.fetch_started
                 fetched = await _conditional(fetch, validators(stale))
                 entry: Entry | None = None
                 if fetched.status == 304:
@@ -615,6 +623,21 @@ class CacheEngine:
         task = asyncio.get_running_loop().create_task(refresh())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _lock(self, request: RequestInfo) -> str | None:
+        """Ask for the key's lock, across processes; with it, the fetch counts as started
+        just before it was asked for: never later than the time the lock tells waiters."""
+        started = self.clock()
+        token = await self.coordinator.acquire(request.key, self.lock_ttl, started)
+        if token is not None:
+            request.fetch_started = started
+        return token
+
+    async def _holder_superseded(self, request: RequestInfo) -> bool:
+        """Whether the fetch holding the key's lock (in any process) started before an
+        invalidation of the request's entries that this process knows of."""
+        held = await self.coordinator.holder_started(request.key)
+        return held is not None and self._superseded(request.scopes, request, held)
 
     def _fetching(self, request: RequestInfo) -> float:
         """Note that the request's upstream request starts now; returns the time."""

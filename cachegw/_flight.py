@@ -36,9 +36,14 @@ class Coordinator:
     #: Whether waiting on another process can ever happen.
     shared = False
 
-    async def acquire(self, key: str, ttl: float) -> str | None:
-        """A token when this process may fetch ``key``; None when another one is."""
+    async def acquire(self, key: str, ttl: float, started: float | None = None) -> str | None:
+        """A token when this process may fetch ``key``; None when another one is.
+        ``started``: when the fetch counts as started, for `holder_started`."""
         return "local"
+
+    async def holder_started(self, key: str) -> float | None:
+        """When the fetch holding ``key``'s lock started, if known."""
+        return None
 
     async def release(self, key: str, token: str) -> None:
         """Give the lock back (only if still ours)."""
@@ -83,13 +88,17 @@ class RedisCoordinator(Coordinator):
         self.breaker: Breaker | None = None
         self._release = client.register_script(_RELEASE)
 
-    async def acquire(self, key: str, ttl: float) -> str | None:
+    async def acquire(self, key: str, ttl: float, started: float | None = None) -> str | None:
         if self.breaker is not None and self.breaker.open:
             return UNLOCKED  # Redis is known to be sick: don't wait on it for a lock
         timeout = read_time_left(self.op_timeout)
         if timeout <= 0:
             return UNLOCKED  # the request's read budget is spent: fetch without the fleet
         token = secrets.token_hex(8)
+        if started is not None:
+            # Waiters read it (`holder_started`): a fetch that started before an
+            # invalidation they know of is not worth waiting for.
+            token += f"@{started!r}"
         try:
             async with asyncio.timeout(timeout):
                 got = await self.client.set(
@@ -101,6 +110,26 @@ class RedisCoordinator(Coordinator):
             logger.debug("cachegw: lock for %s failed: %s", key, exc)
             return UNLOCKED
         return token if got else None
+
+    async def holder_started(self, key: str) -> float | None:
+        if self.breaker is not None and self.breaker.open:
+            return None
+        timeout = read_time_left(self.op_timeout)
+        if timeout <= 0:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                value = await self.client.get(f"{key}:lock")
+        except Exception as exc:
+            logger.debug("cachegw: reading the lock of %s failed: %s", key, exc)
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        _, _, started = (value or "").partition("@")
+        try:
+            return float(started)
+        except ValueError:
+            return None  # no holder any more, or one that does not say
 
     async def release(self, key: str, token: str) -> None:
         if token == UNLOCKED or (self.breaker is not None and self.breaker.open):
