@@ -85,7 +85,9 @@ class BufferedAccessHandler(logging.Handler):
         self.stream = stream if stream is not None else sys.stdout
         self.flush_interval = flush_interval
         self.buffer_bytes = buffer_bytes
-        self._lines: list[str] = []  # each with its newline
+        # Whole lines with their newlines, or a time prefix followed by the rest of its
+        # line (`write_tail`): added together, so a flush never separates them.
+        self._lines: list[bytes] = []
         self._size = 0
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
@@ -94,21 +96,21 @@ class BufferedAccessHandler(logging.Handler):
         self._fd: int | object | None = _UNKNOWN
         self._chunked = False
         self._ms = -1  # the millisecond `_stamp` is for
-        self._stamp = ""
+        self._stamp = b""
 
     def write(self, line: str) -> None:
         """Queue one line (without its newline)."""
-        self._lines.append(line + "\n")
+        self._lines.append((line + "\n").encode("utf-8", "backslashreplace"))
         self._size += len(line) + 1
         if self._size >= self.buffer_bytes:
             self.flush()  # one write for many lines, like nginx's buffer=64k
         elif self._thread is None:
             self._start()
 
-    def write_tail(self, tail: str, when: float) -> None:
+    def write_tail(self, tail: bytes, when: float) -> None:
         """Queue the line ``{"time":"<when>",`` + ``tail`` (from `hit_tail`, with its
         newline; ``when`` in seconds since the epoch): the time's text is formatted once
-        per millisecond."""
+        per millisecond, and neither part is copied until the batch is written."""
         ms = int(when * 1000)
         if ms != self._ms:
             if _hot is self and _buffered() is not self:
@@ -120,9 +122,9 @@ class BufferedAccessHandler(logging.Handler):
                     if sink is not None:
                         sink.write_tail(tail, when)
                     return
-            self._stamp = f'{{"time":"{_time_text(ms)}",'
+            self._stamp = f'{{"time":"{_time_text(ms)}",'.encode()
             self._ms = ms
-        self._lines.append(self._stamp + tail)
+        self._lines += (self._stamp, tail)  # one step: the timer's flush takes both or neither
         self._size += len(tail) + 33
         if self._size >= self.buffer_bytes:
             self.flush()
@@ -144,18 +146,17 @@ class BufferedAccessHandler(logging.Handler):
             self._size = 0
             if not lines:
                 return
-            text = "".join(lines)
+            data = b"".join(lines)
             # A closed or broken stdout: nothing sensible to do with the lines.
             with contextlib.suppress(OSError, ValueError):
-                self._write(text)
+                self._write(data)
 
-    def _write(self, text: str) -> None:
+    def _write(self, data: bytes) -> None:
         fd = self._descriptor()
         if fd is None:
-            self.stream.write(text)
+            self.stream.write(data.decode("utf-8", "replace"))
             self.stream.flush()
             return
-        data = text.encode("utf-8", "backslashreplace")  # lines are ASCII: JSON-escaped
         if not self._chunked:
             _write_all(fd, data)  # one write for the batch, like nginx's buffer
             return
@@ -239,15 +240,15 @@ def _buffered() -> BufferedAccessHandler | None:
 class AccessSink(Protocol):
     """What `access_sink` returns: takes a line by its tail (see `hit_tail`)."""
 
-    def write_tail(self, tail: str, when: float) -> None: ...
+    def write_tail(self, tail: bytes, when: float) -> None: ...
 
 
 class _Records:
     """The sink when the access logger has other handlers: one log record per line."""
 
     @staticmethod
-    def write_tail(tail: str, when: float) -> None:
-        _logger.info(f'{{"time":"{_now(when)}",{tail[:-1]}')
+    def write_tail(tail: bytes, when: float) -> None:
+        _logger.info(f'{{"time":"{_now(when)}",{tail[:-1].decode("ascii")}')
 
 
 _RECORDS = _Records()
@@ -418,10 +419,11 @@ def hit_tail(
     service: str,
     route: str,
     key: str,
-) -> str:
+) -> bytes:
     """The access line of a hit answered by the protocol-level fast path (no ASGI scope,
-    a duration of 0) after its time field, with its newline: the part a caller keeps and
-    hands to `AccessSink.write_tail` again for the next identical hit."""
+    a duration of 0) after its time field, with its newline (ASCII: every string is
+    JSON-escaped): the part a caller keeps and hands to `AccessSink.write_tail` again for
+    the next identical hit."""
     return (
         _tail(
             client[0] if client else None,
@@ -439,7 +441,7 @@ def hit_tail(
             user_agent.decode("latin-1"),
         )
         + "\n"
-    )
+    ).encode("ascii")
 
 
 def _tail(

@@ -577,7 +577,7 @@ class _Answer:
         self.ip: object = _NOBODY
         self.target = b""
         self.agent: bytes | None = None
-        self.tail = ""
+        self.tail = b""
 
 
 _NOBODY = object()

@@ -570,7 +570,7 @@ def test_a_fast_path_hit_line_is_the_ordinary_line(caplog: pytest.LogCaptureFixt
     tail = hit_tail(
         "GET", request["raw_path"], request["query_string"], b'ua"\n', request["client"], **fields
     )
-    assert tail.endswith("}\n") and "\n" not in tail[:-1]  # one line, whatever the request
+    assert tail.endswith(b"}\n") and b"\n" not in tail[:-1]  # one line, whatever the request
     sink = access_sink()  # the logger's records (pytest's handler, not a buffered one)
     assert sink is not None
     for _ in range(2):  # the tail is kept and reused by the fast path
