@@ -95,13 +95,15 @@ class BufferedAccessHandler(logging.Handler):
         self._closed = False
         self._fd: int | object | None = _UNKNOWN
         self._chunked = False
-        self._ms = -1  # the millisecond `_stamp` is for
+        self._from = self._to = 0.0  # the millisecond `_stamp` is for: [from, to)
         self._stamp = b""
+        self._counted = 0  # items of `_lines` already in `_size`
 
     def write(self, line: str) -> None:
         """Queue one line (without its newline)."""
         self._lines.append((line + "\n").encode("utf-8", "backslashreplace"))
         self._size += len(line) + 1
+        self._counted += 1
         if self._size >= self.buffer_bytes:
             self.flush()  # one write for many lines, like nginx's buffer=64k
         elif self._thread is None:
@@ -109,27 +111,38 @@ class BufferedAccessHandler(logging.Handler):
 
     def write_tail(self, tail: bytes, when: float) -> None:
         """Queue the line ``{"time":"<when>",`` + ``tail`` (from `hit_tail`, with its
-        newline; ``when`` in seconds since the epoch): the time's text is formatted once
-        per millisecond, and neither part is copied until the batch is written."""
-        ms = int(when * 1000)
-        if ms != self._ms:
-            if _hot is self and _buffered() is not self:
-                # Removed, or the logger was turned off or reconfigured, since
-                # `access_sink` last looked: hand the line to what is there now.
-                _forget(self)
-                sink = access_sink()
-                if sink is not self:
-                    if sink is not None:
-                        sink.write_tail(tail, when)
-                    return
-            self._stamp = f'{{"time":"{_time_text(ms)}",'.encode()
-            self._ms = ms
+        newline; ``when`` in seconds since the epoch). Per line, nothing is formatted,
+        copied or counted: the first line of each millisecond does that (`_tick`)."""
+        if not self._from <= when < self._to and not self._tick(tail, when):
+            return
         self._lines += (self._stamp, tail)  # one step: the timer's flush takes both or neither
-        self._size += len(tail) + 33
+
+    def _tick(self, tail: bytes, when: float) -> bool:
+        """For the first line of a millisecond: check that the handler still takes the
+        lines, count those queued since the last tick, write the buffer when full, and
+        format the millisecond's time. False when the line went elsewhere."""
+        if _hot is self and _buffered() is not self:
+            # Removed, or the logger was turned off or reconfigured, since `access_sink`
+            # last looked: hand the line to what is there now.
+            _forget(self)
+            sink = access_sink()
+            if sink is not self:
+                if sink is not None:
+                    sink.write_tail(tail, when)
+                return False
+        # Lines queued by `write_tail` since the last tick, sized like this one: the
+        # buffer's size only decides when it is written.
+        queued = len(self._lines)
+        self._size += max(0, queued - self._counted) // 2 * (len(tail) + 33)
+        self._counted = queued
         if self._size >= self.buffer_bytes:
             self.flush()
         elif self._thread is None:
             self._start()
+        ms = int(when * 1000)
+        self._stamp = f'{{"time":"{_time_text(ms)}",'.encode()
+        self._from, self._to = ms / 1000, (ms + 1) / 1000
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -143,7 +156,7 @@ class BufferedAccessHandler(logging.Handler):
             # written (this one now, the new one next time).
             lines = self._lines
             self._lines = []
-            self._size = 0
+            self._size = self._counted = 0
             if not lines:
                 return
             data = b"".join(lines)

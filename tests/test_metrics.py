@@ -688,6 +688,40 @@ def test_a_batch_is_one_write_to_a_file_and_whole_lines_to_a_pipe(
         assert all(len(data) <= 4096 and data.endswith(b"\n") for data in writes)
 
 
+def test_hit_lines_are_counted_and_stamped_once_per_millisecond() -> None:
+    # A fast-path hit's line costs a list step: its time is formatted, and the buffer's
+    # size checked, by the first line of each millisecond.
+    stream = io.StringIO()
+    handler = BufferedAccessHandler(stream, flush_interval=3600, buffer_bytes=1000)
+    tail = hit_tail(
+        "GET",
+        b"/a",
+        b"",
+        b"ua",
+        ("10.0.0.1", 1),
+        status=200,
+        bytes_sent=3,
+        service="s",
+        route="/a",
+        key=KEY,
+    )
+    base = 1_700_000_000.0
+    try:
+        for _ in range(20):  # one millisecond: ~4 KiB queued, not written yet
+            handler.write_tail(tail, base + 0.0071)
+        assert stream.getvalue() == ""
+        handler.write_tail(tail, base + 0.0085)  # the next millisecond writes the buffer
+        written = stream.getvalue().splitlines()
+        assert len(written) == 20
+        assert {json.loads(line)["time"] for line in written} == {"2023-11-14T22:13:20.007Z"}
+        handler.write_tail(tail, base + 0.0089)
+        handler.write_tail(tail, base + 0.0064)  # the clock went back: stamped as it says
+    finally:
+        handler.close()
+    times = [json.loads(line)["time"][-7:] for line in stream.getvalue().splitlines()[20:]]
+    assert times == ["20.008Z", "20.008Z", "20.006Z"]
+
+
 def test_a_full_buffer_is_written_at_once() -> None:
     stream = io.StringIO()
     handler = BufferedAccessHandler(stream, flush_interval=3600, buffer_bytes=100)
