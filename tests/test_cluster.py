@@ -283,7 +283,7 @@ def test_100_cold_requests_through_two_processes_make_one_upstream_request(
     stub = StubUpstream()
     stub.route("/items/9", body=b"nine", delay=0.3)
     for n in range(8):
-        stub.route(f"/items/{100 + n}", body=b"later", delay=0.3)
+        stub.route(f"/items/{100 + n}", body=b"later", delay=0.6)
     with (
         run_uvicorn(stub) as upstream,
         gateway_processes(write_config(tmp_path, cluster_url, upstream), count=2) as [a, b],
@@ -319,9 +319,13 @@ def test_100_cold_requests_through_two_processes_make_one_upstream_request(
 
                 for n in range(8):
                     path = f"/catalog/items/{100 + n}"
-                    (at_a, status_a), (at_b, status_b) = await asyncio.gather(
-                        get(a.base, path, 0), get(b.base, path, 0.1)
-                    )
+                    first = asyncio.ensure_future(get(a.base, path, 0))
+                    # b asks once a's fetch has reached the upstream (a holds the lock and
+                    # its answer is 0.6 s away), whatever the machine's load.
+                    while not stub.hits[f"/items/{100 + n}"] and not first.done():  # noqa: ASYNC110 (the upstream runs on another thread)
+                        await asyncio.sleep(0.005)
+                    at_b, status_b = await get(b.base, path, 0)
+                    at_a, status_a = await first
                     assert (status_a, status_b) == ("MISS", "HIT")
                     gaps.append(at_b - at_a)
             return sorted(gaps)
