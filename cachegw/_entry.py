@@ -25,7 +25,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from cachegw._encoding import CODINGS, upstream_etag
 
@@ -256,13 +256,10 @@ def decode(data: bytes) -> Item | None:
     if version != MAGIC:
         return None
     try:
-        (size,) = _LEN.unpack_from(data, 4)
-        end = _HEAD + size
-        if end > len(data):
-            return None
-        head = json.loads(bytes(data[_HEAD:end]))
-        if head["k"] != "r":
-            return _marker(head)
+        read = _head(data)
+        if not isinstance(read, tuple):
+            return read  # a Vary marker, or None
+        head, end = read
         body = bytes(data[end:])
         headers = _unpack_headers(head["h"], len(body))
         status = head["s"]
@@ -273,13 +270,7 @@ def decode(data: bytes) -> Item | None:
             etag = _header_etag(headers, coding) if coding in CODINGS else None
             if etag is None:
                 return None
-        if (
-            coding not in CODINGS
-            or type(status) is not int
-            or not 100 <= status <= 599
-            or not (etag is None or isinstance(etag, str))
-            or not _str_list(tags)
-        ):
+        if not _valid(status, etag, tags, coding):
             return None
         stored_at = _num(head["t"])
         before = head.get("o")
@@ -315,28 +306,43 @@ def decode(data: bytes) -> Item | None:
         return None
 
 
+def _valid(status: object, etag: object, tags: object, coding: object) -> bool:
+    """Whether an envelope's status, ETag, tags and coding have their types and ranges."""
+    return (
+        coding in CODINGS
+        and type(status) is int
+        and 100 <= status <= 599
+        and (etag is None or isinstance(etag, str))
+        and _str_list(tags)
+    )
+
+
+def _head(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int] | Item | None:
+    """An envelope's JSON head and where its body starts; a Vary marker is decoded whole.
+    Raises what the callers catch on malformed data."""
+    (size,) = _LEN.unpack_from(data, 4)
+    end = _HEAD + size
+    if end > len(data):
+        return None
+    head = json.loads(bytes(data[_HEAD:end]))
+    if head["k"] != "r":
+        return _marker(head)
+    return head, end
+
+
 def _decode_v1(data: bytes | bytearray | memoryview) -> Item | None:
     """A version-1 envelope (every field written, headers as name/value pairs)."""
     try:
-        (size,) = _LEN.unpack_from(data, 4)
-        end = _HEAD + size
-        if end > len(data):
-            return None
-        head = json.loads(bytes(data[_HEAD:end]))
-        if head["k"] != "r":
-            return _marker(head)
+        read = _head(data)
+        if not isinstance(read, tuple):
+            return read  # a Vary marker, or None
+        head, end = read
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["h"]]
         status = head["s"]
         etag = head["g"]
         tags = head["x"]
         coding = head.get("c", "")
-        if (
-            coding not in CODINGS
-            or type(status) is not int
-            or not 100 <= status <= 599
-            or not (etag is None or isinstance(etag, str))
-            or not _str_list(tags)
-        ):
+        if not _valid(status, etag, tags, coding):
             return None
         return Entry(
             status=status,

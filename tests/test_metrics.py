@@ -602,18 +602,12 @@ def test_buffered_lines_are_written_by_the_timer_and_on_flush() -> None:
     assert quiet.stream.getvalue() == "two\nthree\n"  # type: ignore[attr-defined]
 
 
-def test_lines_by_tail_follow_the_logger_configuration() -> None:
-    # The hot path keeps the buffered handler it found (`access_sink`) and checks it again
-    # at most a millisecond later: removing the handler or turning the logger off stops
-    # its lines from then on.
-    logger = logging.getLogger(ACCESS_LOGGER)
-    saved = (logger.level, logger.propagate, logger.disabled)
-    stream = io.StringIO()
-    handler = enable_access_log(stream)
-    tail = hit_tail(
+def a_tail(query: bytes = b"") -> bytes:
+    """A fast-path hit's line after its time, for GET /a from 10.0.0.1 with User-Agent ua."""
+    return hit_tail(
         "GET",
         b"/a",
-        b"q=1",
+        query,
         b"ua",
         ("10.0.0.1", 1),
         status=200,
@@ -622,6 +616,17 @@ def test_lines_by_tail_follow_the_logger_configuration() -> None:
         route="/a",
         key=KEY,
     )
+
+
+def test_lines_by_tail_follow_the_logger_configuration() -> None:
+    # The hot path keeps the buffered handler it found (`access_sink`) and checks it again
+    # at most a millisecond later: removing the handler or turning the logger off stops
+    # its lines from then on.
+    logger = logging.getLogger(ACCESS_LOGGER)
+    saved = (logger.level, logger.propagate, logger.disabled)
+    stream = io.StringIO()
+    handler = enable_access_log(stream)
+    tail = a_tail(b"q=1")
     try:
         sink = access_sink()
         assert sink is handler
@@ -693,18 +698,7 @@ def test_hit_lines_are_counted_and_stamped_once_per_millisecond() -> None:
     # size checked, by the first line of each millisecond.
     stream = io.StringIO()
     handler = BufferedAccessHandler(stream, flush_interval=3600, buffer_bytes=1000)
-    tail = hit_tail(
-        "GET",
-        b"/a",
-        b"",
-        b"ua",
-        ("10.0.0.1", 1),
-        status=200,
-        bytes_sent=3,
-        service="s",
-        route="/a",
-        key=KEY,
-    )
+    tail = a_tail()
     base = 1_700_000_000.0
     try:
         for _ in range(20):  # one millisecond: ~4 KiB queued, not written yet
