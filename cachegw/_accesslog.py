@@ -14,8 +14,8 @@ A batch is one ``write`` to a file; on a pipe or a socket, writes of whole lines
 
 Hits answered by the protocol-level fast path keep the text of their line after the time
 (`hit_tail`) with the answer, per client, and hand it to the handler
-(`AccessSink.write_tail`), which formats the time once per millisecond: a hit costs a
-string concatenation and a list append.
+(`AccessSink.write_tail`), which queues the time prefix and that text in one list step;
+the time is formatted, and the buffer's size checked, once per millisecond.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ __all__ = [
     "AccessSink",
     "BufferedAccessHandler",
     "access_line",
-    "access_log_enabled",
     "access_record",
     "access_sink",
     "enable_access_log",
@@ -282,7 +281,7 @@ def _forget(handler: BufferedAccessHandler) -> None:
 def access_sink() -> AccessSink | None:
     """Where a hot path hands its lines (`AccessSink.write_tail`): the buffered handler
     when it alone takes them, else the logger; None when the access log is off (one
-    level check, as `access_log_enabled`)."""
+    level check)."""
     global _hot
     if _hot is not None:
         return _hot
@@ -304,11 +303,6 @@ def flush_access_log() -> None:
     """
     for handler in _logger.handlers:
         handler.flush()
-
-
-def access_log_enabled() -> bool:
-    """Whether access lines are written (a cheap check for hot paths)."""
-    return _logger.isEnabledFor(_INFO)
 
 
 def log_access(
