@@ -204,3 +204,40 @@ def test_access_log_loses_no_line_at_sigterm(tmp_path: Path) -> None:
     times = [line["time"] for line in lines]
     assert times == sorted(times)
     assert [line["path"] for line in lines[-10:]] == [f"/catalog/other/{i}" for i in range(10)]
+
+
+def test_hostile_user_agent_on_fast_path_hits_cannot_forge_log_lines(tmp_path: Path) -> None:
+    # Raw socket: a User-Agent made to close the JSON object and start another, with bytes
+    # that are not UTF-8. The fast path keeps the line's text per client: every hit must
+    # still be one line whose user_agent is the header, escaped.
+    import socket
+
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"one")
+    agent = b'x"},{"status":500,"cache_status":"HIT\\\xff\xe9'
+    with run_uvicorn(stub) as upstream:
+        config = write_config(tmp_path, upstream, "memory")
+        with gateway_processes(config) as [gw]:
+            host, port = gw.base.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                request = (
+                    b"GET /catalog/items/1 HTTP/1.1\r\nHost: a\r\nUser-Agent: "
+                    + agent
+                    + b"\r\n\r\n"
+                )
+                statuses = []
+                for _ in range(3):  # a miss, then fast-path hits on one connection
+                    sock.sendall(request)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += sock.recv(65536)
+                    assert head.startswith(b"HTTP/1.1 200")
+                    statuses.append(
+                        head.split(b"x-cache-status: ", 1)[1].split(b"\r\n", 1)[0].decode()
+                    )
+            output = gw.stop()
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"time"')]
+    assert statuses == ["MISS", "HIT", "HIT"]
+    assert [line["cache_status"] for line in lines] == statuses
+    assert {line["user_agent"] for line in lines} == {agent.decode("latin-1")}
+    assert {line["status"] for line in lines} == {200}
