@@ -34,13 +34,14 @@ from cachegw._entry import Entry
 from cachegw._gateway import Gateway, Route, Service
 from cachegw._keys import format_tag, hash_parts, principal
 from cachegw._models import Fetched, RequestInfo, Served
+from cachegw._proxies import front
 from cachegw._purge import scopes_for
 from cachegw._ranges import ranged
 from cachegw._reload import Reloader
 from cachegw._runtime import Runtime
 from cachegw._server import FastHitServer, response_bytes
 from cachegw._target import BadTarget, check_headers, check_target, problem
-from cachegw._upstream import request_headers
+from cachegw._upstream import public_location, request_headers
 
 __all__ = ["app_from_env", "create_app", "serving_app"]
 
@@ -220,7 +221,16 @@ class _Proxy:
             refused = _refusal(405, "Method Not Allowed", f"{method} is not allowed on {path}")
             refused.headers.append((b"allow", ", ".join(policy.methods).encode("latin-1")))
             return refused
-        host = service.host_for(_host(scope["headers"])) if service.hosts is not None else ""
+        client = scope.get("client")
+        # The scheme and host the client used, and its X-Forwarded-For: from the socket, or
+        # from a trusted front proxy's headers (see `_proxies`).
+        seen = front(
+            client[0] if client else "",
+            scope.get("scheme", "http"),
+            scope["headers"],
+            self.runtime.gateway.trusted,
+        )
+        host = service.host_for(seen.host) if service.hosts is not None else ""
         if host is None:
             return _refusal(400, "Bad Request", "The Host header names no host of this service.")
         engine = self.runtime.engine
@@ -231,7 +241,7 @@ class _Proxy:
             return _refusal(503, "Service Unavailable", "the gateway is starting")
 
         raw_query: bytes = scope.get("query_string", b"")
-        scheme: str = scope.get("scheme", "http")
+        scheme = seen.scheme
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1")
@@ -277,10 +287,9 @@ class _Proxy:
 
         async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
             # Built here, not up front: a cache hit never needs them.
-            client = scope.get("client")
             forward = request_headers(
                 scope,
-                client_ip=client[0] if client else "",
+                client_ip=seen.forwarded_for,
                 proto=scheme,
                 host=host or None,
                 allow=service.allow,
@@ -308,6 +317,8 @@ class _Proxy:
             trace.upstream = took
             if ended:
                 raise ended[-1]  # not the upstream's failure
+            if service.rewrite_redirects:
+                _rewrite_locations(fetched, service)
             error = fetched.error or ("status_5xx" if fetched.status >= 500 else None)
             metrics.upstream(service.name, took, error)
             return fetched
@@ -335,7 +346,7 @@ class _Proxy:
             if cut is not None:
                 served = Served(*cut, cache_status=served.cache_status)
         if method not in _SAFE_METHODS and 200 <= served.status < 400:
-            await self._invalidate_locations(served, headers, engine, scheme)
+            await self._invalidate_locations(served, seen.host or "", engine)
         return served
 
     def _key(
@@ -371,15 +382,13 @@ class _Proxy:
             self._scope_memo[memo] = scopes
         return scopes
 
-    async def _invalidate_locations(
-        self, served: Served, headers: Mapping[str, str], engine: CacheEngine, scheme: str
-    ) -> None:
+    async def _invalidate_locations(self, served: Served, host: str, engine: CacheEngine) -> None:
         """RFC 9111 §4.4: a non-error answer to an unsafe method also invalidates the URIs
         in its ``Location`` and ``Content-Location``, when they are on the same origin."""
         for name, value in served.headers:
             if name not in (b"location", b"content-location"):
                 continue
-            target = _same_origin_target(value.decode("latin-1"), headers)
+            target = _same_origin_target(value.decode("latin-1"), host)
             if target is None:
                 continue
             raw = target.partition("?")[0]  # a path invalidation covers every query
@@ -391,27 +400,33 @@ class _Proxy:
             if matched is None:
                 continue
             service, route, rest, _ = matched
-            if service.host_for(headers.get("host")) is None:
+            if service.host_for(host) is None:
                 continue
             # The same invalidation as the request's own: by path, ordered against the
             # start of fetches in flight, for every query, variant, principal and host.
             await engine.invalidate([scopes_for(service.name, rest, ())[2]], route.policy)
 
 
-def _host(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name == b"host":
-            return value.decode("latin-1")
-    return None
+def _rewrite_locations(fetched: Fetched, service: Service) -> None:
+    """The upstream's own address in ``Location`` / ``Content-Location`` becomes the path
+    clients use (see `public_location`): done before the answer is stored, so a stored
+    entry holds no client's host or scheme."""
+    headers = fetched.headers
+    for index, (name, value) in enumerate(headers):
+        if name == b"location" or name == b"content-location":
+            public = public_location(value, service.upstream, service.prefix)
+            if public is not None:
+                headers[index] = (name, public)
 
 
-def _same_origin_target(location: str, headers: Mapping[str, str]) -> str | None:
-    """The path and query a Location-like value names on this gateway, or None."""
+def _same_origin_target(location: str, host: str) -> str | None:
+    """The path and query a Location-like value names on this gateway (reached by the
+    client as ``host``), or None."""
     parts = urlsplit(location.strip())
-    if parts.scheme or parts.netloc:
-        host = headers.get("host", "")
-        if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
-            return None
+    if (parts.scheme or parts.netloc) and (
+        parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower()
+    ):
+        return None
     path = parts.path or "/"
     if not path.startswith("/"):
         return None  # a relative reference: resolving it is not worth the ambiguity
@@ -479,10 +494,16 @@ def _fast_hit(
         return None
     if policy.early_refresh:
         return None  # a hit may start a refresh: a task the ordinary path runs
-    front = service.host_for(host.decode("latin-1")) if service.hosts is not None else ""
-    if front is None:
+    host_text: str | None = host.decode("latin-1")
+    trusted = runtime.gateway.trusted
+    if trusted and client and trusted.trusts(client[0]):
+        # The same reading of a trusted front proxy's headers as the ordinary path's.
+        seen = front(client[0], scheme, headers, trusted)
+        scheme, host_text = seen.scheme, seen.host
+    named = service.host_for(host_text) if service.hosts is not None else ""
+    if named is None:
         return None  # refused on the ordinary path
-    key = proxy._key(service, rest, query, "", scheme, front)
+    key = proxy._key(service, rest, query, "", scheme, named)
     entry = engine.store.peek(key)
     if not isinstance(entry, Entry):
         return None  # not decoded in this process, or a Vary marker: the ordinary path

@@ -27,6 +27,7 @@ from redis.asyncio.connection import parse_url
 from cachegw._backends._memory import MemoryBackend, parse_size
 from cachegw._errors import ConfigError
 from cachegw._policy import KNOBS
+from cachegw._proxies import TrustedProxies
 from cachegw._server import ServerLimits
 
 __all__ = ["load_gateway"]
@@ -47,9 +48,10 @@ _CACHE_KEYS = frozenset(
     }
 )
 _ADMIN_KEYS = frozenset({"token_env"})
-_SERVER_KEYS = frozenset(
+_LIMIT_KEYS = frozenset(
     {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "max_header_fields"}
 )
+_SERVER_KEYS = _LIMIT_KEYS | {"trusted_proxies"}
 _UPSTREAM_KEYS = frozenset(
     {
         "timeout",
@@ -62,7 +64,9 @@ _UPSTREAM_KEYS = frozenset(
     }
 )
 _SERVICE_KEYS = (
-    frozenset({"name", "upstream", "prefix", "hosts", "forward_headers", "routes"})
+    frozenset(
+        {"name", "upstream", "prefix", "hosts", "forward_headers", "rewrite_redirects", "routes"}
+    )
     | _UPSTREAM_KEYS
     | KNOBS
 )
@@ -121,7 +125,12 @@ class _Loader(Generic[G]):
         self._check_keys(server, _SERVER_KEYS, "server")
         settings: dict[str, Any] = {}
         with self._at("server", _SERVER_KEYS, values=server):
-            settings["server"] = ServerLimits(**server)
+            limits = {k: v for k, v in server.items() if k in _LIMIT_KEYS}
+            settings["server"] = ServerLimits(**limits)
+        if "trusted_proxies" in server:
+            with self._at("server", _SERVER_KEYS, values=server):
+                TrustedProxies(server["trusted_proxies"])
+            settings["trusted_proxies"] = server["trusted_proxies"]
         with self._at("cache", _CACHE_KEYS, values=cache):
             if "max_bytes" in cache:
                 settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")

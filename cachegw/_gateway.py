@@ -23,6 +23,7 @@ from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
 from cachegw._errors import ConfigError
 from cachegw._policy import CachePolicy, parse_duration
+from cachegw._proxies import TrustedProxies
 from cachegw._server import ServerLimits
 from cachegw._upstream import GATEWAY_SET, ROUTING_OVERRIDES, is_override
 
@@ -80,6 +81,9 @@ class Service:
     * **forward_headers** - override headers (``X-Forwarded-Prefix``, ``X-Forwarded-Port``,
       ...) that the gateway otherwise removes and lets through for this service; every
       route of the service keys on them (they join its ``vary``).
+    * **rewrite_redirects** - rewrite a ``Location`` or ``Content-Location`` that points at
+      the upstream's own address (below its base path) to the path clients reach it by,
+      ``prefix`` included (nginx's ``proxy_redirect default``); on by default.
     * **timeout** - the default of the four phase timeouts below (10 s).
     * **connect_timeout** - seconds to connect to the upstream (nginx
       ``proxy_connect_timeout``); past it, a 504.
@@ -106,6 +110,7 @@ class Service:
         timeout: float | str = 10.0,
         hosts: Iterable[str] | None = None,
         forward_headers: Iterable[str] = (),
+        rewrite_redirects: bool = True,
         connect_timeout: float | str | None = None,
         read_timeout: float | str | None = None,
         write_timeout: float | str | None = None,
@@ -148,6 +153,12 @@ class Service:
         self._any_port = frozenset(h for h in self.hosts or () if not _PORT.search(h))
         self.forward_headers = _check_forward_headers(forward_headers, name)
         self.allow = frozenset(h.encode("latin-1") for h in self.forward_headers)
+        if not isinstance(rewrite_redirects, bool):
+            raise ConfigError(
+                f"rewrite_redirects of service {name!r} must be true or false, "
+                f"got {rewrite_redirects!r}"
+            )
+        self.rewrite_redirects = rewrite_redirects
         self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
         self._default_values = dict(defaults)
         self.routes: list[Route] = []
@@ -242,6 +253,10 @@ class Gateway:
       headers on to clients (by default they are read as tags and stripped).
     * **server** - `ServerLimits` on client connections (timeouts, header fields), enforced
       when the gateway is served by ``cachegw serve``.
+    * **trusted_proxies** - addresses and networks (``["127.0.0.1", "10.0.0.0/8"]``) of
+      front proxies whose ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are believed (see
+      the gateway page, "Trusted proxies"); from any other peer they are dropped. None by
+      default.
     * **compress**, **compress_min** - store uncompressed text bodies of at least
       ``compress_min`` bytes gzip-compressed, and serve gzip or identity to each client
       as its ``Accept-Encoding`` asks (see the policies page). ``compress = false`` stores
@@ -261,7 +276,9 @@ class Gateway:
     server: ServerLimits = field(default_factory=ServerLimits)
     compress: bool = True
     compress_min: int | str = 1024
+    trusted_proxies: Iterable[str] = ()
     source: str | None = None  # the file this came from, for messages
+    trusted: TrustedProxies = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.services = list(self.services)
@@ -290,6 +307,11 @@ class Gateway:
             self.compress_min = parse_size(self.compress_min, what="compress_min")
         except ConfigError as exc:
             raise ConfigError(f"{exc}{self._in()}") from None
+        try:
+            self.trusted = TrustedProxies(self.trusted_proxies)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{self._in()}") from None
+        self.trusted_proxies = tuple(str(n) for n in self.trusted.networks)
         # Longest prefix first: computed once, not per request.
         self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
         self._matches: dict[str, tuple[Service, Route, str, dict[str, Any]] | None] = {}

@@ -295,12 +295,13 @@ class Reloader:
 
 def _entries_differ(old: Service, new: Service) -> bool:
     """Whether the same request may be answered differently by the service as a whole:
-    another upstream, prefix, accepted hosts or forwarded headers."""
+    another upstream, prefix, accepted hosts, forwarded headers or redirect rewriting."""
     return (
         old.upstream != new.upstream
         or old.prefix != new.prefix
         or old.hosts != new.hosts
         or old.forward_headers != new.forward_headers
+        or old.rewrite_redirects != new.rewrite_redirects
     )
 
 

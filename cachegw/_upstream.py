@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -43,6 +44,7 @@ __all__ = [
     "ROUTING_OVERRIDES",
     "Upstream",
     "is_override",
+    "public_location",
     "request_headers",
     "response_headers",
     "upstream_for",
@@ -147,6 +149,54 @@ def upstream_url(base: str, path: str, raw_query: bytes) -> httpx.URL:
     if raw_query:
         raw_path += b"?" + raw_query
     return httpx.URL(scheme=root.scheme, host=root.host, port=root.port, raw_path=raw_path)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def public_location(value: bytes, base: str, prefix: str) -> bytes | None:
+    """A ``Location`` / ``Content-Location`` value pointing at the upstream ``base``
+    (``http://host:port/base``), as the path-absolute reference the gateway's client
+    reaches it by (``prefix`` + the path below the base path); None to leave it alone.
+
+    nginx's ``proxy_redirect default``: only the upstream's own origin is rewritten (either
+    scheme, the same host and port), and only below its base path. The result names no
+    scheme or host, so an entry stored with it is right for every client, whatever ``Host``
+    or scheme each used (RFC 9110 §10.2.2 allows a relative ``Location``). A result that
+    would read as a network-path reference (``//other/x``, ``/\\other``) is not made.
+    """
+    try:
+        text = value.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc:
+        return None
+    root = _root(base)
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+    if parts.hostname != root.host.lower() or port != (root.port or _DEFAULT_PORTS[root.scheme]):
+        return None
+    base_path = root.raw_path.partition(b"?")[0].rstrip(b"/").decode("ascii")
+    path = parts.path or "/"
+    if base_path:
+        if path == base_path:
+            path = "/"
+        elif path.startswith(base_path + "/"):
+            path = path[len(base_path) :]
+        else:
+            return None
+    public = prefix + path if prefix else path
+    if public[1:2] in ("/", "\\"):
+        return None
+    if parts.query:
+        public += "?" + parts.query
+    if parts.fragment:
+        public += "#" + parts.fragment
+    return public.encode("ascii")
 
 
 def _connection_named(headers: Headers) -> set[bytes]:
