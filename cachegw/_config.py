@@ -88,6 +88,8 @@ class _Service(Protocol):
 
 
 class _Gateway(Protocol):
+    backend: Any  # the URL with ${NAME} references replaced
+
     def add(self, service: Any) -> object: ...
 
 
@@ -169,7 +171,7 @@ class _Loader(Generic[G]):
         with self._at("cache", _CACHE_KEYS, values=cache):
             gateway = self.gateway(backend=backend, source=self.source, **settings)
         if backend != "memory":
-            self._check_redis_url(backend)
+            self._check_redis_url(gateway.backend)
         services = data.get("services", [])
         if services == []:
             raise self._error(

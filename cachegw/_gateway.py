@@ -7,6 +7,7 @@ into an ASGI application, `Gateway.from_toml` reads the contract's TOML file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from starlette.routing import compile_path
 
 from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
-from cachegw._errors import ConfigError
+from cachegw._errors import ConfigError, redact
 from cachegw._policy import CachePolicy, parse_duration
 from cachegw._proxies import TrustedProxies
 from cachegw._server import ServerLimits
@@ -226,7 +227,7 @@ class Service:
         return f"Service({self.name!r}, {self.upstream!r}, prefix={self.prefix!r})"
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class Gateway:
     """Services plus gateway-wide cache settings.
 
@@ -239,7 +240,10 @@ class Gateway:
 
     * **services** - the `Service` declarations; prefixes must not overlap ambiguously.
     * **backend** - ``"memory"``, a ``redis://``/``rediss://``/``redis+cluster://`` URL, or
-      a ready fastapi-cache2 ``Backend`` instance.
+      a ready fastapi-cache2 ``Backend`` instance. ``${NAME}`` in the URL is replaced by
+      the environment variable ``NAME`` (``"${CACHEGW_REDIS_URL}"``,
+      ``"rediss://app:${REDIS_PASSWORD}@redis.internal:6380/0"``); the password is never
+      printed (``repr``, error messages).
     * **prefix** - namespace of every key cachegw writes.
     * **max_entries**, **max_bytes** - bounds of the memory backend.
     * **admin_token_env** - name of the environment variable holding the admin token;
@@ -315,6 +319,8 @@ class Gateway:
         # Longest prefix first: computed once, not per request.
         self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
         self._matches: dict[str, tuple[Service, Route, str, dict[str, Any]] | None] = {}
+        if isinstance(self.backend, str):
+            self.backend = _expand_env(self.backend, "backend", self._in())
         if isinstance(self.backend, str) and not (
             self.backend == "memory"
             or self.backend.split("://", 1)[0]
@@ -327,6 +333,12 @@ class Gateway:
 
     def _in(self) -> str:
         return f" in {self.source}" if self.source else ""
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return redact(f"Gateway({shown})")
 
     def add(self, service: Service) -> Gateway:
         """Add a service; returns the gateway."""
@@ -375,6 +387,28 @@ class Gateway:
 
 
 _UNMATCHED = object()
+_REFERENCE = re.compile(r"\$\{([^}]*)\}?")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _expand_env(value: str, what: str, where: str) -> str:
+    """``value`` with each ``${NAME}`` replaced by the environment variable ``NAME``."""
+
+    def variable(found: re.Match[str]) -> str:
+        name = found.group(1)
+        if not found.group(0).endswith("}") or not _ENV_NAME.match(name):
+            raise ConfigError(
+                f"{what} has {found.group(0)!r}, which is no environment variable "
+                f"reference: write ${{NAME}}, NAME made of letters, digits and '_'{where}"
+            )
+        text = os.environ.get(name)
+        if text is None:
+            raise ConfigError(
+                f"{what} reads the environment variable {name}, which is not set{where}"
+            )
+        return text
+
+    return _REFERENCE.sub(variable, value) if "${" in value else value
 
 
 def _positive(value: object, what: str, service: str, default: float | None = None) -> float:

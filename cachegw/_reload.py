@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from uvicorn.supervisors import Multiprocess
 
-from cachegw._errors import ConfigError
+from cachegw._errors import ConfigError, redact
 from cachegw._gateway import Gateway, Service
 from cachegw._upstream import Upstream, upstream_for
 
@@ -116,7 +116,8 @@ def restart_needed(old: Gateway, new: Gateway) -> str | None:
     for attribute, key in _RESTART_ONLY:
         before, after = getattr(old, attribute), getattr(new, attribute)
         if before != after:
-            return (
+            # redact: a changed Redis URL is most often a rotated password.
+            return redact(
                 f"{key} changed from {before!r} to {after!r}; the [cache] table is fixed "
                 f"when the gateway starts: restart the gateway (cachegw serve) to change it"
             )

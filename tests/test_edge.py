@@ -9,22 +9,31 @@ Front proxies are played by raw sockets bound to 127.0.0.1 (trusted) and 127.0.0
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 
 from cachegw import Gateway, Service, create_app
-from cachegw._errors import ConfigError
+from cachegw._errors import ConfigError, redact
 from cachegw._proxies import TrustedProxies, front
 from cachegw._server import uvicorn_options
 from cachegw._upstream import public_location
+from tests.gateway_process import GatewayProcess
+from tests.redis_process import RedisProcess
 from tests.servers import StubUpstream, run_uvicorn
 
+ONE_ROUTE = (
+    '[[services]]\nname = "a"\nupstream = "http://127.0.0.1:9"\n[[services.routes]]\npath = "/x"\n'
+)
 TRUSTED = "127.0.0.1"
 UNTRUSTED = "127.0.0.2"
 
@@ -206,10 +215,7 @@ def test_trusted_proxies_are_checked(bad: object) -> None:
 
 def test_trusted_proxies_in_the_file(tmp_path: Any) -> None:
     path = tmp_path / "gw.toml"
-    route = (
-        '[[services]]\nname = "a"\nupstream = "http://127.0.0.1:9"\n'
-        '[[services.routes]]\npath = "/x"\n'
-    )
+    route = ONE_ROUTE
     path.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\n{route}')
     gateway = Gateway.from_toml(path)
     assert gateway.trusted.trusts("10.9.9.9") and not gateway.trusted.trusts("11.0.0.1")
@@ -283,3 +289,157 @@ def test_a_trusted_front_proxy_is_believed_and_others_are_not() -> None:
             )
             assert status == 400
             assert stub.hits["/b"] == 1
+
+
+# --- secrets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        (
+            "rediss://app:s3%40cr@r.example:6380/0?ssl_ca_certs=/ca.pem",
+            "rediss://app:***@r.example:6380/0?ssl_ca_certs=/ca.pem",
+        ),
+        ("redis://:p@ss@h/0", "redis://:***@h/0"),  # an unencoded "@": to the last one
+        (
+            "from 'redis://:a@h/0' to 'redis://:b@h/0'",
+            "from 'redis://:***@h/0' to 'redis://:***@h/0'",
+        ),
+        ("unix:///run/r.sock?db=0&password=pw", "unix:///run/r.sock?db=0&password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis://user@h/0", "redis://user@h/0"),
+        ("ttl must be ≥ 0, got -5", "ttl must be ≥ 0, got -5"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_backend_url_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("CACHEGW_TEST_PW", "hunter2-env")
+    monkeypatch.setenv("CACHEGW_TEST_URL", "redis://:hunter2-url@127.0.0.1:1/0")
+    gateway = Gateway(backend="rediss://app:${CACHEGW_TEST_PW}@r.example:6380/0")
+    assert gateway.backend == "rediss://app:hunter2-env@r.example:6380/0"
+    assert "hunter2" not in repr(gateway) and "app:***@r.example" in repr(gateway)
+    assert Gateway(backend="${CACHEGW_TEST_URL}").backend.endswith("hunter2-url@127.0.0.1:1/0")
+
+    route = ONE_ROUTE
+    path = tmp_path / "gw.toml"
+    path.write_text(f'[cache]\nbackend = "redis://:${{CACHEGW_UNSET_PW}}@h/0"\n{route}')
+    with pytest.raises(ConfigError) as caught:
+        Gateway.from_toml(path)
+    assert str(caught.value) == (
+        f"{path}: cache.backend reads the environment variable CACHEGW_UNSET_PW, which is not set"
+    )
+    path.write_text(f'[cache]\nbackend = "redis://:${{BAD NAME}}@h/0"\n{route}')
+    with pytest.raises(ConfigError, match=r"cache.backend has '\$\{BAD NAME\}', which is no"):
+        Gateway.from_toml(path)
+    # A bad URL read from the environment is reported without its password.
+    monkeypatch.setenv("CACHEGW_TEST_URL", "redis://:hunter2-bad@127.0.0.1:notaport/0")
+    path.write_text(f'[cache]\nbackend = "${{CACHEGW_TEST_URL}}"\n{route}')
+    with pytest.raises(ConfigError) as caught:
+        Gateway.from_toml(path)
+    assert "cache.backend is not a valid Redis URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        Service("s", "http://user:hunter2-up@127.0.0.1:9")
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.redis
+def test_a_rotated_redis_password_never_appears_in_any_output(tmp_path: Any) -> None:
+    """A real redis-server with an ACL user, a real `cachegw serve` reading the password
+    from its environment, then a rotation the running gateway must refuse (the backend is
+    fixed at start): the old and the new password appear in no log line, no admin API
+    answer and no command's output."""
+    old, new = "Old-pw-5f3a9c", "New-pw-81bd27"
+    stub = StubUpstream()
+    with RedisProcess() as redis_server, run_uvicorn(stub) as origin:
+        with redis_server.client() as client:
+            # The user docs/backends.md recommends: cachegw's keys, channels and commands.
+            acl = "~cachegw* ~{cachegw* &cachegw* &{cachegw* +@read +@write +@keyspace"
+            acl += " +@scripting +@pubsub"
+            client.execute_command(
+                "ACL",
+                "SETUSER",
+                "app",
+                "on",
+                f">{old}",
+                *acl.split(),
+                "+@connection",
+                "-@dangerous",
+            )
+        port = redis_server.port
+        routes = (
+            f'[[services]]\nname = "a"\nupstream = "{origin}"\nttl = 60\n'
+            '[[services.routes]]\npath = "/{rest:path}"\n'
+        )
+        admin = '[admin]\ntoken_env = "CACHEGW_ADMIN_TOKEN"\n'
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[cache]\nbackend = "redis://app:${{CACHEGW_REDIS_PASSWORD}}@127.0.0.1:{port}/0"\n'
+            f"{admin}{routes}"
+        )
+        env = {"CACHEGW_REDIS_PASSWORD": old, "CACHEGW_ADMIN_TOKEN": "t0ken"}
+        gateway = GatewayProcess(config, extra_env=env)
+        outputs: list[str] = []
+        gateway.start()
+        try:
+            for _ in range(2):
+                answer = httpx.get(f"{gateway.base}/x", timeout=10)
+            assert answer.headers["x-cache-status"] == "HIT"
+            with redis_server.client() as client:
+                assert client.dbsize() > 0  # the gateway stored it in Redis, as app
+            purged = httpx.post(
+                f"{gateway.base}/_cachegw/purge",
+                json={"paths": ["/x"]},
+                headers={"authorization": "Bearer t0ken"},
+                timeout=30,
+            )
+            assert purged.status_code == 200
+            answer = httpx.get(f"{gateway.base}/x", timeout=10)
+            assert answer.headers["x-cache-status"] == "MISS"
+            with redis_server.client() as client:
+                assert client.acl_log() == []  # nothing the gateway sent was refused
+
+            # The rotation: the file now names the new password (written in clear).
+            config.write_text(
+                f'[cache]\nbackend = "redis://app:{new}@127.0.0.1:{port}/0"\n{admin}{routes}'
+            )
+            refused = httpx.post(
+                f"{gateway.base}/_cachegw/reload",
+                headers={"authorization": "Bearer t0ken"},
+                timeout=30,
+            )
+            assert refused.status_code == 422
+            assert "cache.backend changed from 'redis://app:***@" in refused.text
+            outputs.append(refused.text)
+            for command in (["reload", str(config), "--url", gateway.base], ["check", str(config)]):
+                done = subprocess.run(
+                    [sys.executable, "-m", "cachegw", *command],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, **env},
+                    timeout=60,
+                )
+                outputs.append(done.stdout + done.stderr)
+            assert "the gateway refused the reload" in outputs[1]
+            # A file with a bad backend: the error quotes the URL, without its password.
+            config.write_text(
+                f'[cache]\nbackend = "redis://app:{new}@127.0.0.1:notaport/0"\n{admin}{routes}'
+            )
+            done = subprocess.run(
+                [sys.executable, "-m", "cachegw", "check", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2 and "cache.backend is not a valid Redis URL" in done.stderr
+            outputs.append(done.stdout + done.stderr)
+        finally:
+            outputs.append(gateway.stop())
+        assert "reload of" in outputs[-1] and "rejected" in outputs[-1]  # the log line
+        for output in outputs:
+            assert old not in output and new not in output, output
