@@ -196,6 +196,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
         if engine is not None:
             info["circuit"] = "open" if engine.store.breaker.open else "closed"
             info["stats"] = dict(engine.stats)
+            info["in_flight"] = engine.in_flight()
         if isinstance(backend, MemoryBackend):
             info["memory"] = backend.stats()
         return JSONResponse(info, headers={"cache-control": "no-store"})

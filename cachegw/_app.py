@@ -8,6 +8,7 @@ lifespan that opens (and closes) the backend and one pooled upstream client per 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -40,7 +41,14 @@ from cachegw._ranges import ranged
 from cachegw._reload import Reloader
 from cachegw._runtime import Runtime
 from cachegw._server import FastHitServer, response_bytes
-from cachegw._target import BadTarget, check_headers, check_target, problem
+from cachegw._target import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_LINE,
+    BadTarget,
+    check_headers,
+    check_target,
+    problem,
+)
 from cachegw._upstream import public_location, request_headers
 
 __all__ = ["app_from_env", "create_app", "serving_app"]
@@ -55,7 +63,6 @@ logger = logging.getLogger("cachegw")
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 _BUFFERED_BODY = 64 * 1024
 _MEMO_SIZE = 4096
-_FAST_HEADER_BYTES = 16384  # larger request headers take the ordinary path (and its 431)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Tells the upstream it may target Surrogate-Control directives at this cache.
 _SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
@@ -180,15 +187,34 @@ class _Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         trace = _Trace()
+        # A safe request whose client leaves is let go (nginx's proxy_ignore_client_abort
+        # off): its task is cancelled, which aborts its upstream request and frees the
+        # pool's connection, unless other requests wait for the same fetch (`_engine`).
+        # Unsafe methods run to their end: the upstream may have acted on them, and their
+        # invalidations must happen.
+        connection = scope.get("extensions", {}).get("cachegw.connection")
+        abandon = None
+        if connection is not None and scope["method"] in ("GET", "HEAD"):
+            abandon = connection.abandon = _Abandon()
+            if connection.gone:
+                abandon()  # it left before its request began: cancelled at the first await
         try:
-            served = await self._handle(scope, receive, trace)
-        except _BodyEnded as ended:
-            served = ended.served()
-        except Exception:
-            # A bug of ours: never a traceback to the client, always a log line.
-            logger.exception("cachegw: error serving %s %s", scope["method"], scope["path"])
-            served = _refusal(500, "Internal Server Error", "The gateway failed; see its log.")
-        sent = await _send_served(send, served, scope)
+            try:
+                served = await self._handle(scope, receive, trace)
+            except _BodyEnded as ended:
+                served = ended.served()
+            except Exception:
+                # A bug of ours: never a traceback to the client, always a log line.
+                logger.exception("cachegw: error serving %s %s", scope["method"], scope["path"])
+                served = _refusal(500, "Internal Server Error", "The gateway failed; see its log.")
+            sent = await _send_served(send, served, scope)
+        except asyncio.CancelledError:
+            if abandon is None or not abandon.ours():
+                raise  # not (only) ours: shutting down
+            served, sent = _refusal(499, "Client Closed Request", "The client left."), 0
+        finally:
+            if connection is not None and connection.abandon is abandon:
+                connection.abandon = None
         self.runtime.metrics.request(
             trace.service, trace.route, served.cache_status, time.perf_counter() - started
         )
@@ -285,6 +311,11 @@ class _Proxy:
         if has_body and declared.isdigit() and int(declared) <= _BUFFERED_BODY:
             content = b"".join([chunk async for chunk in body()])
 
+        # A HEAD that may be answered from the cache is fetched as a GET: coalesced with
+        # the key's other requests and stored (nginx's proxy_cache_convert_head; Varnish's
+        # builtin VCL). The client gets the headers; the body is not sent (uvicorn).
+        upstream_method = "GET" if method == "HEAD" and cacheable else method
+
         async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
             # Built here, not up front: a cache hit never needs them.
             forward = request_headers(
@@ -306,7 +337,7 @@ class _Proxy:
             forward.extend(validators)
             began = time.perf_counter()
             fetched = await upstream.fetch(
-                method,
+                upstream_method,
                 rest,
                 raw_query,
                 forward,
@@ -328,6 +359,7 @@ class _Proxy:
             key_extra = await principal(policy.key, Request(scope))
             cacheable = key_extra is not None
         if not cacheable:
+            upstream_method = method
             return engine.bypass(await fetch())
         trace.key = self._key(service, rest, raw_query, key_extra or "", scheme, host)
         scopes = self._scopes(service, route, rest, params)
@@ -339,6 +371,7 @@ class _Proxy:
             scopes=scopes,
             target=scopes[2],  # the path: every query string, variant and principal
             service=service.name,
+            head_as_get=True,
         )
         served = await engine.serve(info, policy, fetch)
         if method == "GET" and "range" in headers and served.stream is None:
@@ -475,7 +508,13 @@ def _fast_hit(
         elif name == b"user-agent" and user_agent is None:
             user_agent = value  # the first, as the ordinary path logs it
         size += len(name) + len(value)
-    if hosts != 1 or size > _FAST_HEADER_BYTES:
+    if hosts != 1 or size > MAX_HEADER_BYTES:
+        return None  # the ordinary path refuses it (431) or joins several Host lines
+    if size > MAX_HEADER_LINE and any(
+        len(name) + len(value) > MAX_HEADER_LINE for name, value in headers
+    ):
+        # One line over its limit: a 431 on the ordinary path (looked for only when the
+        # total could hold one, so a plain hit pays nothing for it).
         return None
     raw_path, _, query = target.partition(b"?")
     try:
@@ -610,6 +649,25 @@ async def _discard_stream(served: Served) -> None:
         await aclose()
 
 
+class _Abandon:
+    """Cancels the request's task when its client goes away (called by the protocol)."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.fired = False
+
+    def __call__(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.fired = True
+            self.task.cancel()
+
+    def ours(self) -> bool:
+        """Whether the cancellation being handled was only this one (then it is undone)."""
+        return self.fired and self.task is not None and self.task.uncancel() == 0
+
+
 class _Trace:
     """What one request's metrics and access-log line need to know."""
 
@@ -665,6 +723,12 @@ async def _send_served(send: Send, served: Served, scope: Scope) -> int:
             {"type": "http.response.start", "status": served.status, "headers": served.headers}
         )
     stream = served.stream
+    if scope["method"] == "HEAD":
+        # A HEAD fetched as a GET: its body is not sent, and a stream (too large to
+        # store) is not read on.
+        await _discard_stream(served)
+        await send({"type": "http.response.body", "body": b""})
+        return 0
     if stream is None:
         await send({"type": "http.response.body", "body": served.body})
         return len(served.body)

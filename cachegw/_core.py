@@ -193,7 +193,8 @@ def decide(
             return Decision("stale", found, left, "max-stale")
     if "only-if-cached" in cc:
         return Decision("unavailable", left=left)
-    # Not coalesced: HEAD has no body to store, a request with credentials may get a
+    # Not coalesced: a HEAD (unless the engine fetches it as a GET, which it then passes
+    # as ``method``) has no body to store, a request with credentials may get a
     # private answer, and the last response for this key could not be stored
     # (hit-for-miss). A client asking for an answer checked with the origin is
     # coalesced: a response obtained after it arrived satisfies it (RFC 9111 §4; issue 10).

@@ -72,6 +72,7 @@ _COUNTERS = (
     "coalesced",
     "backend_errors",
     "writes_dropped",
+    "abandoned",
 )
 _TIMED_OUT = "timed-out"  # a "token" meaning: fetch without the lock, and don't store
 
@@ -108,6 +109,13 @@ class _Flight:
     vary: list[str] | None = None  # vary values of the leader's request, if it varied
     marker: VaryMarker | None = None  # the Vary marker the leader's entry is stored under
     failed: bool = False  # the upstream failed: waiters holding a stale entry serve it
+    # The requests waiting for this fetch (its leader included) and, for a miss, the
+    # task fetching: when the last of them leaves (its client went away), the fetch is
+    # let go (see `CacheEngine._leave`). A background refresh has no task: it runs on.
+    waiters: int = 0
+    task: asyncio.Task[Served] | None = None
+    fetching: bool = False  # its upstream request is under way
+    abandoned: bool = False
 
 
 def _conditional(fetch: Fetch, validators: Headers) -> Awaitable[Fetched]:
@@ -259,7 +267,7 @@ class CacheEngine:
         now = self.clock()
         decision = decide(
             found,
-            method=method,
+            method="GET" if request.head_as_get else method,
             directives=asked,
             shared_only=shared_only,
             verdict=verdict,
@@ -317,18 +325,18 @@ class CacheEngine:
         asked: Directives,
         stale: Entry | None,
     ) -> Served:
-        """Fetch without coalescing: HEAD has no body to store, a request with credentials
-        may get a private answer, and the last response for this key could not be stored
-        (hit-for-miss)."""
-        method = request.method
+        """Fetch without coalescing: a HEAD not fetched as a GET has no body to store, a
+        request with credentials may get a private answer, and the last response for this
+        key could not be stored (hit-for-miss)."""
+        whole = request.method == "GET" or request.head_as_get  # the fetch gets a body
         shared_only = request.authorized and not request.per_principal
         self._fetching(request)
-        fetched = await _conditional(fetch, validators(stale) if method == "GET" else [])
+        fetched = await _conditional(fetch, validators(stale) if whole else [])
         status = "BYPASS" if asked.bypass_read else "MISS"
         detail = "fwd=request" if asked.bypass_read else "fwd=uri-miss"
         entry = None
         writes = self._writes()
-        if method == "GET":
+        if whole:
             if stale is not None and fetched.status == 304:
                 entry = await self._revalidated(request, policy, stale, fetched, writes)
                 detail += "; fwd-status=304"
@@ -378,7 +386,11 @@ class CacheEngine:
             flight = None
         if flight is not None:
             # Another request of this process is fetching: wait for its answer.
-            await flight.done.wait()
+            flight.waiters += 1
+            try:
+                await flight.done.wait()
+            finally:
+                self._leave(flight)
             entry = flight.entry
             if entry is not None and (
                 flight.vary is None
@@ -400,15 +412,32 @@ class CacheEngine:
             fetched = await fetch()
             self.stats["MISS"] += 1
             return self._passed(fetched, "MISS", "fwd=uri-miss")
-        flight = self._flights[request.key] = _Flight()
+        flight = self._flights[request.key] = _Flight(waiters=1)
         # The fetch runs in a task of its own: if this request's client goes away, the
         # requests waiting on it still get their answer.
-        lead = asyncio.get_running_loop().create_task(
+        lead = flight.task = asyncio.get_running_loop().create_task(
             self._lead(request, policy, fetch, request_cc, stale, empty, flight)
         )
         self._background.add(lead)
         lead.add_done_callback(self._background.discard)
-        return await asyncio.shield(lead)
+        try:
+            return await asyncio.shield(lead)
+        finally:
+            self._leave(flight)
+
+    def _leave(self, flight: _Flight) -> None:
+        """A request stops waiting for ``flight`` (answered, or its client left). When
+        nobody waits any more for a fetch still under way, it is cancelled: its upstream
+        request is aborted and its pool connection freed (nginx's
+        ``proxy_ignore_client_abort off``). Once the response is in, the store goes on."""
+        flight.waiters -= 1
+        task = flight.task
+        if flight.waiters or task is None or task.done() or flight.done.is_set():
+            return
+        flight.abandoned = True
+        self.stats["abandoned"] += 1
+        if flight.fetching:
+            task.cancel()
 
     async def _lead(
         self,
@@ -486,7 +515,13 @@ class CacheEngine:
             self._fetching(request)
         # Otherwise the fetch counts as started when the lock was asked for (see _lock).
         flight.started = request.fetch_started
-        fetched = await _conditional(fetch, validators(stale))
+        if flight.abandoned:
+            raise asyncio.CancelledError  # everyone left while it waited for the lock
+        flight.fetching = True
+        try:
+            fetched = await _conditional(fetch, validators(stale))
+        finally:
+            flight.fetching = False
         if stale is not None and fetched.status == 304 and token != _TIMED_OUT:
             entry = await self._revalidated(request, policy, stale, fetched, writes)
         elif stale is not None and _failed(fetched):
@@ -656,6 +691,12 @@ class CacheEngine:
         if verdict is None and not request.target:
             verdict = self.purges.verdict((request.target_scope,), started)
         return verdict is not None and verdict[0] == "hard"
+
+    def in_flight(self) -> dict[str, int]:
+        """Fetches under way in this process (misses and refreshes) and the requests
+        waiting for them (each miss's own request included): for the health endpoint."""
+        flights = list(self._flights.values())
+        return {"fetches": len(flights), "waiting": sum(f.waiters for f in flights)}
 
     def start(self) -> None:
         """Start listening for other processes (call from a running event loop)."""

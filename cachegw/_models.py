@@ -37,6 +37,10 @@ class RequestInfo:
     # entry stored before it arrived does not do.
     forced: bool = False
     primary: Item | None = None  # what the primary key held when it was looked up
+    # A HEAD is fetched as a GET (the fetch asks the upstream for the whole response):
+    # coalesced with other GETs and HEADs, stored, and answered without the body (nginx's
+    # proxy_cache_convert_head). Otherwise a HEAD is forwarded alone and not stored.
+    head_as_get: bool = False
     # When its backend reads must be done (event-loop time), if a budget was started
     # before the engine saw it (cachegw.CachedHits); else the engine starts one.
     read_deadline: float | None = None

@@ -35,7 +35,6 @@ purge survive it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -249,8 +248,9 @@ class RedisPurges(Purges):
             poll = self._poll = asyncio.get_running_loop().create_task(self._refresh())
         # Waited for within the request's read budget (issue 12); past it the request
         # goes on as after a failed poll, and the poll goes on for the next ones.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(poll), left)
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the poll ends (a request whose client left would go on).
+        await asyncio.wait({poll}, timeout=left)
 
     async def _refresh(self) -> None:
         started = time.monotonic()

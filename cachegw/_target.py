@@ -37,9 +37,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["BadTarget", "check_headers", "check_target", "problem"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_LINE",
+    "BadTarget",
+    "check_headers",
+    "check_target",
+    "problem",
+]
 
 MAX_HEADER_LINE = 8192
+MAX_HEADER_BYTES = 16384
 
 # RFC 3986 pchar plus "/", minus ";" (parameter cloaking); "%" is checked separately.
 _ALLOWED = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode()
@@ -113,7 +121,7 @@ def _normalise(raw: bytes) -> bytes:
     return parts[0] + b"".join(_NORMAL[part[:2]] + part[2:] for part in parts[1:])
 
 
-def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = 16384) -> None:
+def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
     """Raise `BadTarget` (400 or 431) for ambiguous framing, bad `Host` or oversized headers."""
     line_limit = min(MAX_HEADER_LINE, max_header_bytes)
     total = 0

@@ -605,6 +605,12 @@ class Upstream:
             }[kind]
             status, out, payload = problem(status, title, detail)
             return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
+        except BaseException:
+            # Cancelled (nobody waits for the answer any more): the connection is closed,
+            # not returned to the pool with a response half read.
+            if response is not None and not streamed:
+                await response.aclose()
+            raise
         finally:
             if not streamed:
                 release()

@@ -3,6 +3,7 @@
     origin = HostileOrigin().start()      # its own thread and event loop, a free port
     origin.uploads                        # [("complete" | "aborted", bytes received), ...]
     origin.streams                        # Counter: "finished" / "cut" large responses
+    origin.hits, origin.methods           # Counters: per path, per "METHOD /path"
     origin.close()
 
 Routes (any method unless said):
@@ -14,6 +15,8 @@ Routes (any method unless said):
 * ``/trickle``     200, 8 bytes, one every 0.3 s
 * ``/silent``      200, 8 bytes declared, 2 sent, then 5 s of silence
 * ``/hang``        200 after 2 s
+* ``/slow/<x>``    200, ``max-age=60``, after 3 s, unless the gateway closes the connection
+                   first: counted in ``slow`` as "answered" or "aborted"
 * ``/bad``         200 with a control byte in a header value, ``max-age=60``
 * ``/upload``      reads the body (chunked or Content-Length) and records how it ended
 * ``/sink``        reads nothing for 2 s, then the body as ``/upload`` does
@@ -39,7 +42,9 @@ class HostileOrigin:
         self.port = 0
         self.uploads: list[tuple[str, int]] = []
         self.streams: Counter[str] = Counter()
+        self.slow: Counter[str] = Counter()
         self.hits: Counter[str] = Counter()
+        self.methods: Counter[str] = Counter()  # "METHOD /path"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -100,6 +105,7 @@ class HostileOrigin:
                         headers[name.strip().lower()] = value.strip()
                 path = target.split("?", 1)[0]
                 self.hits[path] += 1
+                self.methods[f"{method} {path}"] += 1
                 if not await self._answer(method, path, headers, reader, writer):
                     return
         except (ConnectionError, asyncio.CancelledError):
@@ -157,6 +163,19 @@ class HostileOrigin:
             writer.write(b"si")
             await asyncio.sleep(5)
             return False
+        elif path.startswith("/slow/"):
+            try:
+                # Nothing more comes from the gateway on this connection but its close.
+                closed = await asyncio.wait_for(reader.read(1), 3) == b""
+            except TimeoutError:
+                closed = False
+            except ConnectionError:
+                closed = True
+            if closed:
+                self.slow["aborted"] += 1
+                return False
+            self.slow["answered"] += 1
+            _write(writer, 200, [("cache-control", "max-age=60")], b"slow")
         elif path == "/hang":
             await asyncio.sleep(2)
             _write(writer, 200, [("cache-control", "no-store")], b"late")

@@ -692,3 +692,28 @@ def test_fast_hits_count_in_metrics_and_health() -> None:
     assert (
         'cachegw_requests_total{cache_status="HIT",route="/{rest:path}",service="svc"} 3.0' in text
     )
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_fast_path_applies_the_header_limits_of_the_ordinary_path(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A hit the fast path could answer, with one header line of 9 to 16 KB: a 431 as on
+    the ordinary path, never the entry (issue 24)."""
+    store: Any = None
+    if backend == "redis":
+        store = request.getfixturevalue("redis_url")  # opened and closed by the gateway
+    stub = StubUpstream()
+    stub.route("/x", body=b"entry", headers=[(b"cache-control", b"max-age=60")])
+    with gateway_for(stub, backend=store) as (client, base):
+        assert client.get("/svc/x").status_code == 200
+        assert client.get("/svc/x").headers["x-cache-status"] == "HIT"
+        for size in (8200, 9 * 1024, 12 * 1024, 16 * 1024 - 100):
+            big = b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+            answer = raw_request(base, big)
+            assert status_of(answer) == 431, answer[:200]
+        # Lines under the limit, together under 16 KiB: still a hit.
+        fine = b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-A: " + b"a" * 7000 + b"\r\n"
+        fine += b"X-B: " + b"b" * 7000 + b"\r\n\r\n"
+        assert b"x-cache-status: HIT" in raw_request(base, fine)
+    assert stub.hits["/x"] == 1

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis as redis_lib
 
@@ -26,6 +27,7 @@ from cachegw import CachePolicy, RedisBackend
 from cachegw._engine import CacheEngine, Fetched, RequestInfo
 from cachegw._keys import hash_parts
 from tests.chaos import Answer, Gateway, Origin, burst, get, request_bytes
+from tests.hostile import read_response
 from tests.redis_process import RedisProcess
 
 PREFIX = "rz"
@@ -183,17 +185,32 @@ def test_lock_timeout_bounds_the_wait_of_every_request(fleet: Fleet) -> None:
 
 
 def test_leader_client_going_away_does_not_fail_the_waiters(fleet: Fleet) -> None:
-    """The request that started the fetch hangs up: its fetch completes, is stored, and
-    the requests waiting on it (in both processes) get it."""
+    """The request that started the fetch hangs up while others wait on it: its fetch
+    completes, is stored, and the requests waiting on it (in both processes) get it.
+    (A fetch nobody waits for any more is cancelled: tests/test_abandoned.py.)"""
     a, b = fleet.gateways
-    fleet.origin.route("/gone/leader", body=b"kept", delay=0.3)
+    fleet.origin.route("/gone/leader", body=b"kept", delay=1.0)
     leader = socket.create_connection(("127.0.0.1", a.port))
     leader.sendall(request_bytes("/svc/gone/leader"))
     assert wait_for(lambda: fleet.origin.hits["/gone/leader"] == 1, 2)
+    waiters = []
+    for i in range(10):
+        sock = socket.create_connection(("127.0.0.1", (a, b)[i % 2].port), timeout=10)
+        sock.sendall(request_bytes("/svc/gone/leader"))
+        waiters.append(sock)
+
+    def waiting_in_a() -> bool:
+        health = httpx.get(f"{a.base}/_cachegw/health", timeout=5).json()
+        return bool(health["in_flight"]["waiting"] == 6)  # the leader's request and 5
+
+    assert wait_for(waiting_in_a, 5)
     leader.close()  # before the upstream answers
-    targets = [((a, b)[i % 2].port, request_bytes("/svc/gone/leader")) for i in range(10)]
-    answers, _ = burst(targets, timeout=10)
-    assert {(x.status, x.body, x.cache) for x in answers} == {(200, b"kept", "HIT")}
+    answers = []
+    for sock in waiters:
+        with sock:
+            answers.append(read_response(sock))
+    assert all(x.startswith(b"HTTP/1.1 200 ") and x.endswith(b"kept") for x in answers), answers
+    assert all(b"x-cache-status: HIT" in x for x in answers), answers
     assert fleet.origin.hits["/gone/leader"] == 1
     with fleet.redis.client() as client:
         assert wait_for(lambda: client.exists(primary_key("/gone/leader")) == 1, 5)

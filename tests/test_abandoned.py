@@ -1,0 +1,181 @@
+"""Work nobody waits for is let go (issue 24), against a real `cachegw serve` on the
+memory and the Redis backend: clients that send a GET and leave, and the requests that
+still wait for the same fetch. Timeouts are small for the test; no assertion is on a time
+shorter than 100 ms.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from redis_process import RedisProcess
+
+from tests.gateway_process import GatewayProcess
+from tests.hostile import HostileOrigin, read_response
+
+TOML = """
+[cache]
+backend = "{backend}"
+
+[[services]]
+name = "ab"
+upstream = "{upstream}"
+prefix = "/ab"
+ttl = 60
+timeout = 10
+max_connections = 4
+pool_timeout = 1
+
+  [[services.routes]]
+  path = "/{{rest:path}}"
+"""
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[HostileOrigin]:
+    origin = HostileOrigin().start()
+    yield origin
+    origin.close()
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def gateway(
+    request: pytest.FixtureRequest,
+    origin: HostileOrigin,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[int]:
+    backend = "memory"
+    if request.param == "redis":
+        redis: RedisProcess = request.getfixturevalue("redis_proc")
+        backend = redis.url
+    config = tmp_path_factory.mktemp("abandoned") / "gateway.toml"
+    config.write_text(TOML.format(backend=backend, upstream=origin.base))
+    gw = GatewayProcess(config)
+    gw.start()
+    yield gw.port
+    output = gw.stop()
+    assert "Traceback" not in output, output
+
+
+def send_get(port: int, path: str, method: str = "GET") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """The head of a response to a HEAD (it has a Content-Length but no body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def waiting(port: int) -> int:
+    """Requests of the gateway waiting for a fetch in flight (its health endpoint)."""
+    health = httpx.get(f"http://127.0.0.1:{port}/_cachegw/health", timeout=5).json()
+    return int(health["in_flight"]["waiting"])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def slow_hits(origin: HostileOrigin) -> int:
+    return sum(n for path, n in origin.hits.items() if path.startswith("/slow/"))
+
+
+def test_abandoned_gets_are_aborted_and_do_not_starve_the_pool(
+    gateway: int, origin: HostileOrigin
+) -> None:
+    tag = f"{gateway}-{time.monotonic_ns()}"
+    before = origin.slow.copy()
+    hits = slow_hits(origin)
+    # Three times the pool (4 connections): each client sends its GET and goes away.
+    for i in range(12):
+        send_get(gateway, f"/ab/slow/{tag}-{i}").close()
+    # A well-behaved miss on the same service is served, not queued into a 503.
+    ok = httpx.get(f"http://127.0.0.1:{gateway}/ab/small/{tag}", timeout=10)
+    assert ok.status_code == 200, ok.text
+    time.sleep(3.5)  # longer than the origin's answer would take
+    # Those that reached the upstream before their client's close was seen are aborted;
+    # none runs to its answer, and the ones still queued for the pool never go out.
+    assert origin.slow["answered"] == before["answered"]
+    assert origin.slow["aborted"] - before["aborted"] == slow_hits(origin) - hits
+
+
+def test_a_waiter_keeps_the_fetch_its_leader_left(gateway: int, origin: HostileOrigin) -> None:
+    path = f"/ab/slow/shared-{gateway}-{time.monotonic_ns()}"
+    before = origin.slow.copy()
+    hits = slow_hits(origin)
+    leader = send_get(gateway, path)
+    assert origin.wait_for(lambda: slow_hits(origin) == hits + 1)
+    waiter = send_get(gateway, path)
+    assert wait_until(lambda: waiting(gateway) == 2)  # the leader's request and the waiter
+    leader.close()
+    with waiter:
+        answer = read_response(waiter)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"slow"), answer
+    assert origin.slow["answered"] - before["answered"] == slow_hits(origin) - hits
+    assert origin.slow["aborted"] == before["aborted"]
+
+
+def test_a_fetch_everyone_left_is_aborted_once(gateway: int, origin: HostileOrigin) -> None:
+    path = f"/ab/slow/all-left-{gateway}-{time.monotonic_ns()}"
+    before = origin.slow.copy()
+    hits = slow_hits(origin)
+    clients = [send_get(gateway, path)]
+    assert origin.wait_for(lambda: slow_hits(origin) == hits + 1)
+    clients += [send_get(gateway, path) for _ in range(4)]
+    assert wait_until(lambda: waiting(gateway) == 5)
+    for sock in clients:
+        sock.close()
+    assert origin.wait_for(lambda: origin.slow["aborted"] == before["aborted"] + 1)
+    assert wait_until(lambda: waiting(gateway) == 0)
+    assert slow_hits(origin) == hits + 1  # coalesced: one upstream request, aborted
+    # Nothing was stored from it: the next request fetches again.
+    with send_get(gateway, path) as again:
+        answer = read_response(again)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"x-cache-status: miss" in answer.lower()
+
+
+def test_head_misses_are_fetched_as_one_get_stored_and_answered_without_body(
+    gateway: int, origin: HostileOrigin
+) -> None:
+    name = f"head-{gateway}-{time.monotonic_ns()}"
+    path = f"/ab/slow/{name}"
+    heads = [send_get(gateway, path, "HEAD") for _ in range(100)]
+    try:
+        answers = [read_head(sock) for sock in heads]
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert answer.endswith(b"\r\n\r\n") and b"content-length: 4\r\n" in answer
+        # 100 concurrent HEADs on a cold key: one upstream request, a GET.
+        assert origin.methods[f"GET /slow/{name}"] == 1
+        assert origin.methods[f"HEAD /slow/{name}"] == 0
+        # Stored: more HEADs and a GET are hits; no body followed any HEAD's head (the
+        # GET on the same connection is answered in order, with its body).
+        more = [send_get(gateway, path, "HEAD") for _ in range(20)]
+        for sock in more:
+            with sock:
+                assert b"x-cache-status: HIT" in read_head(sock)
+        heads[0].sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = read_response(heads[0])
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nslow"), got
+        assert b"x-cache-status: HIT" in got
+        assert origin.hits[f"/slow/{name}"] == 1
+    finally:
+        for sock in heads:
+            sock.close()
