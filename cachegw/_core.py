@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from cachegw._encoding import for_storage
 from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, strong_etag
-from cachegw._models import Fetched
+from cachegw._models import API_KEY_HEADERS, Fetched
 from cachegw._policy import (
     CacheControl,
     CachePolicy,
@@ -61,6 +61,7 @@ SLOW_HEADERS = frozenset(
     {
         b"authorization",
         b"cookie",
+        *(name.encode("ascii") for name in API_KEY_HEADERS),
         b"cache-control",
         b"pragma",
         b"if-none-match",

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import decimal
+import enum
 import functools
 import inspect
+import json
 import logging
+import uuid
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -16,16 +22,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import get_typed_signature
 from fastapi.routing import APIRoute, APIRouter, serialize_response
+from fastapi.security import SecurityScopes
 from fastapi.utils import is_body_allowed_for_status_code
 from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
+from pydantic import BaseModel
+from starlette.background import BackgroundTasks
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from cachegw._backends import cache_backend
 from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
+from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched_dependant
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
 from cachegw._models import Fetched, RequestInfo, Served
 from cachegw._policy import DEFAULT_STATUSES, KNOB_SPECS, CachePolicy, KeyFunc
@@ -37,6 +47,7 @@ __all__ = [
     "DEFAULT_TTL",
     "READ_DEADLINE",
     "Face",
+    "Marked",
     "PolicyFor",
     "cached",
     "engine_for",
@@ -146,6 +157,7 @@ def cached(
     ignore_request_cache_control: bool = False,
     policy: CachePolicy | None = None,
     per_host: bool = True,
+    shared: bool = False,
 ) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]:
     """Cache a FastAPI route handler's final response in the fastapi-cache2 backend.
 
@@ -164,11 +176,15 @@ def cached(
         @cached(ttl=60, vary=["Accept-Language"])
         async def get_item(item_id: int, q: str | None = None) -> Item: ...
 
-    The key is the method, the route's path template, the path parameters, the canonical
-    query string, the scheme and ``Host`` the app sees (what ``request.url_for`` builds
-    links from), the values of the ``vary`` request headers and the result of ``key``.
-    What is stored is the response exactly as FastAPI would send it (``response_model``
-    applied), replayed byte for byte on a hit.
+    The key is the route that matched (its handler, full path template and the path as
+    received), the path parameters, the canonical query string, every header, cookie and
+    security input the route's dependency tree declares (credentials only as a hash),
+    the scheme and ``Host`` the app sees (what ``request.url_for`` builds links from), the
+    values of the ``vary`` request headers and the result of ``key``. A route that takes
+    a ``Request`` (in its handler or any dependency) can read inputs nobody declared: its
+    entries are not shared with requests carrying credentials unless it sets ``key``,
+    ``vary`` or ``shared=True``. What is stored is the response exactly as FastAPI would
+    send it (``response_model`` applied), replayed byte for byte on a hit.
 
     Parameters:
 
@@ -186,9 +202,15 @@ def cached(
       accepts. Only for a handler whose answer never depends on them (no ``url_for``,
       ``request.url`` or ``base_url`` in the body or headers): otherwise one client's
       ``Host`` ends up in every client's answer.
+    * **shared** - ``True`` states that the answer depends only on the inputs the route
+      declares, even though it takes a ``Request``: no warning, and requests whose
+      declared credentials are keyed use the cache. Requests carrying undeclared
+      credentials still bypass shared entries.
     """
     if not isinstance(per_host, bool):
         raise TypeError(f"per_host must be True or False, got {per_host!r}")
+    if not isinstance(shared, bool):
+        raise TypeError(f"shared must be True or False, got {shared!r}")
     policies: PolicyFor
     if policy is None:
         # Every knob parameter of this function, as given: CachePolicy validates them.
@@ -205,7 +227,7 @@ def cached(
         raise TypeError(f"policy must be a CachePolicy, got {policy!r}")
     else:
         policies = PolicyFor.fixed(policy)
-    face = Face(name="@cached", policy=policies, per_host=per_host)
+    face = Face(name="@cached", policy=policies, per_host=per_host, shared=shared)
 
     def decorator(func: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
         return wrap(func, face)
@@ -264,6 +286,13 @@ class Face:
     name: str  # in messages: "@cached", "@cache"
     policy: Callable[[], CachePolicy]
     per_host: bool = True
+    # The answer depends only on declared inputs, whatever the route can read.
+    shared: bool = False
+    # fastapi-cache2's namespace: keys start with ``{prefix}:{namespace}:`` so that
+    # ``FastAPICache.clear(namespace=...)`` finds them.
+    namespace: str = ""
+    # Keys the handler's resolved arguments too (fastapi-cache2 keys on them).
+    key_arguments: bool = False
     request_param: str = _REQUEST_PARAM
     response_param: str = _RESPONSE_PARAM
     # Replaces the default key's identity rule: its result is the key's own part
@@ -286,6 +315,27 @@ class _Warned:
         if kind not in self.kinds:
             self.kinds.add(kind)
             logger.warning(message, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """What a `wrap`-made handler carries for layers that answer its hits before
+    routing (`cachegw.CachedHits`)."""
+
+    face: Face
+    #: The handler's identity in keys: module and qualified name (the same in every process).
+    route_id: str
+    #: The parameters the wrapper added to the handler's signature.
+    own_params: frozenset[str]
+    #: The wrapper itself: a decorator above it that copies attributes with
+    #: ``functools.wraps`` (an auth check) copies this too, but is not it.
+    wrapper: Callable[..., Any]
+
+
+def marked(endpoint: object) -> Marked | None:
+    """The `Marked` of ``endpoint`` when it *is* a cachegw handler (not a wrapper of one)."""
+    mark = getattr(endpoint, "__cachegw__", None)
+    return mark if isinstance(mark, Marked) and mark.wrapper is endpoint else None
 
 
 def wrap(func: Callable[P, Any], face: Face) -> Callable[P, Awaitable[Any]]:
@@ -311,6 +361,8 @@ def wrap(func: Callable[P, Any], face: Face) -> Callable[P, Awaitable[Any]]:
     response_name = response_param or face.response_param
     is_coroutine = inspect.iscoroutinefunction(func)
     warned = _Warned()
+    own_params = frozenset(p.name for p in extra)
+    route_id = f"{getattr(func, '__module__', '')}:{_qualname(func)}"
 
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -337,14 +389,16 @@ def wrap(func: Callable[P, Any], face: Face) -> Callable[P, Awaitable[Any]]:
                 _qualname(func),
             )
             return await call()
-        return await _serve(request, sub_response, face, call, warned, args, kwargs)
+        return await _serve(
+            request, sub_response, face, call, warned, args, kwargs, route_id, own_params
+        )
 
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[*_without_var_kw(signature), *extra, *_var_kw(signature)]
     )
     # How this route caches, for layers that answer its hits before routing: they must
     # apply the same policy, key rule and `finish` (fastapi-cache2's headers).
-    wrapper.__cachegw_face__ = face  # type: ignore[attr-defined]
+    wrapper.__cachegw__ = Marked(face, route_id, own_params, wrapper)  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -390,11 +444,15 @@ async def _serve(
     warned: _Warned,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    route_id: str,
+    own_params: frozenset[str],
 ) -> Response:
     policy = face.policy()
     backend = FastAPICache._backend
     headers = _request_headers(request)
     route = request.scope.get("route")
+    dependant = matched_dependant(request.scope)
+    inputs = NO_INPUTS if dependant is None else inputs_of(dependant, own_params)
     template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
     if (
         request.method not in ("GET", "HEAD")
@@ -443,20 +501,41 @@ async def _serve(
         keyed = True
     if key_extra is None:
         return await _uncached(fetch, "fwd=bypass")
+    undeclared = bool(inputs.opaque) and not (face.shared or policy.vary or keyed)
+    if undeclared:
+        _warn_undeclared(warned, face, request.method, template, inputs)
+    if (inputs.body or inputs.opaque) and _has_body(headers):
+        # The answer may depend on the body, which is not in the key.
+        return await _uncached(fetch, "fwd=bypass; detail=body")
+    # Declared credentials are keyed: each principal gets its own entries. A route that
+    # can read undeclared inputs does not count on it (docs/decorator.md).
+    keyed = keyed or (inputs.keys_principal and not undeclared)
+    if face.key_arguments and not own_key:
+        key_extra += _arguments_key(kwargs, own_params, warned, face, template)
 
     engine = engine_for(backend)
     path_params = request.path_params
     prefix = FastAPICache._prefix or "cachegw"
+    if face.namespace:
+        prefix = f"{prefix}:{face.namespace}"
     if own_key:
         # The user's key builder decides what the key is made of; the route and the
         # origin (issue 18) are kept so two routes or two hosts never share an entry.
-        parts = [request.scope.get("root_path", "") + template, "key_builder", key_extra]
+        # Its key leads, so FastAPICache.clear(key=...) finds the entry (see compat).
+        parts = [route_id, request.scope.get("root_path", "") + template, request.url.path]
         if face.per_host:
             parts.append(origin(request.scope))
-        primary = hash_parts(prefix, parts)
+        primary = hash_parts(key_extra, parts)
     else:
         primary = handler_key(
-            prefix, request.scope, template, path_params, key_extra, per_host=face.per_host
+            prefix,
+            request.scope,
+            route_id,
+            template,
+            path_params,
+            key_extra,
+            inputs.parts(request.scope["headers"]),
+            per_host=face.per_host,
         )
     tags = [format_tag(t, path_params) for t in policy.tags]
     scopes = scopes_for("", request.url.path, [*tags, *face.extra_tags])
@@ -468,6 +547,7 @@ async def _serve(
         scopes=scopes,
         target=scopes[2],  # the path: every query, variant and principal
         read_deadline=request.scope.get(READ_DEADLINE),
+        credentials=inputs.credentials,
     )
     try:
         served = await engine.serve(info, policy, fetch)
@@ -488,6 +568,101 @@ async def _serve(
     if face.finish is not None:
         face.finish(response, request, policy)
     return response
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+
+
+def _warn_undeclared(
+    warned: _Warned, face: Face, method: str, template: str, inputs: RouteInputs
+) -> None:
+    warned.once(
+        "undeclared",
+        "cachegw: %s on %s %s: %s can read request inputs the route does not declare, "
+        "so requests carrying credentials (%s) bypass its shared entries. Declare what "
+        "the answer depends on (Header(), Cookie(), Security()), or pass vary=[...], "
+        "key=... or shared=True (see the decorator documentation).",
+        face.name,
+        method,
+        template,
+        "; ".join(inputs.opaque),
+        ", ".join(sorted(inputs.credentials)),
+    )
+
+
+def _arguments_key(
+    kwargs: dict[str, Any],
+    own_params: frozenset[str],
+    warned: _Warned,
+    face: Face,
+    template: str,
+) -> str:
+    """The handler's resolved arguments with a stable encoding, as a key part
+    (fastapi-cache2 keys on them); an argument without one is left out, with a warning
+    naming it, instead of making every request a miss or two requests collide."""
+    parts = []
+    for name in sorted(kwargs):
+        if name in own_params or isinstance(kwargs[name], _NOT_ARGUMENTS):
+            continue
+        encoded = stable_encoding(kwargs[name])
+        if encoded is None:
+            warned.once(
+                f"argument:{name}",
+                "cachegw: %s on %s: argument %r (%s) has no stable encoding, so it is "
+                "not part of the key; the inputs it is built from still are. Give it a "
+                "type with one (str, numbers, Pydantic models, dataclasses, ...) or use "
+                "a key_builder to key it yourself.",
+                face.name,
+                template,
+                name,
+                type(kwargs[name]).__qualname__,
+            )
+            continue
+        parts.append(f"{name}={encoded}")
+    return "\x00" + "\x00".join(parts) if parts else ""
+
+
+# What FastAPI injects rather than resolves from the request's inputs.
+_NOT_ARGUMENTS = (HTTPConnection, Response, BackgroundTasks, SecurityScopes)
+
+
+def stable_encoding(value: Any) -> str | None:
+    """A text that is the same for equal values in every process, or None."""
+    try:
+        return json.dumps(_plain_data(value), sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain_data(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, enum.Enum):
+        return [type(value).__qualname__, _plain_data(value.value)]
+    if isinstance(value, uuid.UUID | decimal.Decimal | datetime.date | datetime.time):
+        return [type(value).__qualname__, str(value)]
+    if isinstance(value, datetime.timedelta):
+        return ["timedelta", value.total_seconds()]
+    if isinstance(value, BaseModel):
+        return [type(value).__qualname__, value.model_dump(mode="json")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return [
+            type(value).__qualname__,
+            {f.name: _plain_data(getattr(value, f.name)) for f in fields},
+        ]
+    if isinstance(value, list | tuple):
+        return [_plain_data(item) for item in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_plain_data(item) for item in value), key=repr)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain_data(v) for k, v in value.items()}
+    raise TypeError(type(value).__qualname__)
 
 
 def _bypasses(info: RequestInfo) -> bool:

@@ -1,11 +1,16 @@
 """`CachedHits`: plain hits of ``@cached`` routes answered before FastAPI's routing.
 
 A hit through FastAPI pays for routing, request parsing and dependency solving before the
-decorator even looks at the cache. This ASGI layer looks first: for a plain ``GET`` or
-``HEAD`` of a route whose handler is decorated with ``@cached``, it finds the route the
-way Starlette's router would (the first route that fully matches), builds the same key
-as the decorator (`cachegw._keys.handler_key`) and answers a fresh entry itself. Anything
-else, and any doubt, goes on to the application unchanged.
+decorator even looks at the cache. This layer looks first: for a plain ``GET`` or ``HEAD``
+of a route whose endpoint *is* a ``@cached`` handler, it finds the route the way
+Starlette's router would (the first route that fully matches), builds the same key as the
+decorator (`cachegw._keys.handler_key`) and answers a fresh entry itself. Anything else,
+and any doubt, goes on to the router unchanged.
+
+It answers from the router's entrance — inside every middleware of the application,
+whatever order they were added in (an authentication middleware still refuses a request
+whose answer is cached) — by wrapping the router's ``middleware_stack`` (Starlette's
+router-level middleware chain) the first time a request passes.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cachegw._core import SLOW_HEADERS
-from cachegw._decorator import READ_DEADLINE, Face, engine_for
+from cachegw._decorator import READ_DEADLINE, Marked, engine_for, marked
 from cachegw._engine import CacheEngine
 from cachegw._entry import Entry, VaryMarker
+from cachegw._inputs import inputs_of
 from cachegw._keys import handler_key
 from cachegw._models import RequestInfo, Served
 from cachegw._store import end_read_budget, read_budget
@@ -33,32 +39,58 @@ _NO_HEADERS: dict[str, str] = {}
 
 
 class CachedHits:
-    """ASGI middleware that answers plain hits of ``@cached`` routes before routing.
+    """Answers plain hits of ``@cached`` routes before FastAPI's routing.
 
     Usage::
 
         app = FastAPI(lifespan=lifespan)
-        app.add_middleware(CachedHits)   # first, before any other middleware
+        app.add_middleware(CachedHits)
 
-    Middleware added after it runs before it, on hits too (CORS, GZip, sessions, ...);
-    middleware added before it does not see the requests it answers, so add it first.
-    ``CachedHits(app)`` around a FastAPI app (served instead of it) works too, and
-    answers hits before even FastAPI's own entry point, but then no middleware of the app
-    sees them.
+    Wherever it is added, hits are answered at the router's entrance, after every
+    middleware of the application (authentication, CORS, GZip, sessions, ...) has run:
+    a middleware that refuses a request refuses it on hits too. ``CachedHits(app)``
+    around a FastAPI app (served instead of it) works the same way.
 
     Only what needs no decision of the application is answered here: a ``GET``/``HEAD``
     without credentials, ``Cache-Control``, conditionals, ``Range`` or a body, of a route
-    whose handler is decorated with ``@cached`` without a ``key`` function and whose
-    parameters are path and query parameters only (no ``Depends``, headers, cookies,
-    body or security: those run, and may refuse the request, on every request), found
-    fresh and not purged. Everything else takes the ordinary path, which serves hits as
-    before.
+    whose endpoint is the ``@cached`` handler itself (not a decorator wrapped around it,
+    such as an authentication check) without a ``key`` function, whose parameters are
+    path and query parameters only (no ``Depends``, headers, cookies, body or security:
+    those run, and may refuse the request, on every request), found fresh and not purged.
+    Everything else takes the ordinary path, which serves hits as before.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._routes: dict[tuple[str, str, str], tuple[APIRoute, Face, dict[str, Any]] | None] = {}
-        self._router: tuple[int, int] = (0, 0)
+        self._installed: set[int] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            owner = scope.get("app") or self.app
+            if id(owner) not in self._installed:
+                self._installed.add(id(owner))
+                _install(getattr(owner, "router", None))
+        await self.app(scope, receive, send)
+
+
+def _install(router: Any) -> None:
+    """Put a `_RouterHits` at the entrance of ``router`` (once)."""
+    stack = getattr(router, "middleware_stack", None)
+    if stack is None or isinstance(stack, _RouterHits):
+        return
+    router.middleware_stack = _RouterHits(stack, router)
+
+
+class _RouterHits:
+    """The hit layer at a router's entrance (see `CachedHits`)."""
+
+    def __init__(self, app: ASGIApp, router: Any) -> None:
+        self.app = app
+        self.router = router
+        self._routes: dict[
+            tuple[str, str, str], tuple[APIRoute, Marked, dict[str, Any]] | None
+        ] = {}
+        self._seen: tuple[int, int] = (0, 0)
         self._keys: dict[tuple[Any, ...], str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,12 +121,12 @@ class CachedHits:
         found = self._route(scope)
         if found is None:
             return None
-        route, face, path_params = found
-        policy = face.policy()
+        route, mark, path_params = found
+        policy = mark.face.policy()
         if policy.key is not None or policy.early_refresh:
             return None
         engine = engine_for(backend)
-        key = self._key(scope, route, face, path_params, host)
+        key = self._key(scope, route, mark, path_params, host)
         info = RequestInfo(method=scope["method"], key=key, headers=_NO_HEADERS)
         if engine.store.inline:
             entry = await self._lookup(engine, info, scope)
@@ -129,11 +161,12 @@ class CachedHits:
         self,
         scope: Scope,
         route: APIRoute,
-        face: Face,
+        mark: Marked,
         path_params: dict[str, Any],
         host: bytes | None,
     ) -> str:
         """`handler_key`, memoised on everything it reads (bounded)."""
+        face = mark.face
         prefix = FastAPICache._prefix or "cachegw"
         memo = (
             prefix,
@@ -148,42 +181,51 @@ class CachedHits:
         )
         key = self._keys.get(memo)
         if key is None:
-            key = handler_key(prefix, scope, route.path, path_params, per_host=face.per_host)
+            # Eligible routes declare no header or cookie inputs: `parts` is empty, and
+            # asked all the same so that the decorator's key rule has one owner.
+            inputs = inputs_of(route.dependant, mark.own_params).parts(scope["headers"])
+            key = handler_key(
+                prefix,
+                scope,
+                mark.route_id,
+                route.path,
+                path_params,
+                "",
+                inputs,
+                per_host=face.per_host,
+            )
             if len(self._keys) >= _MEMO_SIZE:
                 self._keys.clear()
             self._keys[memo] = key
         return key
 
-    def _route(self, scope: Scope) -> tuple[APIRoute, Face, dict[str, Any]] | None:
+    def _route(self, scope: Scope) -> tuple[APIRoute, Marked, dict[str, Any]] | None:
         """The route Starlette's router would pick, when it is an eligible ``@cached``
         route, with its path params; memoised per path (bounded)."""
-        router = getattr(self.app, "router", None) or getattr(scope.get("app"), "router", None)
-        routes = getattr(router, "routes", None)
+        routes = getattr(self.router, "routes", None)
         if routes is None:
             return None
-        # Routes added later (or another app behind the same layer) start a new memo.
-        current = (id(router), len(routes))
-        if current != self._router:
+        # Routes added later start a new memo.
+        current = (id(routes), len(routes))
+        if current != self._seen:
             self._routes.clear()
-            self._router = current
+            self._seen = current
         memo = (scope.get("root_path", ""), scope["path"], scope["method"])
         if memo in self._routes:
             return self._routes[memo]
-        found: tuple[APIRoute, Face, dict[str, Any]] | None = None
+        found: tuple[APIRoute, Marked, dict[str, Any]] | None = None
         for route in routes:
             match, child = route.matches(scope)
             if match is Match.FULL:
-                face = getattr(route, "endpoint", None) and getattr(
-                    route.endpoint, "__cachegw_face__", None
-                )
+                mark = marked(getattr(route, "endpoint", None))
                 if (
                     isinstance(route, APIRoute)
-                    and isinstance(face, Face)
-                    and face.key_builder is None
-                    and face.finish is None
+                    and mark is not None
+                    and mark.face.key_builder is None
+                    and mark.face.finish is None
                     and _plain(route)
                 ):
-                    found = (route, face, dict(child.get("path_params", {})))
+                    found = (route, mark, dict(child.get("path_params", {})))
                 break
         if len(self._routes) >= _MEMO_SIZE:
             self._routes.clear()

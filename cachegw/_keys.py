@@ -68,27 +68,36 @@ def origin(scope: Mapping[str, Any]) -> str:
 def handler_key(
     prefix: str,
     scope: Mapping[str, Any],
+    route: str,
     template: str,
     path_params: Mapping[str, Any],
     key_extra: str = "",
+    inputs: Iterable[str] = (),
     *,
     per_host: bool = True,
 ) -> str:
     """The primary key of a decorated handler's response (``@cached`` and its
     fastapi-cache2-compatible face share it, and so do hits answered before routing).
 
-    Parts: the root path (where the app is mounted) and the route's path template, the
-    path params, the canonical query, the result of the route's ``key`` function and,
-    unless ``per_host`` is off, the request's `origin` (issue 18: a handler that builds
-    links with ``url_for`` answers differently per host, so two hosts never share an
-    entry). The ``vary`` headers select a variant below this key (see the engine).
+    Parts (docs/decorator.md, "What the key covers"): the route that matched — its
+    handler (``route``: module and qualified name), the root path (where the app is
+    mounted) with the route's path template, and the concrete path as the app received
+    it, so one handler reached under two include prefixes or mounts never shares an entry
+    whatever the FastAPI version reports as the template — the path params, the canonical
+    query, the declared header and cookie inputs (``inputs``, see `cachegw._inputs`), the
+    result of the route's ``key`` function and, unless ``per_host`` is off, the request's
+    `origin` (a handler that builds links with ``url_for`` answers differently per host).
+    The ``vary`` headers select a variant below this key (see the engine).
     """
     return hash_parts(
         prefix,
         (
+            route,
             scope.get("root_path", "") + template,
+            scope.get("root_path", "") + "\x00" + scope.get("path", ""),
             *(f"{k}={path_params[k]}" for k in sorted(path_params)),
             canonical_query(scope.get("query_string", b"")),
+            *inputs,
             key_extra,
             origin(scope) if per_host else "",
         ),

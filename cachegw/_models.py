@@ -13,7 +13,13 @@ from typing import Protocol
 
 from cachegw._entry import Headers, Item
 
-__all__ = ["Fetch", "Fetched", "RequestInfo", "Served"]
+__all__ = ["API_KEY_HEADERS", "CREDENTIAL_HEADERS", "Fetch", "Fetched", "RequestInfo", "Served"]
+
+#: The common API-key headers, treated like ``Authorization`` by default (a request that
+#: carries one does not meet shared entries): the gateway's ``credential_headers`` default.
+API_KEY_HEADERS = ("x-api-key", "api-key", "x-auth-token", "x-access-token")
+#: Request headers that carry a caller's credentials, by default.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", *API_KEY_HEADERS})
 
 
 @dataclass(slots=True)
@@ -44,10 +50,13 @@ class RequestInfo:
     # When its backend reads must be done (event-loop time), if a budget was started
     # before the engine saw it (cachegw.CachedHits); else the engine starts one.
     read_deadline: float | None = None
+    # Header names that carry credentials for this route (docs/security.md).
+    credentials: frozenset[str] = CREDENTIAL_HEADERS
 
     @property
     def authorized(self) -> bool:
-        return "authorization" in self.headers or "cookie" in self.headers
+        """The request carries credentials: a shared entry may not answer it."""
+        return not self.credentials.isdisjoint(self.headers)
 
     @property
     def target_scope(self) -> str:

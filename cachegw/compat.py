@@ -150,6 +150,8 @@ def cache(
             request_param=f"{injected_dependency_namespace}_request",
             response_param=f"{injected_dependency_namespace}_response",
             key_builder=build_key,
+            namespace=namespace,
+            key_arguments=True,
             extra_tags=(tag,) if tag else (),
             finish=_fastapi_cache_headers,
         )

@@ -205,7 +205,9 @@ def test_origin_is_what_starlette_builds_base_url_from() -> None:
 
 def test_handler_key_separates_hosts_schemes_and_mount_points() -> None:
     def key(per_host: bool = True, **kw: Any) -> str:
-        return handler_key("p", _scope(**kw), "/items/{id}", {"id": 1}, per_host=per_host)
+        return handler_key(
+            "p", _scope(**kw), "m:get_item", "/items/{id}", {"id": 1}, per_host=per_host
+        )
 
     a = key(headers=[(b"host", b"a.example")])
     assert a == key(headers=[(b"host", b"a.example")])

@@ -178,16 +178,21 @@ class MemoryBackend(Backend):
         """Delete ``key``, or else every key starting with ``namespace``; return how many.
 
         ``key`` wins when both are given (``FastAPICache.clear(key=...)`` passes its
-        prefix as ``namespace`` too). ``namespace=""`` matches every key.
+        prefix as ``namespace`` too); it also takes the entries stored under
+        ``{key}:...`` (the `cachegw.compat` entries of a key builder's key, with their
+        locks). ``namespace=""`` matches every key.
         """
         if key is not None:
-            return int(self._drop(key))
-        if namespace is None:
+            dropped = int(self._drop(key))
+            namespace = f"{key}:"
+        elif namespace is None:
             return 0
+        else:
+            dropped = 0
         doomed = [k for k in self._data if k.startswith(namespace)]
         for k in doomed:
             self._drop(k)
-        return len(doomed)
+        return dropped + len(doomed)
 
     def stats(self) -> dict[str, int]:
         """Current size and bounds: ``entries``, ``bytes``, ``max_entries``,

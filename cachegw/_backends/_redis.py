@@ -202,17 +202,20 @@ class RedisBackend(Backend):
         """Delete ``key``, or else every key starting with ``namespace``; return how many.
 
         ``key`` wins when both are given (``FastAPICache.clear(key=...)`` passes its
-        prefix as ``namespace`` too). ``namespace=""`` matches every key in the
-        database. Uses ``SCAN`` (on every primary of a cluster) and batched
-        ``UNLINK``, so Redis is never blocked by a large keyspace.
+        prefix as ``namespace`` too); it also takes the entries stored under
+        ``{key}:...`` (the `cachegw.compat` entries of a key builder's key, with their
+        locks). ``namespace=""`` matches every key in the database. Uses ``SCAN`` (on
+        every primary of a cluster) and batched ``UNLINK``, so Redis is never blocked by
+        a large keyspace.
         """
         client = self.client
+        removed = 0
         if key is not None:
-            return int(await client.unlink(key))
-        if namespace is None:
+            removed = int(await client.unlink(key))
+            namespace = f"{key}:"
+        elif namespace is None:
             return 0
         pattern = _GLOB_SPECIALS.sub(r"\\\1", namespace) + "*"
-        removed = 0
         batch: list[bytes] = []
         async for found in client.scan_iter(match=pattern, count=_CLEAR_BATCH):
             batch.append(found)
