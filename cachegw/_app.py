@@ -372,6 +372,7 @@ class _Proxy:
             target=scopes[2],  # the path: every query string, variant and principal
             service=service.name,
             head_as_get=True,
+            credentials=service.credentials,
         )
         served = await engine.serve(info, policy, fetch)
         if method == "GET" and "range" in headers and served.stream is None:
@@ -527,6 +528,8 @@ def _fast_hit(
     if matched is None:
         return None
     service, route, rest, _ = matched
+    if service.slow_credentials and any(n in service.slow_credentials for n, _ in headers):
+        return None  # a credential header of this service's own list
     policy = route.policy
     verb = "GET" if method == b"GET" else "HEAD"
     if (policy.methods is not None and verb not in policy.methods) or policy.key is not None:

@@ -65,7 +65,16 @@ _UPSTREAM_KEYS = frozenset(
 )
 _SERVICE_KEYS = (
     frozenset(
-        {"name", "upstream", "prefix", "hosts", "forward_headers", "rewrite_redirects", "routes"}
+        {
+            "name",
+            "upstream",
+            "prefix",
+            "hosts",
+            "forward_headers",
+            "credential_headers",
+            "rewrite_redirects",
+            "routes",
+        }
     )
     | _UPSTREAM_KEYS
     | KNOBS

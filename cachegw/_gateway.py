@@ -22,7 +22,9 @@ from starlette.routing import compile_path
 
 from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
+from cachegw._core import SLOW_HEADERS
 from cachegw._errors import ConfigError, redact
+from cachegw._models import API_KEY_HEADERS
 from cachegw._policy import CachePolicy, parse_duration
 from cachegw._proxies import TrustedProxies
 from cachegw._server import ServerLimits
@@ -85,6 +87,12 @@ class Service:
     * **rewrite_redirects** - rewrite a ``Location`` or ``Content-Location`` that points at
       the upstream's own address (below its base path) to the path clients reach it by,
       ``prefix`` included (nginx's ``proxy_redirect default``); on by default.
+    * **credential_headers** - request headers that carry a caller's credentials,
+      treated like ``Authorization`` and ``Cookie`` (always credentials): a request that
+      carries one is neither answered from nor stored in a shared entry unless the route
+      keys the principal (``key``) or the response says ``public``/``s-maxage``/
+      ``must-revalidate``. Default: ``X-API-Key``, ``Api-Key``, ``X-Auth-Token``,
+      ``X-Access-Token``.
     * **timeout** - the default of the four phase timeouts below (10 s).
     * **connect_timeout** - seconds to connect to the upstream (nginx
       ``proxy_connect_timeout``); past it, a 504.
@@ -112,6 +120,7 @@ class Service:
         hosts: Iterable[str] | None = None,
         forward_headers: Iterable[str] = (),
         rewrite_redirects: bool = True,
+        credential_headers: Iterable[str] = API_KEY_HEADERS,
         connect_timeout: float | str | None = None,
         read_timeout: float | str | None = None,
         write_timeout: float | str | None = None,
@@ -160,6 +169,15 @@ class Service:
                 f"got {rewrite_redirects!r}"
             )
         self.rewrite_redirects = rewrite_redirects
+        self.credential_headers = _check_credential_headers(credential_headers, name)
+        #: Lower-case names of every request header that carries credentials here.
+        self.credentials = frozenset(
+            {"authorization", "cookie", *(h.lower() for h in self.credential_headers)}
+        )
+        #: Those the protocol-level hit path does not already leave to the ordinary one.
+        self.slow_credentials = (
+            frozenset(h.encode("latin-1") for h in self.credentials) - SLOW_HEADERS
+        )
         self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
         self._default_values = dict(defaults)
         self.routes: list[Route] = []
@@ -465,6 +483,19 @@ def _check_hosts(hosts: object, name: str) -> tuple[str, ...] | None:
             f"any host), got []"
         )
     return tuple(dict.fromkeys(out))
+
+
+def _check_credential_headers(headers: object, name: str) -> tuple[str, ...]:
+    where = f"credential_headers of service {name!r}"
+    expected = "a list of header names like ['X-API-Key']"
+    if isinstance(headers, str) or not isinstance(headers, Iterable):
+        raise ConfigError(f"{where} must be {expected}, got {headers!r}")
+    out = []
+    for header in headers:
+        if not isinstance(header, str) or not _TOKEN.match(header):
+            raise ConfigError(f"{where} must be {expected}, got {header!r}")
+        out.append(header)
+    return tuple(out)
 
 
 def _check_forward_headers(headers: object, name: str) -> tuple[str, ...]:

@@ -303,6 +303,7 @@ def _entries_differ(old: Service, new: Service) -> bool:
         or old.hosts != new.hosts
         or old.forward_headers != new.forward_headers
         or old.rewrite_redirects != new.rewrite_redirects
+        or old.credentials != new.credentials
     )
 
 
