@@ -334,3 +334,61 @@ def test_ignore_request_cache_control(backend: str) -> None:
         answers = [get(base, "/svc/slow/e", "gw.example", header) for header in DIRECTIVES]
     assert [headers["x-cache-status"] for _, headers, _ in answers] == ["HIT"] * 4
     assert stub.hits["/slow/e"] == 1
+
+
+# -- credentials other than Authorization and Cookie (issue 22) ------------------------------
+
+
+class Pages:
+    """An upstream that answers each caller's own page, from whichever credential header it
+    is given, cacheable and without Vary (as many APIs do)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.hits += 1
+        headers = dict(scope["headers"])
+        caller = headers.get(b"x-api-key") or headers.get(b"x-tenant-token") or b"anonymous"
+        body = b"page of " + caller
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("service", "header"),
+    [
+        ({}, "X-API-Key"),
+        ({}, "x-access-token"),
+        ({"credential_headers": ["X-Tenant-Token"]}, "X-Tenant-Token"),
+    ],
+    ids=["default-x-api-key", "default-x-access-token", "configured"],
+)
+def test_credential_headers_never_share_a_callers_page(
+    backend: str, service: dict[str, Any], header: str
+) -> None:
+    pages = Pages()
+    with run_uvicorn(pages) as origin:
+        svc = Service("svc", origin, prefix="/svc", **service)
+        svc.route("/{rest:path}", ttl=60)
+        gw = Gateway(services=[svc], backend=backend)
+        with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
+            status, alice, body = get(base, "/svc/me", "gw.example", f"{header}: alice")
+            assert status == 200 and alice["x-cache-status"] == "BYPASS"
+            for _ in range(3):  # the second and third are fast-path hits of the anonymous entry
+                status, anon, body = get(base, "/svc/me")
+                assert status == 200 and body == b"page of anonymous", body
+            _, bob, body = get(base, "/svc/me", "gw.example", f"{header}: bob")
+            assert bob["x-cache-status"] == "BYPASS"
+            assert b"alice" not in body
+    assert anon["x-cache-status"] == "HIT"
