@@ -279,7 +279,13 @@ class _Proxy:
         cacheable = not (method in ("GET", "HEAD") and has_body)
         metrics = self.runtime.metrics
         negotiate = cacheable and engine.compress_min is not None
-        if negotiate:
+        identity = cacheable and method == "GET" and "range" in headers
+        if identity:
+            # A range is cut from the identity form: a part of a compressed body is
+            # useless to real clients, which decode each response whole (issue 25). The
+            # request is an identity client's throughout: variant, upstream request, form.
+            headers.pop("accept-encoding", None)
+        elif negotiate:
             # Varnish's http_gzip_support: a client's Accept-Encoding is reduced to "gzip"
             # or nothing, for the variant key and the upstream alike (see `_encoding`).
             if accepts_gzip(headers.get("accept-encoding")):
@@ -327,7 +333,7 @@ class _Proxy:
             )
             if cacheable and method in ("GET", "HEAD"):
                 forward = [(n, v) for n, v in forward if n not in _CONDITIONAL]
-                if negotiate:
+                if negotiate or identity:
                     # The upstream gets the Accept-Encoding the cache negotiates with:
                     # gzip or nothing, so what it sends suits every client of the variant.
                     forward = [(n, v) for n, v in forward if n != b"accept-encoding"]

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from cachegw._encoding import for_storage
+from cachegw._encoding import encoded, for_storage, upstream_etag, valid_etag, with_vary
 from cachegw._encoding import revalidated as recoded
 from cachegw._entry import Entry, Headers, HitForMiss, Item, strong_etag
 from cachegw._models import API_KEY_HEADERS, Fetched
@@ -241,14 +241,16 @@ def refresh_early(entry: Entry, left: float, beta: float, draw: float) -> bool:
 def validators(entry: Entry | None) -> Headers:
     """Conditional request headers that revalidate ``entry`` with its origin.
 
-    Only the upstream's own validators: an ETag cachegw made up means nothing there.
+    Only the upstream's own validators: an ETag cachegw made up, or the suffixed ETag of
+    a form it compressed itself, means nothing there.
     """
     if entry is None:
         return []
     out: Headers = []
     for name, value in entry.headers:
-        if name == b"etag" and entry.etag is None:
-            out.append((b"if-none-match", value))
+        if name == b"etag" and entry.etag is None and valid_etag(value):
+            # The upstream's ETag, not the one of the form the gateway made (issue 25).
+            out.append((b"if-none-match", upstream_etag(entry.coding, value)))
         elif name == b"last-modified":
             out.append((b"if-modified-since", value))
     return out
@@ -277,6 +279,7 @@ class _Scanned:
     upstream_tags: list[str]
     set_cookie: bool = False
     etag_present: bool = False
+    bad_etag: bool = False  # an ETag that is no entity-tag (unquoted): treated as absent
     expires: str | None = None
     date: str | None = None
     last_modified: str | None = None
@@ -306,7 +309,10 @@ def _scan(headers: Headers) -> _Scanned:
         elif name == b"age":
             s.ages.append(value.decode("latin-1"))
         elif name == b"etag":
-            s.etag_present = True
+            if valid_etag(value):
+                s.etag_present = True
+            else:
+                s.bad_etag = True
     return s
 
 
@@ -384,6 +390,8 @@ def build_entry(
     if lifetime + max(fresh.stale_while_revalidate, fresh.stale_if_error, keep) <= 0:
         return None, []
     stored_headers = [(n, v) for n, v in fetched.headers if n not in request.unstored]
+    if s.bad_etag:
+        stored_headers = [(n, v) for n, v in stored_headers if n != b"etag" or valid_etag(v)]
     etag = None
     if not s.etag_present and fetched.status == 200:
         etag = strong_etag(fetched.body)
@@ -406,6 +414,12 @@ def build_entry(
             min_size=request.compress_min,
             max_size=policy.max_body,
         )
+    varies = {v.lower() for v in s.vary} | set(policy.vary)
+    if not coding and encoded(stored_headers):
+        # A coding the gateway cannot undo for a client that did not accept it: the entry
+        # is for requests with this one's Accept-Encoding only (issue 25).
+        stored_headers = with_vary(stored_headers)
+        varies.add("accept-encoding")
     started = request.started
     entry = Entry(
         status=fetched.status,
@@ -431,7 +445,7 @@ def build_entry(
         entry.tags = revalidated.tags
         entry.etag = revalidated.etag
         entry.shared_auth = revalidated.shared_auth or entry.shared_auth
-    return entry, sorted({v.lower() for v in s.vary} | set(policy.vary))
+    return entry, sorted(varies)
 
 
 def merge_not_modified(

@@ -8,7 +8,10 @@ Pure functions over plain data. When a response is stored (`for_storage`):
 * a ``200`` the upstream sent as ``gzip`` is stored as it came (coding `ORIGIN`), checked
   to decompress within a bound;
 * anything else, and any response with ``Cache-Control: no-transform`` (RFC 9111
-  §5.2.2.6), is stored as it came (no coding).
+  §5.2.2.6), is stored as it came (no coding). Such a body with a ``Content-Encoding``
+  the gateway cannot decode for a client (another coding, a gzip body that inflates past
+  the bound or is several members) is stored as a variant for the ``Accept-Encoding`` it
+  was fetched with (`encoded`; the engine keys it), never served to other clients.
 
 When an entry with a coding is served (`for_client`), a client whose ``Accept-Encoding``
 takes gzip (RFC 9110 §12.5.3) gets the stored bytes as they are; any other client gets
@@ -19,6 +22,7 @@ upstream sent, the other gets a suffix (``"abc"`` → ``"abc-gzip"`` or ``"abc-i
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable
 
@@ -26,9 +30,12 @@ __all__ = [
     "GZIP",
     "ORIGIN",
     "accepts_gzip",
+    "encoded",
     "for_client",
     "for_storage",
     "upstream_etag",
+    "valid_etag",
+    "with_vary",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -59,6 +66,8 @@ _TYPES = (
 _SUFFIXES = ("+json", "+xml")
 # Headers describing the bytes of the body, rewritten for the other form.
 _BODY_BOUND = frozenset({b"content-length", b"content-encoding", b"content-md5", b"etag"})
+# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE.
+_ENTITY_TAG = re.compile(rb'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"')
 _accepts_memo: dict[str, bool] = {}
 _MEMO_SIZE = 1024
 # The identity forms of recently served entries, by the id of the stored body (checked
@@ -153,6 +162,24 @@ def _suffixed(etag: bytes, suffix: bytes) -> bytes:
 def _unsuffixed(etag: bytes, suffix: bytes) -> bytes:
     tail = suffix + b'"'
     return etag[: -len(tail)] + b'"' if etag.endswith(tail) else etag
+
+
+def valid_etag(value: bytes) -> bool:
+    """Whether an ``ETag`` value is an entity-tag (RFC 9110 §8.8.3): quoted, optionally
+    weak. An unquoted one is treated as absent: it cannot be compared, nor told apart per
+    encoding."""
+    return _ENTITY_TAG.fullmatch(value.strip()) is not None
+
+
+def encoded(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the body has a ``Content-Encoding`` other than identity."""
+    coding = _header(headers, b"content-encoding")
+    return coding is not None and coding.strip().lower() not in ("", "identity")
+
+
+def with_vary(headers: Headers) -> Headers:
+    """``headers`` with ``Accept-Encoding`` among its ``Vary`` names."""
+    return _with_vary(headers)
 
 
 def _with_vary(headers: Headers) -> Headers:

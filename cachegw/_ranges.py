@@ -7,8 +7,9 @@ whether it came from the cache or was just fetched.
 * one range (``bytes=0-99``, ``bytes=100-``, ``bytes=-100``) → ``206`` with
   ``Content-Range: bytes first-last/length``;
 * no satisfiable range → ``416`` with ``Content-Range: bytes */length``;
-* several ranges, a range unit other than ``bytes``, a syntax error, or an ``If-Range``
-  that does not match strongly → the full ``200`` (§14.2 lets a server ignore ``Range``;
+* several ranges, a range unit other than ``bytes``, a syntax error, an ``If-Range``
+  that does not match strongly, or a body with a ``Content-Encoding`` → the full ``200``
+  (§14.2 lets a server ignore ``Range``;
   ``multipart/byteranges`` is not produced).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from cachegw._encoding import encoded
 from cachegw._policy import parse_http_date
 
 __all__ = ["ranged", "select_range"]
@@ -114,7 +116,9 @@ def ranged(
     ``request`` holds the request's headers (lower-case names). Only a ``200`` is cut.
     """
     value = request.get("range")
-    if value is None or status != 200:
+    if value is None or status != 200 or encoded(headers):
+        # A part of a compressed body is useless to real clients (they decode each
+        # response whole): the full response, as nginx answers (issue 25).
         return None
     if_range = request.get("if-range")
     if if_range is not None and not if_range_matches(if_range, headers):

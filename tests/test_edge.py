@@ -8,17 +8,20 @@ Front proxies are played by raw sockets bound to 127.0.0.1 (trusted) and 127.0.0
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import requests
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -443,3 +446,172 @@ def test_a_rotated_redis_password_never_appears_in_any_output(tmp_path: Any) -> 
         assert "reload of" in outputs[-1] and "rejected" in outputs[-1]  # the log line
         for output in outputs:
             assert old not in output and new not in output, output
+
+
+# --- content codings -----------------------------------------------------------------
+
+# A download worth resuming: compressible JSON, large enough to be stored gzip.
+DOWNLOAD = json.dumps([{"id": i, "name": f"item {i}", "tags": ["a", "b"]} for i in range(3000)])
+BODY = DOWNLOAD.encode()
+
+
+def _member(data: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return packer.compress(data) + packer.flush()
+
+
+class Origin:
+    """An upstream that answers per path as real ones do, honours If-None-Match with its
+    own ETag, and records the conditional headers it gets."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        path = scope["path"]
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.seen.append((path, headers))
+        gzip_ok = "gzip" in headers.get("accept-encoding", "")
+        status, body = 200, BODY
+        out = [(b"content-type", b"application/json")]
+        if path == "/plain":  # identity; the gateway compresses it (its own "-gzip" ETag)
+            out += [(b"etag", b'"v1"'), (b"cache-control", b"max-age=0")]
+            if headers.get("if-none-match") == '"v1"':
+                status, body = 304, b""
+        elif path == "/zipped" and gzip_ok:  # the upstream compresses (nginx's gzip on)
+            out += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
+            body = _member(BODY)
+        elif path == "/members" and gzip_ok:  # valid gzip, two members, no Vary
+            out += [(b"content-encoding", b"gzip")]
+            body = _member(BODY[:5000]) + _member(BODY[5000:])
+        elif path == "/bomb" and gzip_ok:  # inflates past the route's max_body, no Vary
+            out += [(b"content-encoding", b"gzip")]
+            body = _member(b" " * 300_000)
+        elif path == "/unquoted":
+            out += [(b"etag", b"abc123")]  # fresh for the route's ttl
+            if headers.get("if-none-match") == "abc123":
+                status, body = 304, b""
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def coded_gateway() -> Iterator[tuple[str, Origin]]:
+    origin = Origin()
+    with run_uvicorn(origin) as upstream:
+        svc = Service("dl", upstream, prefix="/dl", ttl=60, max_body="200KiB")
+        svc.route("/{rest:path}")
+        with serving(Gateway(services=[svc])) as base:
+            yield base, origin
+
+
+@pytest.mark.parametrize("path", ["/dl/plain", "/dl/zipped"])
+def test_real_clients_resume_a_ranged_download_of_a_gzip_entry(path: str) -> None:
+    with coded_gateway() as (base, _):
+        with httpx.Client(base_url=base, timeout=10) as client:
+            whole = client.get(path)  # httpx asks for gzip and decodes it
+            assert whole.headers["content-encoding"] == "gzip"
+            assert whole.content == BODY
+            # Interrupted after 10,000 decoded bytes; each client resumes from there.
+            resumed = client.get(path, headers={"range": "bytes=10000-"})
+            assert resumed.status_code == 206
+            assert "content-encoding" not in resumed.headers
+            assert resumed.headers["content-range"] == f"bytes 10000-{len(BODY) - 1}/{len(BODY)}"
+            assert BODY[:10000] + resumed.content == BODY
+            # If-Range with the identity form's validator (what a resumed 206 carried).
+            again = client.get(
+                path, headers={"range": "bytes=20000-", "if-range": resumed.headers["etag"]}
+            )
+            assert again.status_code == 206 and again.content == BODY[20000:]
+        with requests.Session() as session:  # requests asks for gzip, deflate (and more)
+            part = session.get(f"{base}{path}", headers={"Range": "bytes=-500"}, timeout=10)
+            assert part.status_code == 206
+            assert part.content == BODY[-500:]
+            assert session.get(f"{base}{path}", timeout=10).content == BODY
+
+
+@pytest.mark.parametrize(
+    ("path", "inflated"), [("/dl/members", BODY), ("/dl/bomb", b" " * 300_000)]
+)
+def test_a_coding_the_gateway_cannot_verify_is_not_served_to_others(
+    path: str, inflated: bytes
+) -> None:
+    with coded_gateway() as (base, origin):
+        for _ in range(2):  # a miss, then a hit of the entry stored for gzip clients
+            _, zipped, body = get(base, path, "Accept-Encoding: gzip")
+            assert zipped["content-encoding"] == "gzip"
+            assert gzip.decompress(body) == inflated
+        assert zipped["x-cache-status"] == "HIT"
+        assert "accept-encoding" in zipped["vary"].lower()
+        # A client that did not accept gzip never gets that entry.
+        for _ in range(2):
+            status, headers, body = get(base, path)
+            assert status == 200
+            assert "content-encoding" not in headers
+            assert body == BODY  # the upstream's answer without gzip
+        assert len([p for p, _ in origin.seen if p == path[3:]]) >= 2
+        # A range of such an entry is the identity range, or the full answer: never a
+        # part of a gzip stream.
+        status, headers, body = get(base, path, "Accept-Encoding: gzip", "Range: bytes=0-9")
+        assert (status, body) == (206, BODY[:10]) or (
+            status == 200 and "content-range" not in headers
+        )
+
+
+def test_revalidation_sends_the_upstreams_own_validator() -> None:
+    with coded_gateway() as (base, origin):
+        statuses = []
+        for accept in ("gzip", "gzip", "identity", "identity"):
+            status, headers, body = get(base, "/dl/plain", f"Accept-Encoding: {accept}")
+            assert status == 200
+            statuses.append(headers["x-cache-status"])
+            if accept == "gzip":
+                assert headers["etag"] == '"v1-gzip"'  # the form the gateway compressed
+                body = gzip.decompress(body)
+            assert body == BODY
+        # The stale entry is revalidated with the upstream's own "v1" (never the
+        # gateway's "v1-gzip"), and the upstream's 304 refreshes it.
+        assert statuses[1] == statuses[3] == "EXPIRED"
+        conditionals = [h.get("if-none-match") for p, h in origin.seen if p == "/plain"]
+        assert len(conditionals) == 4
+        assert [c for c in conditionals if c is not None] == ['"v1"', '"v1"']
+
+
+def test_an_unquoted_etag_is_treated_as_absent() -> None:
+    with coded_gateway() as (base, origin):
+        _, zipped, _ = get(base, "/dl/unquoted", "Accept-Encoding: gzip")
+        _, plain, body = get(base, "/dl/unquoted")
+        assert body == BODY
+        assert "abc123" not in zipped["etag"] and "abc123" not in plain["etag"]
+        assert zipped["etag"] != plain["etag"]  # each form its own, as with any ETag
+        # The gzip form's ETag does not validate the identity form.
+        status, _, body = get(base, "/dl/unquoted", f"If-None-Match: {zipped['etag']}")
+        assert status == 200 and body == BODY
+        status, _, _ = get(
+            base, "/dl/unquoted", "Accept-Encoding: gzip", f"If-None-Match: {zipped['etag']}"
+        )
+        assert status == 304
+        assert all(h.get("if-none-match") != "abc123" for _, h in origin.seen)
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        (b'"abc"', True),
+        (b'W/"abc"', True),
+        (b'""', True),
+        (b"abc", False),
+        (b'"a"b"', False),
+        (b'w/"abc"', False),
+        (b'"abc', False),
+    ],
+)
+def test_valid_etag(value: bytes, valid: bool) -> None:
+    from cachegw._encoding import valid_etag
+
+    assert valid_etag(value) is valid
