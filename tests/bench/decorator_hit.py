@@ -8,8 +8,14 @@ log, no ``Server`` header) pinned to CPU 0; the load generator runs on CPU 1. Ta
   bare bytes       a bare FastAPI route returning the JSON pre-serialized (a ceiling;
                    reference only)
   fastapi-cache2   fastapi-cache2 ``@cache(expire=60)`` on its InMemoryBackend, hit path
-  cachegw          cachegw ``@cached(ttl=60)`` on cachegw's MemoryBackend, hit path
+  cachegw          cachegw ``@cached(ttl=60)`` on cachegw's MemoryBackend, hit path, with
+                   ``CachedHits`` (hits answered before routing)
+  cachegw routed   the same without ``CachedHits`` (hits pay FastAPI's request handling)
   cachegw+fc2-mem  cachegw ``@cached(ttl=60)`` on fastapi-cache2's InMemoryBackend
+
+``--baseline-src DIR`` adds both cachegw targets again, served by the ``cachegw`` package of
+another checkout (``git worktree add DIR <commit>``), and prints the CPU cost per hit of this
+tree relative to it: a change's cost measured side by side in one run.
 
 Each cached target is warmed with one request and must answer HIT (``X-Cache-Status`` /
 ``X-FastAPI-Cache``) before every measurement, or the script aborts. Load comes from
@@ -66,6 +72,7 @@ class Target:
     factory: str
     hit_header: str | None  # response header that must say HIT on the second request
     checked: bool  # gets PASS/FAIL against the targets (the others are references)
+    env: dict[str, str] | None = None  # e.g. PYTHONPATH of a baseline checkout
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     rounds: list[Result] = field(default_factory=list)
@@ -76,6 +83,7 @@ TARGETS = [
     Target("bare FastAPI, bytes Response", "bare_bytes", None, checked=False),
     Target("fastapi-cache2 @cache", "fastapi_cache2", "x-fastapi-cache", checked=False),
     Target("cachegw @cached", "cachegw_memory", "x-cache-status", checked=True),
+    Target("cachegw @cached, no CachedHits", "cachegw_memory_routed", "x-cache-status", False),
     Target("cachegw @cached, fc2 InMemory", "cachegw_fc2_memory", "x-cache-status", checked=True),
 ]
 
@@ -85,7 +93,9 @@ TARGETS = [
 
 def start(target: Target) -> None:
     target.port = free_port()
-    target.proc = spawn(uvicorn_command(f"apps:{target.factory}", target.port), SERVER_CPU)
+    target.proc = spawn(
+        uvicorn_command(f"apps:{target.factory}", target.port), SERVER_CPU, env=target.env
+    )
 
 
 def wait_ready(target: Target, timeout: float = 30.0) -> None:
@@ -133,7 +143,27 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
+    parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="a checkout whose cachegw package serves two extra targets, for comparison",
+    )
     args = parser.parse_args()
+    if args.baseline_src:
+        # PYTHONSAFEPATH: no current directory (this tree) ahead of PYTHONPATH.
+        env = {"PYTHONPATH": os.path.abspath(args.baseline_src), "PYTHONSAFEPATH": "1"}
+        TARGETS.extend(
+            [
+                Target("baseline @cached", "cachegw_memory", "x-cache-status", False, env),
+                Target(
+                    "baseline @cached, no CachedHits",
+                    "cachegw_memory_routed",
+                    "x-cache-status",
+                    False,
+                    env,
+                ),
+            ]
+        )
 
     cpus = os.cpu_count() or 1
     if cpus > 1:
@@ -230,6 +260,15 @@ def main() -> int:
         "the same ratios from server CPU time per request (higher = cheaper), which other\n"
         "load on the machine disturbs far less than req/s."
     )
+    if args.baseline_src:
+        names = {t.name: t for t in TARGETS}
+        print(f"\nthis tree vs {args.baseline_src} (server CPU per hit; < 1.05 = within 5 %):")
+        for ours, theirs in (
+            ("cachegw @cached", "baseline @cached"),
+            ("cachegw @cached, no CachedHits", "baseline @cached, no CachedHits"),
+        ):
+            ratio = median(names[ours], "cpu_us_per_req") / median(names[theirs], "cpu_us_per_req")
+            print(f"  {ours:31s} {ratio:5.2f}x the baseline's CPU per hit")
     busy = min(r.cpu_busy for t in TARGETS for r in t.rounds)
     if busy < 0.9:
         print(
