@@ -15,7 +15,7 @@ router-level middleware chain) the first time a request passes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.routing import APIRoute
 from fastapi_cache import FastAPICache
@@ -62,19 +62,40 @@ class CachedHits:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._installed: set[int] = set()
+        # Where hits are answered, decided at the first request: here (a `_RouterHits`
+        # around ``app``) when no middleware of the application is inside this one, else
+        # at the router's entrance (False here).
+        self._here: _RouterHits | Literal[False] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            owner = scope.get("app") or self.app
-            if id(owner) not in self._installed:
-                self._installed.add(id(owner))
-                _install(getattr(owner, "router", None))
-        await self.app(scope, receive, send)
+        here = self._here
+        if here is None:
+            here = self._here = self._place(scope)
+        if here is not False:
+            await here(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _place(self, scope: Scope) -> _RouterHits | Literal[False]:
+        """Answer here when this is the innermost middleware the application declares (or
+        the application declares none), which saves the layers between here and the router;
+        else put the hit layer at the router's entrance, inside every middleware."""
+        owner = scope.get("app") or self.app
+        router = getattr(owner, "router", None)
+        declared = getattr(owner, "user_middleware", None)
+        if router is None or not isinstance(declared, list):
+            return False  # not a Starlette application: nothing is answered early
+        innermost = getattr(declared[-1], "cls", None) if declared else None
+        inside_app = scope.get("app") is owner
+        if (inside_app and innermost is CachedHits) or (not inside_app and not declared):
+            return _RouterHits(self.app, router)
+        _install(router)
+        return False
 
 
 def _install(router: Any) -> None:
-    """Put a `_RouterHits` at the entrance of ``router`` (once)."""
+    """Put a `_RouterHits` at the entrance of ``router`` (once): Starlette's router runs
+    its ``middleware_stack`` (its own middleware chain, then routing) for every request."""
     stack = getattr(router, "middleware_stack", None)
     if stack is None or isinstance(stack, _RouterHits):
         return

@@ -355,10 +355,19 @@ async def test_hits_before_routing_run_inside_every_middleware(
     async def item(i: int) -> dict[str, Any]:
         return calls(i=i)
 
+    routed = [0]
+    inner = app.router.middleware_stack
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        routed[0] += 1  # reached FastAPI's routing: not answered before it
+        await inner(scope, receive, send)
+
+    app.router.middleware_stack = counting
     async with client(app) as c:
         ok = {"x-session": "ok"}
         first = await c.get("/items/1", headers=ok)
         assert (await c.get("/items/1", headers=ok)).json() == first.json()
+        assert routed[0] == 1  # the hit was answered before routing, after the middleware
         assert (await c.get("/items/1")).status_code == 401
 
 
