@@ -370,7 +370,8 @@ def _admin_post(gateway: Gateway, file: Path, url: str, action: str, body: Any) 
     "--token-env",
     default="CACHEGW_ADMIN_TOKEN",
     show_default=True,
-    help="Environment variable whose value, when set, is sent as the admin token.",
+    help="Environment variable whose value, when set, is sent as a bearer token to a "
+    "metrics endpoint that asks for one (a 401); the gateway's own needs none.",
 )
 def top(url: str, interval: float, sort: str, once: bool, width: int, token_env: str) -> None:
     """A live view of the running gateway at URL, refreshed every second.
@@ -380,7 +381,7 @@ def top(url: str, interval: float, sort: str, once: bool, width: int, token_env:
     requests; above them the configuration generation and the backend's state. Reads
     URL/_cachegw/metrics; with several workers the figures are all workers' together.
     """
-    from cachegw._top import TopError
+    from cachegw._top import TopError, clean
     from cachegw._top import once as top_once
     from cachegw._top import run as top_run
 
@@ -391,7 +392,7 @@ def top(url: str, interval: float, sort: str, once: bool, width: int, token_env:
         else:
             top_run(url, token, interval, sort)
     except TopError as exc:
-        _fail(str(exc), code=1)
+        _fail(clean(str(exc)), code=1)
     except KeyboardInterrupt:
         pass
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import select
 import sys
 import time
@@ -43,6 +44,15 @@ SORTS = {
     "n": ("name", "name"),
 }
 _BY_NAME = {name: key for key, (name, _) in SORTS.items()}
+# C0 and C1 control characters and DEL: label values, URLs and error messages come from
+# the gateway, its clients or the network, and a terminal would act on an escape sequence
+# among them (move the cursor, set the title, ...). Shown as \xNN instead (issue 25).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """``text`` with every control character shown as ``\\xNN``: safe to print."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,7 @@ def header(view: View) -> Text:
     """The lines above the table: gateway, configuration generation, backend state."""
     text = Text()
     text.append("cachegw top", style="bold")
-    text.append(f"  {view.url}  every {view.seconds:.1f} s  sorted by ")
+    text.append(f"  {clean(view.url)}  every {view.seconds:.1f} s  sorted by ")
     text.append(SORTS[_BY_NAME.get(view.sort, "r")][1], style="bold")
     gens = view.generations
     if gens:
@@ -307,7 +317,7 @@ def header(view: View) -> Text:
     if view.l1:
         text.append(f"L1 {_bounded(view.l1)}")
     if view.error:
-        text.append(f"\n{view.error}", style="bold red")
+        text.append(f"\n{clean(view.error)}", style="bold red")
     return text
 
 
@@ -332,7 +342,8 @@ def table(view: View) -> Table:
     for total, routes in view.services:
         for row in (total, *routes):
             grid.add_row(
-                row.service if not row.route else f"  {row.route}",
+                # Text, not str: a cell given as str is read as rich markup ("[red]").
+                Text(clean(row.service) if not row.route else f"  {clean(row.route)}"),
                 f"{row.rps:.1f}",
                 _percent(row.share("HIT")),
                 _percent(row.share("STALE")),
@@ -369,11 +380,17 @@ class TopError(Exception):
     """The gateway could not be read."""
 
 
-def fetch(client: httpx.Client, url: str) -> Scrape:
+def fetch(client: httpx.Client, url: str, token: str | None = None) -> Scrape:
+    """A scrape of ``url``'s metrics. The endpoint needs no token: ``token`` is sent only
+    when it asks for one (a ``401`` with a ``Bearer`` challenge, from a proxy in front,
+    say), and from then on to it alone."""
     endpoint = url.rstrip("/") + "/_cachegw/metrics"
     try:
         response = client.get(endpoint)
-    except httpx.HTTPError as exc:
+        challenge = response.headers.get("www-authenticate", "").lower()
+        if response.status_code == 401 and token and challenge.startswith("bearer"):
+            response = client.get(endpoint, headers={"authorization": f"Bearer {token}"})
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise TopError(f"cannot reach the gateway at {endpoint}: {exc}") from None
     if response.status_code != 200:
         raise TopError(f"{endpoint} answered {response.status_code}, not metrics")
@@ -383,31 +400,31 @@ def fetch(client: httpx.Client, url: str) -> Scrape:
         raise TopError(f"{endpoint} did not answer in the Prometheus text format: {exc}") from None
 
 
-def client_for(token: str | None) -> httpx.Client:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    # trust_env=False: the token must not go through a proxy taken from HTTP_PROXY.
-    return httpx.Client(trust_env=False, timeout=5, headers=headers)
+def client_for() -> httpx.Client:
+    # trust_env=False: a token must not go through a proxy taken from HTTP_PROXY. No
+    # default headers: the token is added only to a request that is asked for it.
+    return httpx.Client(trust_env=False, timeout=5)
 
 
 def once(url: str, token: str | None, interval: float, sort: str, width: int) -> str:
     """One frame: two scrapes ``interval`` apart, as text."""
-    with client_for(token) as client:
-        before = fetch(client, url)
+    with client_for() as client:
+        before = fetch(client, url, token)
         time.sleep(interval)
-        now = fetch(client, url)
+        now = fetch(client, url, token)
     return as_text(compute(before, now, url, sort), width)
 
 
 def run(url: str, token: str | None, interval: float, sort: str) -> None:
     """The live view, until ``q`` or Ctrl-C."""
     console = Console()
-    with client_for(token) as client, _keys() as pressed:
+    with client_for() as client, _keys() as pressed:
         before: Scrape | None = None
         view = View(url, interval, [], [], False, {}, {}, sort)
         with Live(render(view), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 try:
-                    now = fetch(client, url)
+                    now = fetch(client, url, token)
                 except TopError as exc:
                     view.error = f"{exc} (retrying)"
                     before = None

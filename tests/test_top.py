@@ -5,6 +5,7 @@ command end to end against a real gateway process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 from cachegw._metrics import Metrics
 from cachegw._top import Scrape, as_text, compute, histogram_quantile
 from tests.gateway_process import GatewayProcess
-from tests.servers import StubUpstream, run_uvicorn
+from tests.servers import Receive, Scope, Send, StubUpstream, run_uvicorn
 from tests.test_reload import generations
 
 
@@ -185,3 +186,75 @@ def test_top_reports_an_unreachable_gateway() -> None:
     )
     assert shown.returncode == 1
     assert shown.stderr.startswith("error: cannot reach the gateway at http://127.0.0.1:9/")
+
+
+class HostileMetrics:
+    """A metrics endpoint (a proxy in front of a gateway, or a gateway whose routes were
+    named by an attacker) with terminal escape sequences and rich markup in label values;
+    it records the Authorization headers it gets, and asks for a token when told to."""
+
+    def __init__(self, *, ask_token: str | None = None) -> None:
+        self.ask_token = ask_token
+        self.authorizations: list[str | None] = []
+        self.metrics = Metrics()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.authorizations.append(headers.get("authorization"))
+        if (
+            self.ask_token is not None
+            and headers.get("authorization") != f"Bearer {self.ask_token}"
+        ):
+            out = [(b"www-authenticate", b'Bearer realm="edge"'), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 401, "headers": out})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        for _ in range(3):
+            self.metrics.request("svc\x1b]0;pwned\x07", "/r\x1b[2J[bold red]x\x9b5m", "HIT", 0.001)
+        body = self.metrics.render()[0]
+        out = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _top(base: str, token: str | None = "s3cret-token") -> subprocess.CompletedProcess[str]:
+    """``cachegw top BASE --once`` with the admin token's variable set to ``token``."""
+    env = {k: v for k, v in os.environ.items() if k != "CACHEGW_ADMIN_TOKEN"}
+    if token is not None:
+        env["CACHEGW_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "cachegw", "top", base, "--once", "--interval", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def test_top_prints_no_control_characters_and_keeps_the_token_unless_asked() -> None:
+    hostile = HostileMetrics()
+    with run_uvicorn(hostile) as base:
+        shown = _top(base)
+    assert shown.returncode == 0, shown.stderr
+    printed = shown.stdout + shown.stderr
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in printed)
+    assert "svc\\x1b]0;pwned\\x07" in printed  # shown, made harmless
+    assert "/r\\x1b[2J[bold red]x\\x9b5m" in printed  # markup shown as written
+    assert hostile.authorizations == [None, None]  # the token was not asked for
+
+
+def test_top_sends_the_token_where_a_401_asks_for_it() -> None:
+    hostile = HostileMetrics(ask_token="s3cret-token")
+    with run_uvicorn(hostile) as base:
+        shown = _top(base)
+        refused = _top(base, token=None)
+    assert shown.returncode == 0, shown.stderr
+    assert hostile.authorizations[:2] == [None, "Bearer s3cret-token"]
+    assert refused.returncode == 1 and "answered 401" in refused.stderr
+    # A URL with an escape sequence: a clear error, printed harmless, not a traceback.
+    bad = _top("http://127.0.0.1:9/\x1b[31m")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: cannot reach the gateway at http://127.0.0.1:9/\\x1b[31m")
+    assert "\x1b" not in bad.stderr
