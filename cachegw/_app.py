@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from cachegw import _accesslog
 from cachegw._accesslog import access_sink, hit_tail, log_access
 from cachegw._admin import admin_router
-from cachegw._core import NO_DIRECTIVES, SLOW_HEADERS, decide
+from cachegw._core import SLOW_HEADERS
 from cachegw._encoding import accepts_gzip
 from cachegw._engine import CacheEngine
 from cachegw._entry import Entry
@@ -556,18 +556,10 @@ def _fast_hit(
     if not isinstance(entry, Entry):
         return None  # not decoded in this process, or a Vary marker: the ordinary path
     now = engine.clock()
-    # The ordinary path's decision (`_core.decide`) for a request without directives,
-    # credentials or body: only a plain fresh hit is answered here.
-    decision = decide(
-        entry,
-        method=verb,
-        directives=NO_DIRECTIVES,
-        shared_only=False,
-        verdict=engine.purges.verdict(entry.tags, entry.fetched_at),
-        policy=policy,
-        now=now,
-    )
-    if decision.action != "fresh" or decision.refresh:
+    # The ordinary path's decision for a request without directives, credentials or body:
+    # only a plain fresh hit is answered here.
+    decision = engine.plain_hit(entry, verb, policy, now)
+    if decision is None:
         return None
     left = decision.left
     # The answer depends on the entry, the method and, through Age and Cache-Status, on
@@ -580,7 +572,7 @@ def _fast_hit(
     )
     memo = proxy._answers.get((key, verb, gz))
     if memo is None or memo.entry is not entry or memo.seconds != seconds:
-        served = engine._from_entry(
+        served = engine.render(
             entry,
             RequestInfo(method=verb, key=key, headers=_GZIP_ACCEPTED if gz else _NO_HEADERS),
             now,
@@ -594,7 +586,7 @@ def _fast_hit(
         if len(proxy._answers) >= _MEMO_SIZE:
             proxy._answers.clear()
         proxy._answers[(key, verb, gz)] = memo
-    engine.stats["HIT"] += 1
+    engine.stats["HIT"] += 1  # rendered once per second for a key: counted per answer here
     runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
     sink = _accesslog._hot or access_sink()  # no call while a buffered handler takes lines
     if sink is not None:

@@ -22,6 +22,7 @@ from fastapi_cache.types import Backend
 
 from cachegw._backends import OP_TIMEOUT, CacheBackend, cache_backend
 from cachegw._core import (
+    NO_DIRECTIVES,
     UNSTORED,
     Decision,
     Directives,
@@ -262,7 +263,7 @@ class CacheEngine:
         asked = directives(request.headers, policy)
         # Credentials make a request private unless the route keys on the principal.
         shared_only = request.authorized and not request.per_principal
-        found, primary = await self._lookup(request)
+        found, primary = await self.lookup(request)
         verdict = self.purges.verdict(found.tags, found.fetched_at) if found is not None else None
         now = self.clock()
         decision = decide(
@@ -290,6 +291,32 @@ class CacheEngine:
             )
         return self._reuse(decision, request, policy, fetch, now)
 
+    def plain_hit(
+        self, entry: Entry, method: str, policy: CachePolicy, now: float
+    ) -> Decision | None:
+        """The decision for a request without directives, credentials or body (both
+        protocol-level hit paths: the gateway's fast path and `cachegw.CachedHits`): the
+        same `decide` the ordinary path asks, so a rule added there holds on every path.
+        The decision when the entry is a plain fresh hit with nothing to start (no early
+        refresh), else None (the ordinary path decides)."""
+        decision = decide(
+            entry,
+            method=method,
+            directives=NO_DIRECTIVES,
+            shared_only=False,
+            verdict=self.purges.verdict(entry.tags, entry.fetched_at),
+            policy=policy,
+            now=now,
+        )
+        if decision.action != "fresh" or decision.refresh:
+            return None
+        return decision
+
+    def hit(self, entry: Entry, request: RequestInfo, now: float, left: float) -> Served:
+        """A fresh hit's answer (counted), on every path."""
+        self.stats["HIT"] += 1
+        return self.render(entry, request, now, "HIT", f"hit; ttl={int(left)}")
+
     def _reuse(
         self,
         decision: Decision,
@@ -307,15 +334,14 @@ class CacheEngine:
         if decision.refresh:
             self._refresh_in_background(request, policy, fetch, entry)
         if decision.action == "fresh":
-            self.stats["HIT"] += 1
-            return self._from_entry(entry, request, now, "HIT", f"hit; ttl={left}")
+            return self.hit(entry, request, now, left)
         assert decision.reason is not None
         self._stale(request, decision.reason)
         if decision.reason == "stale-while-revalidate":
             detail = f"hit; ttl={left}; fwd=stale; fwd-status=0"
         else:
             detail = f"hit; ttl={left}"
-        return self._from_entry(entry, request, now, "STALE", detail)
+        return self.render(entry, request, now, "STALE", detail)
 
     async def _fetch_alone(
         self,
@@ -349,10 +375,10 @@ class CacheEngine:
             status, detail = "BYPASS", "fwd=bypass"
         self.stats[status] += 1
         if entry is not None:
-            return self._from_entry(entry, request, self.clock(), status, detail + _stored(entry))
+            return self.render(entry, request, self.clock(), status, detail + _stored(entry))
         return self._passed(fetched, status, detail)
 
-    async def _lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
+    async def lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
         """The entry for the request (Vary resolved) and what the primary key holds."""
         item = request.primary = await self.store.get(request.key)
         if isinstance(item, VaryMarker):
@@ -362,7 +388,7 @@ class CacheEngine:
 
     async def _landed(self, request: RequestInfo) -> Entry | HitForMiss | None:
         """A fresh entry (or a hit-for-miss marker) another process just stored."""
-        found, primary = await self._lookup(request)
+        found, primary = await self.lookup(request)
         if isinstance(primary, HitForMiss):
             return primary
         if found is None or self.purges.verdict(found.tags, found.fetched_at) is not None:
@@ -495,7 +521,7 @@ class CacheEngine:
         self.stats[status] += 1
         if entry is None:
             return self._passed(fetched, status, fwd)
-        return self._from_entry(entry, request, self.clock(), status, fwd + _stored(entry))
+        return self.render(entry, request, self.clock(), status, fwd + _stored(entry))
 
     async def _fetch_led(
         self,
@@ -563,7 +589,7 @@ class CacheEngine:
         """The stale entry instead of an upstream failure (RFC 5861 stale-if-error)."""
         self._stale(request, "stale-if-error")
         now = self.clock()
-        return self._from_entry(
+        return self.render(
             stale,
             request,
             now,
@@ -613,7 +639,7 @@ class CacheEngine:
         if self.metrics is not None:
             self.metrics.coalesced(request.service)
         now = self.clock()
-        return self._from_entry(
+        return self.render(
             entry, request, now, "HIT", f"hit; ttl={int(entry.ttl_left(now))}; collapsed"
         )
 
@@ -879,9 +905,12 @@ class CacheEngine:
             (b"cache-status", f"{self.cache_name}; {detail}".encode("latin-1")),
         ]
 
-    def _from_entry(
+    def render(
         self, entry: Entry, request: RequestInfo, now: float, cache_status: str, detail: str
     ) -> Served:
+        """What the client gets from a stored entry: its headers with Age and the cache
+        status headers, the form its Accept-Encoding takes, 304 for matching validators, no
+        body for HEAD."""
         extra = self._cache_headers(cache_status, detail)
         age = int(entry.age(now))
         # RFC 9111 §5.1: Age says the response was not generated for this request; a

@@ -160,21 +160,20 @@ class _RouterHits:
                 entry = await self._lookup(engine, info, scope)
             finally:
                 end_read_budget(token)
-        if entry is None or engine.purges.verdict(entry.tags, entry.fetched_at):
+        if entry is None:
             return None
         now = engine.clock()
-        left = entry.ttl_left(now)
-        if left <= 0:
-            return None  # stale: the ordinary path decides (revalidate, stale windows)
-        engine.stats["HIT"] += 1
-        return engine._from_entry(entry, info, now, "HIT", f"hit; ttl={int(left)}")
+        decision = engine.plain_hit(entry, scope["method"], policy, now)
+        if decision is None:
+            return None  # stale, purged...: the ordinary path decides
+        return engine.hit(entry, info, now, decision.left)
 
     @staticmethod
     async def _lookup(engine: CacheEngine, info: RequestInfo, scope: Scope) -> Entry | None:
         item = await engine.store.get(info.key)
         if isinstance(item, VaryMarker):
             info.headers = _headers(scope)  # only now: most entries do not vary
-            entry, _ = await engine._lookup(info)
+            entry, _ = await engine.lookup(info)
             return entry
         return item if isinstance(item, Entry) else None
 
