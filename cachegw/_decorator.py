@@ -24,7 +24,6 @@ from fastapi.dependencies.utils import get_typed_signature
 from fastapi.routing import APIRoute, APIRouter, serialize_response
 from fastapi.security import SecurityScopes
 from fastapi.utils import is_body_allowed_for_status_code
-from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from pydantic import BaseModel
 from starlette.background import BackgroundTasks
@@ -32,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from cachegw import _fc2
 from cachegw._backends import cache_backend
 from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
@@ -84,7 +84,7 @@ def engine_for(backend: Backend) -> CacheEngine:
     """The engine (coalescing state, counters) that serves `@cached` routes on ``backend``."""
     engine = _engines.get(backend)
     if engine is None:
-        prefix = FastAPICache._prefix or "cachegw"
+        prefix = _fc2.prefix()
         # No L1 copies in front of a shared backend: without the gateway's landing channel
         # another process's refresh would only be seen after the L1's ttl. (In front of
         # the memory backend the L1 only saves decoding and is never stale.)
@@ -129,7 +129,7 @@ async def purge(
         scopes.append("*")
     if not scopes:
         raise ValueError("purge() needs tags=, paths= or all=True")
-    backend = backend if backend is not None else FastAPICache._backend
+    backend = backend if backend is not None else _fc2.backend()
     if backend is None:
         raise ConfigError("purge() needs a backend: call FastAPICache.init(backend) first")
     await engine_for(backend).purge(scopes, soft=soft)
@@ -261,7 +261,7 @@ class PolicyFor:
         return cls(lambda _ttl: policy, 0)
 
     def __call__(self) -> CachePolicy:
-        expire = FastAPICache._expire
+        expire = _fc2.expire()
         if not self._follows_init or expire is None:
             return self._own
         policy = self._by_expire.get(expire)
@@ -448,7 +448,7 @@ async def _serve(
     own_params: frozenset[str],
 ) -> Response:
     policy = face.policy()
-    backend = FastAPICache._backend
+    backend = _fc2.backend()
     headers = _request_headers(request)
     route = request.scope.get("route")
     dependant = matched_dependant(request.scope)
@@ -487,7 +487,7 @@ async def _serve(
             template,
         )
         return await _uncached(fetch, "fwd=bypass; detail=no-backend")
-    if not FastAPICache._enable:  # FastAPICache.init(..., enable=False)
+    if not _fc2.enabled():  # FastAPICache.init(..., enable=False)
         return await _uncached(fetch, "fwd=bypass; detail=disabled")
 
     key_extra: str | None = ""
@@ -515,7 +515,7 @@ async def _serve(
 
     engine = engine_for(backend)
     path_params = request.path_params
-    prefix = FastAPICache._prefix or "cachegw"
+    prefix = _fc2.prefix()
     if face.namespace:
         prefix = f"{prefix}:{face.namespace}"
     if own_key:

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi.routing import APIRoute
-from fastapi_cache import FastAPICache
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cachegw import _fc2
 from cachegw._core import SLOW_HEADERS
 from cachegw._decorator import READ_DEADLINE, Marked, engine_for, marked
 from cachegw._engine import CacheEngine
@@ -130,8 +130,8 @@ class _RouterHits:
         await self.app(scope, receive, send)
 
     async def _hit(self, scope: Scope) -> Served | None:
-        backend = FastAPICache._backend
-        if backend is None or not FastAPICache._enable:
+        backend = _fc2.backend()
+        if backend is None or not _fc2.enabled():
             return None
         host: bytes | None = None
         for name, value in scope["headers"]:
@@ -187,7 +187,7 @@ class _RouterHits:
     ) -> str:
         """`handler_key`, memoised on everything it reads (bounded)."""
         face = mark.face
-        prefix = FastAPICache._prefix or "cachegw"
+        prefix = _fc2.prefix()
         memo = (
             prefix,
             scope.get("root_path", ""),

@@ -23,13 +23,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec
 
-from fastapi_cache import FastAPICache
 from fastapi_cache.coder import Coder
 from fastapi_cache.key_builder import default_key_builder
 from fastapi_cache.types import KeyBuilder
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cachegw import _fc2
 from cachegw._decorator import DECORATOR_STATUSES, Face, PolicyFor, wrap
 from cachegw._policy import CachePolicy
 
@@ -107,7 +107,7 @@ def cache(
             args: tuple[Any, ...],
             kwargs: dict[str, Any],
         ) -> tuple[str, bool] | None:
-            builder = key_builder or FastAPICache._key_builder
+            builder = key_builder or _fc2.key_builder()
             if builder is None or builder is default_key_builder:
                 return f"namespace={namespace}", False
             # The kwargs fastapi-cache2 passes: the handler's, without the request and
@@ -117,7 +117,7 @@ def cache(
                 for name, value in kwargs.items()
                 if not isinstance(value, Request | Response)
             }
-            prefix = FastAPICache._prefix or ""
+            prefix = _fc2.prefix("")
             try:
                 key = builder(
                     func,
@@ -182,7 +182,7 @@ def _fastapi_cache_headers(response: Response, request: Request, policy: CachePo
                 status = "MISS"
     if status is None:
         return
-    header = (FastAPICache._cache_status_header or "X-FastAPI-Cache").lower().encode("latin-1")
+    header = _fc2.status_header().lower().encode("latin-1")
     headers.append((header, status.encode("ascii")))
     if b"cache-control" in values:
         return
