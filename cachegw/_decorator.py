@@ -35,7 +35,7 @@ from cachegw import _fc2
 from cachegw._backends import cache_backend
 from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
-from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched_dependant
+from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched_dependant, overrides_for
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
 from cachegw._models import Fetched, RequestInfo, Served
 from cachegw._policy import DEFAULT_STATUSES, KNOB_SPECS, CachePolicy, KeyFunc
@@ -452,7 +452,11 @@ async def _serve(
     headers = _request_headers(request)
     route = request.scope.get("route")
     dependant = matched_dependant(request.scope)
-    inputs = NO_INPUTS if dependant is None else inputs_of(dependant, own_params)
+    inputs = (
+        NO_INPUTS
+        if dependant is None
+        else inputs_of(dependant, own_params, overrides_for(request.scope))
+    )
     template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
     if (
         request.method not in ("GET", "HEAD")
@@ -501,7 +505,12 @@ async def _serve(
         keyed = True
     if key_extra is None:
         return await _uncached(fetch, "fwd=bypass")
-    undeclared = bool(inputs.opaque) and not (face.shared or policy.vary or keyed)
+    declares = face.shared or bool(policy.vary) or keyed
+    if inputs.unseen and not declares:
+        # Who the caller is cannot be seen, so no entry can be keyed by it nor shared.
+        _warn_unseen(warned, face, request.method, template, inputs)
+        return await _uncached(fetch, "fwd=bypass; detail=principal")
+    undeclared = bool(inputs.opaque) and not declares
     if undeclared:
         _warn_undeclared(warned, face, request.method, template, inputs)
     if (inputs.body or inputs.opaque) and _has_body(headers):
@@ -588,6 +597,23 @@ def _warn_undeclared(
         template,
         "; ".join(inputs.opaque),
         ", ".join(sorted(inputs.credentials)),
+    )
+
+
+def _warn_unseen(
+    warned: _Warned, face: Face, method: str, template: str, inputs: RouteInputs
+) -> None:
+    warned.once(
+        "unseen",
+        "cachegw: %s on %s %s serves every request uncached (BYPASS): %s can take the "
+        "caller from any request input, so no entry can be keyed by the caller. If the "
+        "answer depends only on the scheme's own credential, pass shared=True (@cached) "
+        "or key=... / vary=[...] naming what identifies the caller (a key_builder with "
+        "@cache); see the decorator documentation.",
+        face.name,
+        method,
+        template,
+        "; ".join(inputs.unseen),
     )
 
 

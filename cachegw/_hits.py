@@ -240,6 +240,7 @@ class _RouterHits:
                 mark = marked(getattr(route, "endpoint", None))
                 if (
                     isinstance(route, APIRoute)
+                    and _stock(route)
                     and mark is not None
                     and mark.face.key_builder is None
                     and mark.face.finish is None
@@ -251,6 +252,20 @@ class _RouterHits:
             self._routes.clear()
         self._routes[memo] = found
         return found
+
+
+#: What a route class may override to run code of its own around the handler (an
+#: authentication check in ``get_route_handler``, routing on a header in ``matches``).
+_ROUTE_HOOKS = ("__init__", "__call__", "matches", "handle", "get_route_handler", "app")
+
+
+def _stock(route: APIRoute) -> bool:
+    """Whether the route runs as FastAPI's own ``APIRoute`` does: a custom ``route_class``
+    that overrides how requests are matched or handled takes the ordinary path."""
+    cls = type(route)
+    return cls is APIRoute or all(
+        getattr(cls, hook, None) is getattr(APIRoute, hook, None) for hook in _ROUTE_HOOKS
+    )
 
 
 def _plain(route: APIRoute) -> bool:

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_dependant
 from fastapi.security.base import SecurityBase
 from pydantic import BaseModel
 from starlette.requests import cookie_parser
 
 from cachegw._models import CREDENTIAL_HEADERS
 
-__all__ = ["NO_INPUTS", "RouteInputs", "inputs_of", "matched_dependant"]
+__all__ = ["NO_INPUTS", "RouteInputs", "inputs_of", "matched_dependant", "overrides_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,21 @@ class RouteInputs:
     opaque: tuple[str, ...] = ()
     #: The route declares body parameters.
     body: bool = False
+    #: A header model that receives every header (``extra="allow"``, a model validator):
+    #: every header line is keyed.
+    all_headers: bool = False
+    #: Why the caller's identity cannot be seen: a security scheme with its own
+    #: ``__call__`` (it may read any input). Such a route is not cached unless it says
+    #: what the answer depends on (docs/decorator.md).
+    unseen: tuple[str, ...] = ()
 
     def parts(self, raw_headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The declared header and cookie values of one request, as key parts (an absent
         input differs from an empty one)."""
+        if self.all_headers:
+            # Header names are tokens (no ":"): each line is one unambiguous part.
+            lines = sorted(raw_headers, key=lambda line: line[0])
+            return [f"H:{n.decode('latin-1')}:{v.decode('latin-1')}" for n, v in lines]
         if not self.headers and not self.cookies:
             return []
         found: dict[bytes, list[bytes]] = {}
@@ -64,10 +76,14 @@ class RouteInputs:
             shown = "\x00".join(v.decode("latin-1") for v in values) if values else "\x01absent"
             parts.append(f"h:{name.decode('latin-1')}={shown}")
         if self.cookies:
-            jar = cookie_parser("; ".join(v.decode("latin-1") for v in found.get(b"cookie", ())))
+            # Each Cookie line on its own: Starlette up to 0.4x reads the first line only,
+            # later versions all of them (the last value of a name wins), so the key holds
+            # every line's value and differs whenever either reading does.
+            jars = [cookie_parser(line.decode("latin-1")) for line in found.get(b"cookie", ())]
             for cookie in self.cookies:
-                got = jar.get(cookie)
-                parts.append(f"c:{cookie}=" + ("\x01absent" if got is None else got))
+                got = [jar.get(cookie) for jar in jars]
+                shown = "\x00".join("\x01absent" if v is None else v for v in got)
+                parts.append(f"c:{cookie}=" + (shown if jars else "\x01absent"))
         return parts
 
 
@@ -75,31 +91,55 @@ NO_INPUTS = RouteInputs()
 
 # id(dependant) -> (dependant, inputs): the dependant is kept so its id is not reused.
 _analysed: dict[int, tuple[Dependant, RouteInputs]] = {}
+# The same under ``app.dependency_overrides`` (usually tests): keyed on the overrides too.
+_overridden: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[Any, RouteInputs]] = {}
+_OVERRIDDEN_SIZE = 1024
 
 
-def inputs_of(dependant: Dependant, own_params: Iterable[str] = ()) -> RouteInputs:
+def inputs_of(
+    dependant: Dependant,
+    own_params: Iterable[str] = (),
+    overrides: Mapping[Any, Any] | None = None,
+) -> RouteInputs:
     """The inputs of the route whose dependency tree is ``dependant`` (memoised).
 
     ``own_params`` are parameters the decorator itself added to the handler (its
-    ``Request`` and ``Response``): they read nothing the handler sees.
+    ``Request`` and ``Response``): they read nothing the handler sees. ``overrides`` is
+    the app's ``dependency_overrides``: FastAPI solves an override's own parameters in
+    place of the dependency's, so they are what the route reads.
     """
+    if overrides:
+        items = tuple(overrides.items())
+        memo_key = (id(dependant), tuple((id(k), id(v)) for k, v in items))
+        found = _overridden.get(memo_key)
+        if found is not None and found[0][0] is dependant and found[0][1] == items:
+            return found[1]
+        inputs = _analyse(dependant, frozenset(own_params), dict(items))
+        if len(_overridden) >= _OVERRIDDEN_SIZE:
+            _overridden.clear()
+        _overridden[memo_key] = ((dependant, items), inputs)
+        return inputs
     memo = _analysed.get(id(dependant))
     if memo is not None and memo[0] is dependant:
         return memo[1]
-    inputs = _analyse(dependant, frozenset(own_params))
+    inputs = _analyse(dependant, frozenset(own_params), {})
     _analysed[id(dependant)] = (dependant, inputs)
     return inputs
 
 
-def _analyse(root: Dependant, own_params: frozenset[str]) -> RouteInputs:
+def _analyse(
+    root: Dependant, own_params: frozenset[str], overrides: Mapping[Any, Any]
+) -> RouteInputs:
     headers: set[str] = set()
     cookies: set[str] = set()
     credentials = set(CREDENTIAL_HEADERS)
     keys_principal = False
     opaque: list[str] = []
-    body = False
-    for dependant, top in _walk(root):
+    unseen: list[str] = []
+    body = all_headers = False
+    for dependant, top in _walk(root, overrides):
         scheme = _scheme(dependant.call)
+        stock_scheme = False
         if scheme is not None:
             # A security scheme reads its credential from the request it is given.
             where, name = _scheme_input(scheme)
@@ -109,16 +149,25 @@ def _analyse(root: Dependant, own_params: frozenset[str]) -> RouteInputs:
                 credentials.add(name)
             elif where == "cookie":
                 cookies.add(name)
-            continue
+            stock_scheme = _stock_call(scheme)
+            if not stock_scheme:
+                # Its own __call__ may take the caller from anywhere in the request.
+                unseen.append(f"security scheme {_name(type(scheme))} (its own __call__)")
         for field in dependant.header_params:
             for name in _names(field, headers=True):
                 headers.add(name)
                 if name in CREDENTIAL_HEADERS:
                     keys_principal = True
+            if _takes_everything(field):
+                all_headers = keys_principal = True
         for field in dependant.cookie_params:
             cookies.update(_names(field, headers=False))
             keys_principal = True
+            if _takes_everything(field):
+                headers.add("cookie")
         body = body or bool(dependant.body_params)
+        if stock_scheme:
+            continue  # FastAPI's own scheme reads only its credential
         for attr in ("request_param_name", "http_connection_param_name", "websocket_param_name"):
             param = getattr(dependant, attr, None)
             if param is not None and not (top and param in own_params):
@@ -132,11 +181,14 @@ def _analyse(root: Dependant, own_params: frozenset[str]) -> RouteInputs:
         keys_principal=keys_principal,
         opaque=tuple(opaque),
         body=body,
+        all_headers=all_headers,
+        unseen=tuple(unseen),
     )
 
 
-def _walk(root: Dependant) -> Iterator[tuple[Dependant, bool]]:
+def _walk(root: Dependant, overrides: Mapping[Any, Any]) -> Iterator[tuple[Dependant, bool]]:
     seen: set[int] = set()
+    made: dict[int, Dependant] = {}  # overridden dependants, built once per analysis
     stack = [(root, True)]
     while stack:
         dependant, top = stack.pop()
@@ -144,7 +196,41 @@ def _walk(root: Dependant) -> Iterator[tuple[Dependant, bool]]:
             continue
         seen.add(id(dependant))
         yield dependant, top
-        stack.extend((sub, False) for sub in dependant.dependencies)
+        for sub in dependant.dependencies:
+            if overrides:
+                sub = made.get(id(sub)) or made.setdefault(id(sub), _overridden_by(sub, overrides))
+            stack.append((sub, False))
+
+
+def _overridden_by(dependant: Dependant, overrides: Mapping[Any, Any]) -> Dependant:
+    """The dependant FastAPI solves in place of ``dependant`` (as solve_dependencies
+    does: the override's own parameters, under the dependency's path)."""
+    try:
+        call = overrides.get(dependant.call, dependant.call)
+    except TypeError:  # an unhashable callable is never a key
+        return dependant
+    if call is dependant.call:
+        return dependant
+    return get_dependant(path=dependant.path or "", call=call, name=dependant.name)
+
+
+def _stock_call(scheme: SecurityBase) -> bool:
+    """Whether the scheme's ``__call__`` is FastAPI's own (it reads only its credential)."""
+    module = getattr(type(scheme).__call__, "__module__", None) or ""
+    return module.startswith("fastapi.security.")
+
+
+def _takes_everything(field: Any) -> bool:
+    """Whether a header/cookie model parameter receives every header/cookie of the
+    request: FastAPI hands a model all the request's values, which ``extra="allow"``
+    keeps and a ``before``/``wrap`` model validator sees."""
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return False
+    if model.model_config.get("extra") == "allow":
+        return True
+    validators = model.__pydantic_decorators__.model_validators.values()
+    return any(v.info.mode in ("before", "wrap") for v in validators)
 
 
 def _unwrapped(call: Any) -> Any:
@@ -185,7 +271,9 @@ def _names(field: Any, *, headers: bool) -> set[str]:
         pairs = [(getattr(field, "name", ""), getattr(field, "field_info", None))]
     names: set[str] = set()
     for name, info in pairs:
-        for alias in (name, getattr(info, "alias", None), getattr(info, "validation_alias", None)):
+        aliases = [name, getattr(info, "alias", None)]
+        aliases += _alias_names(getattr(info, "validation_alias", None))
+        for alias in aliases:
             if isinstance(alias, str) and alias:
                 names.add(alias.lower() if headers else alias)
                 if headers:
@@ -196,6 +284,21 @@ def _names(field: Any, *, headers: bool) -> set[str]:
         names.add(field.alias.lower())
         names.add(field.alias.replace("_", "-").lower())
     return names
+
+
+def _alias_names(alias: Any) -> list[str]:
+    """The request names a Pydantic validation alias may read: a string, each choice of
+    ``AliasChoices`` (FastAPI 0.12x and later read headers under every choice), the first
+    step of an ``AliasPath``."""
+    if isinstance(alias, str):
+        return [alias]
+    choices = getattr(alias, "choices", None)
+    if isinstance(choices, list):
+        return [name for choice in choices for name in _alias_names(choice)]
+    path = getattr(alias, "path", None)
+    if isinstance(path, list) and path and isinstance(path[0], str):
+        return [path[0]]
+    return []
 
 
 def _name(call: Any) -> str:
@@ -222,3 +325,17 @@ def matched_dependant(scope: Mapping[str, Any]) -> Dependant | None:
                 return dependant
     dependant = getattr(route, "dependant", None)
     return dependant if isinstance(dependant, Dependant) else None
+
+
+def overrides_for(scope: Mapping[str, Any]) -> Mapping[Any, Any] | None:
+    """The ``dependency_overrides`` FastAPI applies to the route this request matched
+    (the app's, through the route's provider), or None."""
+    route = scope.get("route")
+    provider = getattr(route, "dependency_overrides_provider", None)
+    state = scope.get("fastapi")
+    if isinstance(state, dict):
+        context = state.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            provider = getattr(context, "dependency_overrides_provider", provider)
+    overrides = getattr(provider, "dependency_overrides", None)
+    return overrides if isinstance(overrides, Mapping) and overrides else None

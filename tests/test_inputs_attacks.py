@@ -1,0 +1,290 @@
+"""Attacks on the decorator's key rule (issue 22, red team): one caller must never receive
+another caller's answer through ``@cached``, ``cachegw.compat.cache`` or `CachedHits`.
+
+Each test is an attack that leaked before its fix: two callers who differ in an input the
+route reads get two answers (handlers number their calls, so a shared answer shows up as
+the other caller's call number).
+
+No ``from __future__ import annotations`` here: FastAPI must see the handlers' annotations
+evaluated.
+"""
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Request, Security
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_cache import FastAPICache
+from fastapi_cache.types import Backend
+from pydantic import AliasChoices, BaseModel, ConfigDict
+
+from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
+from cachegw.compat import cache
+
+_prefixes = itertools.count()
+FACES = ["cached", "compat", "early"]
+
+
+def decorate(face: str, **kw: Any) -> Callable[[Callable[..., Any]], Any]:
+    return cache(expire=60, **kw) if face == "compat" else cached(ttl=60, **kw)
+
+
+def new_app(face: str) -> FastAPI:
+    app = FastAPI()
+    if face == "early":
+        app.add_middleware(CachedHits)
+    return app
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    made: Backend
+    if request.param == "memory":
+        made = MemoryBackend()
+    else:
+        made = RedisBackend.from_url(request.getfixturevalue("redis_url"))
+    FastAPICache.reset()
+    FastAPICache.init(made, prefix=f"cgwatk{next(_prefixes)}")
+    try:
+        yield made
+    finally:
+        FastAPICache.reset()
+        if isinstance(made, RedisBackend):
+            await made.aclose()
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")
+
+
+class Calls:
+    """Numbers each handler call: an answer carries the call that made it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, **seen: Any) -> dict[str, Any]:
+        self.n += 1
+        return {"call": self.n, **seen}
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_duplicate_cookie_lines_key_what_starlette_reads(face: str, backend: Backend) -> None:
+    """Starlette up to 0.4x reads the first ``Cookie`` line only (later versions all of
+    them): a key made from the joined lines let a request run as ``globex`` there and
+    store its answer under ``acme``'s key."""
+    calls = Calls()
+    app = new_app(face)
+
+    @app.get("/home")
+    @decorate(face)
+    async def home(tenant: Annotated[str | None, Cookie()] = None) -> dict[str, Any]:
+        return calls(tenant=tenant)
+
+    async with client(app) as c:
+        poison = await c.get(
+            "/home", headers=[("cookie", "tenant=globex"), ("cookie", "tenant=acme")]
+        )
+        assert poison.json()["tenant"] in ("globex", "acme")  # the version decides
+        for tenant in ("acme", "globex", "acme"):
+            got = await c.get("/home", headers={"cookie": f"tenant={tenant}"})
+            assert got.json()["tenant"] == tenant
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_a_security_scheme_with_its_own_call_is_not_trusted(
+    face: str, backend: Backend
+) -> None:
+    """A scheme subclass whose ``__call__`` reads the request itself can read anything."""
+    calls = Calls()
+    app = new_app(face)
+
+    class SessionBearer(HTTPBearer):
+        async def __call__(self, request: Request) -> HTTPAuthorizationCredentials | None:  # type: ignore[override]
+            session = request.headers.get("x-session")
+            if session is None:
+                raise HTTPException(401)
+            return HTTPAuthorizationCredentials(scheme="Session", credentials=session)
+
+    scheme = SessionBearer()
+
+    @app.get("/me")
+    @decorate(face)
+    async def me(creds: Annotated[HTTPAuthorizationCredentials, Security(scheme)]) -> Any:
+        return calls(user=creds.credentials)
+
+    async with client(app) as c:
+        assert (await c.get("/me", headers={"x-session": "alice"})).json()["user"] == "alice"
+        assert (await c.get("/me", headers={"x-session": "bob"})).json()["user"] == "bob"
+        assert (await c.get("/me")).status_code == 401
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_header_parameters_of_a_security_scheme_are_keyed(
+    face: str, backend: Backend
+) -> None:
+    calls = Calls()
+    app = new_app(face)
+
+    class TenantBearer(HTTPBearer):
+        async def __call__(  # type: ignore[override]
+            self, request: Request, x_tenant: Annotated[str, Header()] = "none"
+        ) -> HTTPAuthorizationCredentials | None:
+            creds = await super().__call__(request)
+            assert creds is not None
+            return HTTPAuthorizationCredentials(scheme=x_tenant, credentials=creds.credentials)
+
+    scheme = TenantBearer()
+
+    @app.get("/me")
+    @decorate(face, shared=True) if face != "compat" else decorate(face)
+    async def me(creds: Annotated[HTTPAuthorizationCredentials, Security(scheme)]) -> Any:
+        return calls(tenant=creds.scheme)
+
+    async with client(app) as c:
+        bearer = {"authorization": "Bearer alice"}
+        assert (await c.get("/me", headers={**bearer, "x-tenant": "a"})).json()["tenant"] == "a"
+        assert (await c.get("/me", headers={**bearer, "x-tenant": "b"})).json()["tenant"] == "b"
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_dependency_overrides_are_analysed(face: str, backend: Backend) -> None:
+    """``app.dependency_overrides`` swaps a dependency for one with other inputs."""
+    calls = Calls()
+    app = new_app(face)
+
+    def current_user() -> str:
+        return "nobody"
+
+    @app.get("/me")
+    @decorate(face)
+    async def me(user: Annotated[str, Depends(current_user)]) -> dict[str, Any]:
+        return calls(user=user)
+
+    def user_from_header(x_user: Annotated[str, Header()]) -> str:
+        return x_user
+
+    app.dependency_overrides[current_user] = user_from_header
+    async with client(app) as c:
+        assert (await c.get("/me", headers={"x-user": "alice"})).json()["user"] == "alice"
+        assert (await c.get("/me", headers={"x-user": "bob"})).json()["user"] == "bob"
+    app.dependency_overrides.clear()
+    async with client(app) as c:
+        assert (await c.get("/me", headers={"x-user": "carol"})).json()["user"] == "nobody"
+
+
+class Extras(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    x_tenant: str | None = None
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_a_header_model_that_takes_every_header(face: str, backend: Backend) -> None:
+    calls = Calls()
+    app = new_app(face)
+
+    @app.get("/h")
+    @decorate(face)
+    async def h(headers: Annotated[Extras, Header()]) -> dict[str, Any]:
+        return calls(session=(headers.model_extra or {}).get("x-session"))
+
+    async with client(app) as c:
+        assert (await c.get("/h", headers={"x-session": "alice"})).json()["session"] == "alice"
+        assert (await c.get("/h", headers={"x-session": "bob"})).json()["session"] == "bob"
+
+
+class AuthRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Any:
+            if request.headers.get("x-session") != "ok":
+                raise HTTPException(401)
+            return await handler(request)
+
+        return checked
+
+
+async def test_a_custom_route_class_is_never_answered_before_routing(backend: Backend) -> None:
+    calls = Calls()
+    app = new_app("early")
+    router = APIRouter(route_class=AuthRoute)
+
+    @router.get("/private")
+    @cached(ttl=60)
+    async def private() -> dict[str, Any]:
+        return calls(secret=True)
+
+    app.router.routes.extend(router.routes)
+    async with client(app) as c:
+        assert (await c.get("/private", headers={"x-session": "ok"})).status_code == 200
+        assert (await c.get("/private", headers={"x-session": "ok"})).headers[
+            "x-cache-status"
+        ] == "HIT"
+        assert (await c.get("/private")).status_code == 401
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_every_alias_choice_of_a_header_is_keyed(face: str, backend: Backend) -> None:
+    """FastAPI 0.12x and later read a header under each choice of ``AliasChoices``."""
+    calls = Calls()
+    app = new_app(face)
+    org = Header(validation_alias=AliasChoices("x-tenant", "x-org"))
+
+    @app.get("/t")
+    @decorate(face)
+    async def t(tenant: Annotated[str | None, org] = None) -> dict[str, Any]:
+        return calls(tenant=tenant)
+
+    async with client(app) as c:
+        acme = (await c.get("/t", headers={"x-org": "acme"})).json()["tenant"]
+        assert acme in ("acme", None)  # None: a FastAPI that reads the first name only
+        globex = (await c.get("/t", headers={"x-org": "globex"})).json()["tenant"]
+        assert globex == ("globex" if acme else None)
+
+
+async def test_a_scheme_with_its_own_call_says_why_it_is_not_cached_and_shared_keys_it(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The usual JWT recipe (an ``HTTPBearer`` subclass that checks the token) is not
+    cached until the route says its answer depends on the bearer token alone."""
+    calls = Calls()
+    app = new_app("cached")
+
+    class JWTBearer(HTTPBearer):
+        async def __call__(self, request: Request) -> HTTPAuthorizationCredentials | None:  # type: ignore[override]
+            creds = await super().__call__(request)
+            if creds is None or not creds.credentials.startswith("ok-"):
+                raise HTTPException(403)
+            return creds
+
+    jwt = JWTBearer()
+
+    @app.get("/unsaid")
+    @cached(ttl=60)
+    async def unsaid(creds: Annotated[HTTPAuthorizationCredentials, Security(jwt)]) -> Any:
+        return calls(user=creds.credentials)
+
+    @app.get("/said")
+    @cached(ttl=60, shared=True)
+    async def said(creds: Annotated[HTTPAuthorizationCredentials, Security(jwt)]) -> Any:
+        return calls(user=creds.credentials)
+
+    alice = {"authorization": "Bearer ok-alice"}
+    with caplog.at_level(logging.WARNING, logger="cachegw"):
+        async with client(app) as c:
+            for _ in range(2):
+                got = await c.get("/unsaid", headers=alice)
+                assert got.headers["x-cache-status"] == "BYPASS"
+            first = (await c.get("/said", headers=alice)).json()
+            again = await c.get("/said", headers=alice)
+            assert again.headers["x-cache-status"] == "HIT" and again.json() == first
+            bob = await c.get("/said", headers={"authorization": "Bearer ok-bob"})
+            assert bob.json()["user"] == "ok-bob"
+    warnings = [r.getMessage() for r in caplog.records if "its own __call__" in r.getMessage()]
+    assert len(warnings) == 1 and "JWTBearer" in warnings[0] and "shared=True" in warnings[0]
