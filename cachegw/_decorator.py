@@ -528,10 +528,12 @@ async def _serve(
     if face.namespace:
         prefix = f"{prefix}:{face.namespace}"
     if own_key:
-        # The user's key builder decides what the key is made of; the route and the
-        # origin (issue 18) are kept so two routes or two hosts never share an entry.
-        # Its key leads, so FastAPICache.clear(key=...) finds the entry (see compat).
+        # The user's key builder decides what the key is made of; the route, the declared
+        # inputs (a builder that leaves out the caller of a Security route must not share
+        # one caller's answer) and the origin (issue 18) are kept. Its key leads, so
+        # FastAPICache.clear(key=...) finds the entry (see compat).
         parts = [route_id, request.scope.get("root_path", "") + template, request.url.path]
+        parts += inputs.parts(request.scope["headers"])
         if face.per_host:
             parts.append(origin(request.scope))
         primary = hash_parts(key_extra, parts)

@@ -66,8 +66,9 @@ def cache(
       sends, so nothing is encoded or decoded (and nothing is ever pickled).
     * **key_builder** - called as fastapi-cache2 calls it: ``key_builder(func,
       f"{prefix}:{namespace}", request=..., response=..., args=..., kwargs=...)``, sync
-      or async. Its result decides the entry, together with the route and (unless
-      ``per_host=False``) the scheme and ``Host``. A key builder also decides identity:
+      or async. Its result decides the entry, together with the route, the header,
+      cookie and security inputs the route declares and (unless ``per_host=False``) the
+      scheme and ``Host``. A key builder also decides identity:
       requests with ``Authorization`` or ``Cookie`` are cached under its key, so
       include the user in it when answers differ per user. Without one (or with
       fastapi-cache2's default), the key is cachegw's: route, path params, canonical

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Request, Security
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from pydantic import AliasChoices, BaseModel, ConfigDict
@@ -288,3 +288,27 @@ async def test_a_scheme_with_its_own_call_says_why_it_is_not_cached_and_shared_k
             assert bob.json()["user"] == "ok-bob"
     warnings = [r.getMessage() for r in caplog.records if "its own __call__" in r.getMessage()]
     assert len(warnings) == 1 and "JWTBearer" in warnings[0] and "shared=True" in warnings[0]
+
+
+async def test_a_key_builder_that_forgets_the_caller_keeps_declared_credentials_apart(
+    backend: Backend,
+) -> None:
+    """fastapi-cache2's docs' request key builder (path and query) on a route with an API
+    key: fastapi-cache2 would serve Alice's answer to Bob."""
+    calls = Calls()
+    app = new_app("compat")
+    scheme = APIKeyHeader(name="X-Key")
+
+    def by_path(func: Any, namespace: str = "", *, request: Any = None, **_: Any) -> str:
+        return f"{namespace}:{request.url.path}"
+
+    @app.get("/me")
+    @cache(expire=60, key_builder=by_path)
+    async def me(key: Annotated[str, Depends(scheme)]) -> dict[str, Any]:
+        return calls(user=key)
+
+    async with client(app) as c:
+        alice = (await c.get("/me", headers={"x-key": "alice"})).json()
+        assert (await c.get("/me", headers={"x-key": "bob"})).json()["user"] == "bob"
+        again = await c.get("/me", headers={"x-key": "alice"})
+        assert again.json() == alice and again.headers["x-fastapi-cache"] == "HIT"
