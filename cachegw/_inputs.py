@@ -18,7 +18,8 @@ import functools
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant
@@ -224,13 +225,31 @@ def _takes_everything(field: Any) -> bool:
     """Whether a header/cookie model parameter receives every header/cookie of the
     request: FastAPI hands a model all the request's values, which ``extra="allow"``
     keeps and a ``before``/``wrap`` model validator sees."""
-    model = getattr(getattr(field, "field_info", None), "annotation", None)
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return False
-    if model.model_config.get("extra") == "allow":
-        return True
-    validators = model.__pydantic_decorators__.model_validators.values()
-    return any(v.info.mode in ("before", "wrap") for v in validators)
+    for model in _models(field):
+        if model.model_config.get("extra") == "allow":
+            return True
+        validators = model.__pydantic_decorators__.model_validators.values()
+        if any(v.info.mode in ("before", "wrap") for v in validators):
+            return True
+    return False
+
+
+def _models(field: Any) -> list[type[BaseModel]]:
+    """The Pydantic models a header/cookie parameter may be read into: its annotation, or
+    the models of a union (FastAPI 0.12x and later read ``Model | None`` as a model)."""
+    found: list[type[BaseModel]] = []
+    todo = [getattr(getattr(field, "field_info", None), "annotation", None)]
+    while todo:
+        annotation = todo.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.append(annotation)
+        elif get_origin(annotation) in (Union, UnionType, Annotated):
+            todo.extend(
+                get_args(annotation)[:1]
+                if get_origin(annotation) is Annotated
+                else get_args(annotation)
+            )
+    return found
 
 
 def _unwrapped(call: Any) -> Any:
@@ -263,12 +282,10 @@ def _names(field: Any, *, headers: bool) -> set[str]:
     """Every name a header or cookie parameter may be read under (a Pydantic model
     parameter stands for all its fields). Over-approximated on purpose: keying a name the
     route does not read costs sharing, never correctness."""
-    annotation = getattr(getattr(field, "field_info", None), "annotation", None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        infos: Mapping[str, Any] = annotation.model_fields
-        pairs = [(name, info) for name, info in infos.items()]
-    else:
-        pairs = [(getattr(field, "name", ""), getattr(field, "field_info", None))]
+    pairs = [(getattr(field, "name", ""), getattr(field, "field_info", None))]
+    for model in _models(field):
+        infos: Mapping[str, Any] = model.model_fields
+        pairs += [(name, info) for name, info in infos.items()]
     names: set[str] = set()
     for name, info in pairs:
         aliases = [name, getattr(info, "alias", None)]

@@ -312,3 +312,27 @@ async def test_a_key_builder_that_forgets_the_caller_keeps_declared_credentials_
         assert (await c.get("/me", headers={"x-key": "bob"})).json()["user"] == "bob"
         again = await c.get("/me", headers={"x-key": "alice"})
         assert again.json() == alice and again.headers["x-fastapi-cache"] == "HIT"
+
+
+class TenantHeaders(BaseModel):
+    x_tenant: str = "none"
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_an_optional_header_model_is_keyed_by_its_fields(
+    face: str, backend: Backend
+) -> None:
+    """FastAPI 0.12x and later read ``Model | None`` header parameters as a model."""
+    calls = Calls()
+    app = new_app(face)
+
+    @app.get("/o")
+    @decorate(face)
+    async def o(h: Annotated[TenantHeaders | None, Header()] = None) -> dict[str, Any]:
+        return calls(tenant=h.x_tenant if h else None)
+
+    async with client(app) as c:
+        acme = (await c.get("/o", headers={"x-tenant": "acme"})).json()["tenant"]
+        assert acme in ("acme", None)  # None: a FastAPI that reads no optional model
+        globex = (await c.get("/o", headers={"x-tenant": "globex"})).json()["tenant"]
+        assert globex == ("globex" if acme else None)
