@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from cachegw import _accesslog
 from cachegw._accesslog import access_sink, hit_tail, log_access
 from cachegw._admin import admin_router
+from cachegw._backends._memory import parse_size
 from cachegw._core import SLOW_HEADERS
 from cachegw._encoding import accepts_gzip
 from cachegw._engine import CacheEngine
@@ -41,6 +42,7 @@ from cachegw._ranges import ranged
 from cachegw._reload import Reloader
 from cachegw._runtime import Runtime
 from cachegw._server import FastHitServer, response_bytes
+from cachegw._store import DECODED_MAX_BYTES
 from cachegw._target import (
     MAX_HEADER_BYTES,
     MAX_HEADER_LINE,
@@ -51,7 +53,7 @@ from cachegw._target import (
 )
 from cachegw._upstream import public_location, request_headers
 
-__all__ = ["app_from_env", "create_app", "serving_app"]
+__all__ = ["app_from_env", "create_app", "memory_budget", "serving_app"]
 
 logger = logging.getLogger("cachegw")
 
@@ -62,10 +64,53 @@ logger = logging.getLogger("cachegw")
 # the cache stores, and the range is cut from it here (see `_ranges`).
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 _BUFFERED_BODY = 64 * 1024
+# Keys and purge scopes are memoised per request target, for at most _MEMO_SIZE targets
+# of at most _MEMO_PART_MAX bytes each (longer ones are computed every time): together at
+# most MEMO_BYTES, whatever the targets clients send.
 _MEMO_SIZE = 4096
+_MEMO_PART_MAX = 256
+MEMO_BYTES = _MEMO_SIZE * 3072  # a key's memo under 1 KiB, a path's scopes under 2 KiB
+#: Bytes counted in the L1 for a fast-path answer besides its own bytes: the memo object
+#: and the access-log tail kept with it (for targets and User-Agents of at most
+#: _TAIL_MEMO_MAX bytes together).
+ANSWER_OVERHEAD = 3072
+_TAIL_MEMO_MAX = 1024
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Tells the upstream it may target Surrogate-Control directives at this cache.
 _SURROGATE_CAPABILITY = (b"surrogate-capability", b'cachegw="Surrogate/1.0"')
+
+
+#: Bytes a response streamed through (larger than its route's ``max_body``) holds beyond
+#: ``max_body`` (read before it was known to be too large): the upstream client's read
+#: buffer and the client connection's write buffer, each paused at its high-water mark.
+STREAM_BUFFER = 256 * 1024
+
+
+def memory_budget(gateway: Gateway) -> list[tuple[str, int]]:
+    """What one gateway process may hold, part by part, in bytes (``cachegw check``).
+
+    The memory backend's entries (``max_bytes``), the decoded copies and the answers built
+    from them (``l1_max_bytes``), the copies of Redis values kept for decoding, the key and
+    scope memos, and the responses streamed through (per upstream connection: ``max_body``
+    plus `STREAM_BUFFER`). Not counted: the interpreter and libraries themselves, and each
+    client connection's own buffers (a request head of at most 64 KiB, a body read 64 KiB
+    at a time).
+    """
+    parts: list[tuple[str, int]] = []
+    if gateway.backend == "memory":
+        parts.append(("store", parse_size(gateway.max_bytes, what="max_bytes")))
+    if gateway.l1_entries:
+        parts.append(("L1", int(gateway.l1_max_bytes)))
+    if isinstance(gateway.backend, str) and gateway.backend != "memory":
+        parts.append(("Redis values", 2 * DECODED_MAX_BYTES))
+    parts.append(("memos", MEMO_BYTES))
+    streams = sum(
+        service.max_connections
+        * (max((r.policy.max_body for r in service.routes), default=0) + STREAM_BUFFER)
+        for service in gateway.services
+    )
+    parts.append(("streams", streams))
+    return parts
 
 
 def create_app(gateway: Gateway | str | Path) -> FastAPI:
@@ -177,8 +222,6 @@ class _Proxy:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
-        # The last fast-path answer per key and method: see `_fast_hit`.
-        self._answers: dict[tuple[str, str, bool], _Answer] = {}
 
     def forget(self) -> None:
         """Drop what was memoised from the previous configuration (after a reload)."""
@@ -403,9 +446,10 @@ class _Proxy:
         if key is None:
             parts = (service.name, rest, raw_query.decode("latin-1"), key_extra, scheme, host)
             key = hash_parts(self.runtime.gateway.prefix, parts)
-            if len(self._keys) >= _MEMO_SIZE:  # bounded: hot keys stay, a flood can't grow it
-                self._keys.clear()
-            self._keys[memo] = key
+            if len(rest) + len(raw_query) + len(key_extra) + len(host) <= _MEMO_PART_MAX:
+                if len(self._keys) >= _MEMO_SIZE:  # bounded: a flood can't grow it
+                    self._keys.clear()
+                self._keys[memo] = key
         return key
 
     def _scopes(
@@ -417,9 +461,10 @@ class _Proxy:
         if scopes is None:
             tags = (format_tag(t, params) for t in route.policy.tags)
             scopes = scopes_for(service.name, rest, tags, route.path)
-            if len(self._scope_memo) >= _MEMO_SIZE:
-                self._scope_memo.clear()
-            self._scope_memo[memo] = scopes
+            if len(rest) <= _MEMO_PART_MAX:
+                if len(self._scope_memo) >= _MEMO_SIZE:
+                    self._scope_memo.clear()
+                self._scope_memo[memo] = scopes
         return scopes
 
     async def _invalidate_locations(self, served: Served, host: str, engine: CacheEngine) -> None:
@@ -570,8 +615,9 @@ def _fast_hit(
     gz = bool(entry.coding) and accepts_gzip(
         accept_encoding.decode("latin-1") if accept_encoding is not None else None
     )
-    memo = proxy._answers.get((key, verb, gz))
-    if memo is None or memo.entry is not entry or memo.seconds != seconds:
+    answers = entry.answers
+    memo = answers.get((verb, gz)) if answers is not None else None
+    if memo is None or memo.seconds != seconds:
         served = engine.render(
             entry,
             RequestInfo(method=verb, key=key, headers=_GZIP_ACCEPTED if gz else _NO_HEADERS),
@@ -582,10 +628,16 @@ def _fast_hit(
         built = response_bytes(served.status, served.headers, served.body)
         if built is None:
             return None
-        memo = _Answer(entry, seconds, built, served.status, len(served.body))
-        if len(proxy._answers) >= _MEMO_SIZE:
-            proxy._answers.clear()
-        proxy._answers[(key, verb, gz)] = memo
+        cost = len(built) + ANSWER_OVERHEAD
+        # Kept on the entry while it is in the L1, counted against the L1's bytes (an
+        # identity answer of an entry stored compressed can be far larger than it).
+        fresh = _Answer(seconds, built, served.status, len(served.body), cost)
+        if engine.store.l1.charge(key, cost - (memo.cost if memo is not None else 0)):
+            answers = entry.answers
+            if answers is None:
+                answers = entry.answers = {}
+            answers[verb, gz] = fresh
+        memo = fresh
     engine.stats["HIT"] += 1  # rendered once per second for a key: counted per answer here
     runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
     sink = _accesslog._hot or access_sink()  # no call while a buffered handler takes lines
@@ -594,7 +646,7 @@ def _fast_hit(
         # with the answer for the last client (address, request target, User-Agent).
         ip = client[0] if client else None
         if memo.ip != ip or memo.target != target or memo.agent != user_agent:
-            memo.tail = hit_tail(
+            tail = hit_tail(
                 verb,
                 raw_path,
                 query,
@@ -606,6 +658,12 @@ def _fast_hit(
                 route=route.path,
                 key=key,
             )
+            if len(target) + len(user_agent or b"") > _TAIL_MEMO_MAX:
+                # Not kept: a long target or User-Agent would make the answer's memo
+                # larger than ANSWER_OVERHEAD counts for it.
+                sink.write_tail(tail, now)
+                return memo.answer
+            memo.tail = tail
             memo.ip, memo.target, memo.agent = ip, target, user_agent
         sink.write_tail(memo.tail, now)  # the hit's time (the engine's clock)
     return memo.answer
@@ -618,7 +676,7 @@ class _Answer:
     __slots__ = (
         "agent",
         "answer",
-        "entry",
+        "cost",
         "ip",
         "seconds",
         "sent",
@@ -628,13 +686,13 @@ class _Answer:
     )
 
     def __init__(
-        self, entry: Entry, seconds: tuple[int, int], answer: bytes, status: int, sent: int
+        self, seconds: tuple[int, int], answer: bytes, status: int, sent: int, cost: int
     ) -> None:
-        self.entry = entry
         self.seconds = seconds
         self.answer = answer
         self.status = status
         self.sent = sent
+        self.cost = cost  # the bytes counted for it in the L1
         self.ip: object = _NOBODY
         self.target = b""
         self.agent: bytes | None = None
@@ -747,6 +805,13 @@ async def _send_served(send: Send, served: Served, scope: Scope) -> int:
             if connection is not None and connection.gone:
                 return sent
         await send({"type": "http.response.body", "body": b""})
+    except Exception as exc:
+        # The upstream broke off mid-stream (a read timeout, a reset, its client closed
+        # as the gateway stops): the client sees its connection end, not a hang.
+        if connection is None:
+            raise
+        logger.warning("cachegw: a streamed response broke off after %d bytes: %r", sent, exc)
+        connection.cut()
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:

@@ -162,6 +162,7 @@ def check(file: Path) -> None:
     found = _lint(gateway)
     for warning in found:
         click.echo(f"warning: {file}: {warning}", err=True)
+    click.echo(_budget_line(gateway))
     routes = sum(len(service.routes) for service in gateway.services)
     click.echo(
         f"OK: {_plural(len(gateway.services), 'service')}, {_plural(routes, 'route')}"
@@ -522,6 +523,20 @@ def _route_table(gateway: Gateway) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _budget_line(gateway: Gateway) -> str:
+    """The memory one gateway process may hold, part by part (see docs/operations.md)."""
+    from cachegw._app import memory_budget  # the app's modules, only for this line
+
+    parts = memory_budget(gateway)
+    total = sum(size for _, size in parts)
+    listed = " + ".join(f"{_mib(size)} {name}" for name, size in parts)
+    return f"memory per process: at most {_mib(total)} ({listed})"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f}MiB" if size >= 2**20 else f"{size / 1024:.0f}KiB"
 
 
 def _plural(count: int, noun: str) -> str:

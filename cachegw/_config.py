@@ -42,6 +42,7 @@ _CACHE_KEYS = frozenset(
         "status_header",
         "expose_tag_headers",
         "l1_entries",
+        "l1_max_bytes",
         "l1_ttl",
         "compress",
         "compress_min",
@@ -145,6 +146,8 @@ class _Loader(Generic[G]):
         with self._at("cache", _CACHE_KEYS, values=cache):
             if "max_bytes" in cache:
                 settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")
+            if "l1_max_bytes" in cache:
+                settings["l1_max_bytes"] = parse_size(cache["l1_max_bytes"], what="l1_max_bytes")
             if "max_entries" in cache:
                 # The memory backend owns the rule for its bounds; building one costs nothing.
                 MemoryBackend(max_entries=cache["max_entries"])

@@ -237,7 +237,7 @@ class Service:
             name, colon, port = host.rpartition(":")
             if colon and port.isdigit() and name in self._any_port:
                 found = name
-            if len(self._host_names) < 1024:  # a bounded memo of spellings seen
+            if len(self._host_names) < 1024 and len(host) <= 256:  # bounded, in bytes too
                 self._host_names[host] = found or ""
         return found or None
 
@@ -271,6 +271,8 @@ class Gateway:
       how long a copy of a Redis entry is used without asking Redis (changes made by
       other gateway processes reach it at once through Redis pub/sub, and after
       ``l1_ttl`` at the latest). ``l1_entries = 0`` turns it off.
+    * **l1_max_bytes** - the most bytes those copies, and the answers built from them, keep
+      alive in each process (everything counts: keys, bodies, headers, tags).
     * **expose_tag_headers** - pass the upstream's ``Surrogate-Key`` / ``Cache-Tag``
       headers on to clients (by default they are read as tags and stripped).
     * **server** - `ServerLimits` on client connections (timeouts, header fields), enforced
@@ -294,6 +296,7 @@ class Gateway:
     status_header: str = "X-Cache-Status"
     expose_tag_headers: bool = False
     l1_entries: int = 4096
+    l1_max_bytes: int | str = 32 * 1024 * 1024
     l1_ttl: float | str = 1.0
     server: ServerLimits = field(default_factory=ServerLimits)
     compress: bool = True
@@ -323,6 +326,7 @@ class Gateway:
                 f"l1_entries must be a whole number ≥ 0, got {self.l1_entries!r}{self._in()}"
             )
         self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
+        self.l1_max_bytes = parse_size(self.l1_max_bytes, what="l1_max_bytes")
         if not isinstance(self.compress, bool):
             raise ConfigError(f"compress must be true or false, got {self.compress!r}{self._in()}")
         try:

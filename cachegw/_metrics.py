@@ -92,7 +92,11 @@ _MEMORY_GAUGES = (
 _EVICTIONS_HELP = "Entries the in-memory backend evicted to stay within its bounds."
 _L1_GAUGES = (
     ("entries", "cachegw_l1_entries", "Decoded entries held in the process (L1)."),
-    ("bytes", "cachegw_l1_bytes", "Body bytes of the entries held in L1."),
+    (
+        "bytes",
+        "cachegw_l1_bytes",
+        "Bytes held in L1: entries whole and the answers built from them.",
+    ),
     ("max_entries", "cachegw_l1_max_entries", "L1's entry bound (l1_entries)."),
     ("max_bytes", "cachegw_l1_max_bytes", "L1's byte bound."),
 )

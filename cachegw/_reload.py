@@ -64,15 +64,13 @@ _RESTART_ONLY = (
     ("max_entries", "cache.max_entries"),
     ("max_bytes", "cache.max_bytes"),
     ("l1_entries", "cache.l1_entries"),
+    ("l1_max_bytes", "cache.l1_max_bytes"),
     ("l1_ttl", "cache.l1_ttl"),
     ("status_header", "cache.status_header"),
     ("expose_tag_headers", "cache.expose_tag_headers"),
     ("compress", "cache.compress"),
     ("compress_min", "cache.compress_min"),
 )
-# An upstream client being replaced is closed once the requests it may still serve are
-# over: its service's timeout bounds them, plus this margin.
-_RETIRE_MARGIN = 5.0
 
 
 class ReloadError(Exception):
@@ -271,7 +269,7 @@ class Reloader:
             else:
                 upstreams[service.name] = upstream_for(service)
         retired = [
-            (upstream, old_services[name].exchange_bound)
+            upstream
             for name, upstream in runtime.upstreams.items()
             if upstreams.get(name) is not upstream and name in old_services
         ]
@@ -282,8 +280,10 @@ class Reloader:
             engine.lock_ttl = max((s.exchange_bound for s in new.services), default=10.0) + 1.0
         for callback in self.on_swap:
             callback()
-        for upstream, timeout in retired:
-            task = asyncio.get_running_loop().create_task(_retire(upstream, timeout))
+        for upstream in retired:
+            # Closed once the requests and streams it still serves are over (a stream
+            # lasts as long as its client takes bytes; send_timeout bounds a stalled one).
+            task = asyncio.get_running_loop().create_task(upstream.retire())
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
@@ -313,13 +313,6 @@ def _same_client(old: Service, new: Service) -> bool:
         and old.client_settings == new.client_settings
         and old.client is new.client
     )
-
-
-async def _retire(upstream: Upstream, after: float) -> None:
-    try:
-        await asyncio.sleep(after + _RETIRE_MARGIN)
-    finally:
-        await upstream.aclose()
 
 
 class ReloadingSupervisor(Multiprocess):

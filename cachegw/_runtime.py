@@ -68,7 +68,11 @@ class Runtime:
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.
             lock_ttl=max((s.exchange_bound for s in gateway.services), default=10.0) + 1.0,
-            l1=L1(max_entries=gateway.l1_entries, max_bytes=32 << 20, ttl=float(gateway.l1_ttl)),
+            l1=L1(
+                max_entries=gateway.l1_entries,
+                max_bytes=int(gateway.l1_max_bytes),
+                ttl=float(gateway.l1_ttl),
+            ),
             compress_min=int(gateway.compress_min) if gateway.compress else None,
         )
         self.engine.start()

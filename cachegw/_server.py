@@ -373,6 +373,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             started = self.cycle is not None and self.cycle.response_started
             self._cut(None if started else self._response(408, "The request body took too long."))
 
+    def cut(self) -> None:
+        """Drop the connection now: a response already started cannot be completed (its
+        upstream broke off), and the client must see it end rather than wait."""
+        if not self.gone:
+            self._cut(None)
+
     def _cut(self, answer: bytes | None) -> None:
         self.gone = True
         cycle = self.cycle

@@ -65,8 +65,31 @@ def read_time_left(op_timeout: float) -> float:
     return min(op_timeout, deadline - asyncio.get_running_loop().time())
 
 
-_DECODED_MAX_ENTRIES = 256  # with values up to 64 KiB: at most 16 MiB of bytes held
+# Values read from a remote backend and what they decoded to (see `Store.get`): at most
+# this many bytes of values (the decoded items, mostly shared with the L1, at most as many
+# again), each at most _DECODED_MAX_VALUE.
+DECODED_MAX_BYTES = 8 * 1024 * 1024
 _DECODED_MAX_VALUE = 64 * 1024
+
+#: Bytes an L1 item costs besides its key, body, headers and tags: the decoded `Entry`,
+#: its header list and tuples, the L1's slot (measured on CPython 3.11 x86-64 with
+#: ``tracemalloc``: 450-600 bytes for a gateway entry with 8 headers and 3 tags, counted
+#: below as this plus ``HEADER_OVERHEAD`` per header and tag).
+ITEM_OVERHEAD = 400
+HEADER_OVERHEAD = 100
+
+
+def item_size(key: str, item: Item) -> int:
+    """The bytes an L1 holding ``item`` under ``key`` keeps alive (see `L1`)."""
+    size = len(key) + ITEM_OVERHEAD
+    if isinstance(item, Entry):
+        size += len(item.body) + HEADER_OVERHEAD * (len(item.headers) + len(item.tags))
+        for name, value in item.headers:
+            size += len(name) + len(value)
+        for tag in item.tags:
+            size += len(tag)
+    return size
+
 
 logger = logging.getLogger("cachegw")
 
@@ -139,7 +162,9 @@ class L1:
     memory backend it only saves decoding: it is used when the backend still holds the
     very same bytes (checked by identity), so it is never stale.
 
-    Bounded by entry count and by body bytes; the oldest entries go first.
+    Bounded by entry count and by bytes: everything an item keeps alive counts (its key,
+    body, headers and tags, `item_size`) and so do the answers the fast path builds from
+    it (`charge`); the oldest entries go first. An item that leaves drops those answers.
     """
 
     def __init__(self, *, max_entries: int, max_bytes: int, ttl: float) -> None:
@@ -165,14 +190,30 @@ class L1:
     def put(self, key: str, item: Item, data: object = None) -> None:
         if not self.max_entries:
             return
-        size = len(item.body) if isinstance(item, Entry) else 0
+        self.forget(key)
+        size = item_size(key, item)
         if size > self.max_bytes:
             return
-        self.forget(key)
         self._items[key] = (time.monotonic() + self.ttl, data, item, size)
         self.bytes += size
-        while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
-            self.forget(next(iter(self._items)))
+        self._bound()
+
+    def charge(self, key: str, extra: int) -> bool:
+        """Count ``extra`` more bytes (fewer when negative) for the item under ``key``;
+        whether it is still held afterwards (the bound may push it out, then with its
+        answers: see `Entry.answers`)."""
+        found = self._items.get(key)
+        if found is None:
+            return False
+        self._items[key] = (*found[:3], found[3] + extra)
+        self.bytes += extra
+        self._bound()
+        return key in self._items
+
+    def _bound(self) -> None:
+        items = self._items
+        while len(items) > self.max_entries or self.bytes > self.max_bytes:
+            self.forget(next(iter(items)))
 
     def stats(self) -> dict[str, int]:
         """Its size and bounds: ``entries``, ``bytes``, ``max_entries``, ``max_bytes``."""
@@ -187,6 +228,9 @@ class L1:
         found = self._items.pop(key, None)
         if found is not None:
             self.bytes -= found[3]
+            item = found[2]
+            if isinstance(item, Entry):
+                item.answers = None  # counted here: they go with it
 
 
 class Store:
@@ -216,6 +260,11 @@ class Store:
         self.l1 = l1 if l1 is not None else L1(max_entries=4096, max_bytes=32 << 20, ttl=1.0)
         # Values read from a remote backend and what they decoded to (see get).
         self._decoded: dict[str, tuple[bytes, Item]] = {}
+        self._decoded_bytes = 0
+        if self._inline is not None and hasattr(self._inline, "on_evict"):
+            # What the memory backend lets go of leaves the L1 too: its decoded copy (and
+            # the answers built from it) must not outlive it.
+            self._inline.on_evict = self.l1.forget
         self._probes: set[asyncio.Task[Any]] = set()
 
     async def _call(
@@ -307,9 +356,14 @@ class Store:
         else:
             l1.put(key, item)
             if len(data) <= _DECODED_MAX_VALUE:
-                if len(self._decoded) >= _DECODED_MAX_ENTRIES:
-                    self._decoded.pop(next(iter(self._decoded)))
-                self._decoded[key] = (data, item)
+                kept = self._decoded
+                old = kept.pop(key, None)
+                if old is not None:
+                    self._decoded_bytes -= len(old[0])
+                while kept and self._decoded_bytes + len(data) > DECODED_MAX_BYTES:
+                    self._decoded_bytes -= len(kept.pop(next(iter(kept)))[0])
+                kept[key] = (data, item)
+                self._decoded_bytes += len(data)
         return item
 
     async def set(self, key: str, item: Item, ttl: float) -> bool:
@@ -341,7 +395,9 @@ class Store:
     def forget(self, key: str) -> None:
         """Drop the process's copy of ``key`` (another process changed it)."""
         self.l1.forget(key)
-        self._decoded.pop(key, None)
+        old = self._decoded.pop(key, None)
+        if old is not None:
+            self._decoded_bytes -= len(old[0])
 
     async def delete(self, key: str) -> None:
         self.forget(key)

@@ -425,15 +425,17 @@ def _timed_out(who: str, exc: BaseException, phases: httpx.Timeout) -> str:
 class _Permit:
     """One place in a service's connection pool; releasing it twice is harmless."""
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_upstream",)
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots: asyncio.Semaphore | None = slots
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream: Upstream | None = upstream
 
     def __call__(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
+        upstream = self._upstream
+        if upstream is not None:
+            self._upstream = None
+            upstream._slots.release()
+            upstream._done()
 
 
 def upstream_for(service: Any) -> Upstream:
@@ -517,6 +519,25 @@ class Upstream:
         )
         self._phases = phases
         self._fresh: httpx.AsyncClient | None = None  # unpooled, for the one retry
+        # Requests under way (from the pool's queue to the end of a streamed body), and
+        # what `retire` waits on.
+        self._busy = 0
+        self._idle: asyncio.Event | None = None
+
+    def _done(self) -> None:
+        self._busy -= 1
+        if not self._busy and self._idle is not None:
+            self._idle.set()
+
+    async def retire(self) -> None:
+        """Close the client once every request it serves is over (a reload replaced it):
+        streams in flight run to their end. Cancelled (the gateway stops): closed at once."""
+        try:
+            if self._busy:
+                self._idle = asyncio.Event()
+                await self._idle.wait()
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         if self._owned:
@@ -540,11 +561,15 @@ class Upstream:
         connection close before the body's end, never a complete request.
         """
         slots = self._slots
+        self._busy += 1
         if slots.locked():
             try:
                 async with asyncio.timeout(self._pool_timeout):
                     await slots.acquire()
-            except TimeoutError:
+            except BaseException as exc:
+                self._done()
+                if not isinstance(exc, TimeoutError):
+                    raise
                 who = f"the service {self.service!r}" if self.service else "the upstream service"
                 status, out, payload = problem(
                     503, "Service Unavailable", f"No connection to {who} became free in time."
@@ -555,7 +580,7 @@ class Upstream:
                 )
         else:
             await slots.acquire()  # free: returns at once
-        release = _Permit(slots)
+        release = _Permit(self)
         response: _Reply | None = None
         streamed = False
         deadline = None if self._total is None else asyncio.get_running_loop().time() + self._total

@@ -15,6 +15,9 @@ Routes (any method unless said):
 * ``/trickle``     200, 8 bytes, one every 0.3 s
 * ``/silent``      200, 8 bytes declared, 2 sent, then 5 s of silence
 * ``/hang``        200 after 2 s
+* ``/large``       200, 12 MiB, ``no-store``, as ``/big`` (``streams``: "large finished")
+* ``/bin/<x>``     200, 1 MiB of incompressible bytes, ``max-age=60``
+* ``/text/<x>``    200, 512 KiB of compressible JSON, ``max-age=60``
 * ``/slow/<x>``    200, ``max-age=60``, after 3 s, unless the gateway closes the connection
                    first: counted in ``slow`` as "answered" or "aborted"
 * ``/bad``         200 with a control byte in a header value, ``max-age=60``
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -35,6 +39,10 @@ __all__ = ["HostileOrigin", "read_response", "send_raw"]
 
 _BIG = 64 * 1024 * 1024  # more than every socket buffer on the way holds
 _PIECE = b"b" * 65536
+_LARGE = 12 * 1024 * 1024
+_BINARY = random.Random(24).randbytes(1024 * 1024)
+_TEXT = b"[" + b",".join(b'{"id": %d, "name": "item %d"}' % (i, i) for i in range(18000))
+_TEXT = _TEXT[: 512 * 1024 - 1] + b"]"
 
 
 class HostileOrigin:
@@ -176,6 +184,31 @@ class HostileOrigin:
                 return False
             self.slow["answered"] += 1
             _write(writer, 200, [("cache-control", "max-age=60")], b"slow")
+        elif path == "/large":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: %d\r\n\r\n" % _LARGE
+            )
+            try:
+                for _ in range(_LARGE // len(_PIECE)):
+                    writer.write(_PIECE)
+                    await writer.drain()
+            except ConnectionError:
+                self.streams["large cut"] += 1
+                return False
+            self.streams["large finished"] += 1
+        elif path.startswith("/bin/"):
+            headers = [
+                ("cache-control", "max-age=60"),
+                ("content-type", "application/octet-stream"),
+            ]
+            _write(writer, 200, headers, _BINARY)
+        elif path.startswith("/text/"):
+            _write(
+                writer,
+                200,
+                [("cache-control", "max-age=60"), ("content-type", "application/json")],
+                _TEXT,
+            )
         elif path == "/hang":
             await asyncio.sleep(2)
             _write(writer, 200, [("cache-control", "no-store")], b"late")

@@ -6,9 +6,11 @@ shorter than 100 ms.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,3 +181,47 @@ def test_head_misses_are_fetched_as_one_get_stored_and_answered_without_body(
     finally:
         for sock in heads:
             sock.close()
+
+
+def test_a_reload_lets_streams_in_flight_end_on_the_old_pool(
+    origin: HostileOrigin, tmp_path: Path
+) -> None:
+    """A reload that replaces the service's upstream client (another timeout): a 12 MiB
+    stream read slowly, for longer than the old configuration's timeouts (1 s each, plus
+    the 5 s that reloads used to wait before closing the old client), is not cut: the old
+    pool is closed when its last stream ends."""
+    config = tmp_path / "gateway.toml"
+    toml = TOML.format(backend="memory", upstream=origin.base).replace(
+        "timeout = 10", "timeout = 1"
+    )
+    config.write_text(toml)
+    gw = GatewayProcess(config, args=["--no-access-log"])
+    gw.start()
+    try:
+        before = origin.streams["large finished"]
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(b"GET /ab/large HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            config.write_text(toml.replace("timeout = 1\n", "timeout = 2\n"))
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            health = f"{gw.base}/_cachegw/health"
+            assert wait_until(lambda: httpx.get(health).json()["config"]["generation"] == 2)
+            reloaded = time.monotonic()
+            while len(body) < 12 * 1024 * 1024:
+                slow = time.monotonic() - reloaded < 10  # then the rest at full speed
+                chunk = sock.recv(16384 if slow else 1 << 20)
+                assert chunk, f"the stream was cut after {len(body)} bytes"
+                body += chunk
+                if slow:
+                    time.sleep(0.05)
+        assert len(body) == 12 * 1024 * 1024
+        assert origin.wait_for(lambda: origin.streams["large finished"] == before + 1)
+    finally:
+        output = gw.stop()
+    assert "Traceback" not in output, output

@@ -108,6 +108,9 @@ class MemoryBackend(Backend):
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
         self._bytes = 0
         self._evictions = 0
+        #: Called with each key the backend lets go of by itself (bounds, expiry, a value
+        #: it cannot hold): the engine's store drops its decoded copy.
+        self.on_evict: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"MemoryBackend(max_entries={self._max_entries}, max_bytes={self._max_bytes})"
@@ -141,6 +144,8 @@ class MemoryBackend(Backend):
             old_key, (old_value, _) = data.popitem(last=False)
             self._bytes -= len(old_key) + len(old_value) + ENTRY_OVERHEAD
             self._evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(old_key)
 
     def delete_nowait(self, key: str) -> bool:
         return self._drop(key)
@@ -150,6 +155,8 @@ class MemoryBackend(Backend):
         if entry is None:
             return False
         self._bytes -= len(key) + len(entry[0]) + ENTRY_OVERHEAD
+        if self.on_evict is not None:
+            self.on_evict(key)
         return True
 
     # fastapi-cache2's Backend interface, plus ``delete``.

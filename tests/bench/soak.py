@@ -18,6 +18,18 @@ complete, or if the gateway logged a traceback.
 
     .venv/bin/python tests/bench/soak.py [--minutes 5] [--clients 6]
 
+``--adversarial SECONDS`` runs the adversarial phase instead (issue 24), on the memory
+backend and then on Redis: a quiet run of well-behaved clients alone for a third of the
+time, then the same clients alongside attackers for the rest, against a cached service
+(``max_bytes``/``l1_max_bytes`` of 16 MiB): unique ~8 KB targets, identity answers of
+512 KiB compressible bodies stored compressed, 1 MiB binaries (each a miss, then a hit),
+stalled readers of a 64 MiB stream, clients that send a slow GET and hang up, and floods
+of 50 concurrent HEADs on cold keys. It prints one table row per backend and fails unless,
+on each, the gateway's RSS stays within `cachegw check`'s budget + 64 MiB, the
+well-behaved p99 within its quiet p99 + 50 ms, and no well-behaved request fails.
+
+    .venv/bin/python tests/bench/soak.py --adversarial 90
+
 Loopback only; every process and connection it opens is closed at the end.
 """
 
@@ -35,6 +47,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +79,30 @@ timeout = 5
 """
 
 UPLOAD = 4096
+
+ADVERSARIAL_TOML = """
+[cache]
+backend = "{backend}"
+prefix = "adv"
+max_bytes = "16MiB"
+l1_max_bytes = "16MiB"
+
+[server]
+send_timeout = 2
+
+[[services]]
+name = "c"
+upstream = "{upstream}"
+prefix = "/c"
+ttl = 60
+timeout = 5
+max_body = "2MiB"
+max_connections = 20
+pool_timeout = 2
+
+  [[services.routes]]
+  path = "/{{rest:path}}"
+"""
 
 
 @dataclass
@@ -211,6 +248,229 @@ class Soak:
             await asyncio.sleep(0.3)
 
 
+class Adversary(Soak):
+    """The adversarial phase: well-behaved clients on the cached service ``/c`` (hits,
+    misses, 48 KiB answers) and the attackers of issue 24, each at a bounded rate."""
+
+    def __init__(self, port: int, seconds: float, attack: bool) -> None:
+        super().__init__(port, seconds / 60)
+        self.attack = attack
+        self.counts: Counter[str] = Counter()
+
+    async def client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while self.running():
+            roll = rng.random()
+            if roll < 0.75:
+                request, expect = _get(f"/c/small/{rng.randrange(200)}"), 1024
+            elif roll < 0.9:
+                request, expect = _get(f"/c/nocache/{rng.randrange(10**6)}"), 1024
+            else:
+                request, expect = _get("/c/medium"), 48 * 1024
+            began = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await self.connect()
+                reader, writer = conn
+                writer.write(request)
+                status, body, close = await asyncio.wait_for(_response(reader), 15)
+                if status != 200 or len(body) != expect:
+                    raise _Failure(f"status {status}, {len(body)} bytes")
+                if close:
+                    writer.close()
+                    conn = None
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, _Failure) as exc:
+                self.now.errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+                continue
+            self._served(began)
+            await asyncio.sleep(0.002)
+        if conn is not None:
+            conn[1].close()
+
+    async def _twice(self, path: str) -> None:
+        """A miss then a hit on one connection, the answers read whole."""
+        reader, writer = await self.connect()
+        try:
+            for _ in range(2):
+                writer.write(_get(path))
+                await asyncio.wait_for(_response(reader), 15)
+        finally:
+            writer.close()
+
+    async def paced(self, kind: str, per_second: float, make: Any) -> None:
+        n = 0
+        while self.running():
+            began = time.monotonic()
+            try:
+                await make(n)
+                self.counts[kind] += 1
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                self.counts[f"{kind} failed"] += 1
+            n += 1
+            await asyncio.sleep(max(0.0, 1 / per_second - (time.monotonic() - began)))
+
+    async def long_target(self, n: int) -> None:
+        await self._twice(f"/c/small/long-{n}-{time.monotonic_ns()}?q=" + "x" * 8000)
+
+    async def identity_text(self, n: int) -> None:
+        await self._twice(f"/c/text/{n}-{time.monotonic_ns()}")
+
+    async def binary(self, n: int) -> None:
+        await self._twice(f"/c/bin/{n}-{time.monotonic_ns()}")
+
+    async def abandoned(self, n: int) -> None:
+        _, writer = await self.connect()
+        writer.write(_get(f"/c/slow/{n}-{time.monotonic_ns()}"))
+        await writer.drain()
+        writer.close()
+
+    async def head_flood(self, n: int) -> None:
+        path = f"/c/slow/head-{n}-{time.monotonic_ns()}"
+
+        async def head() -> None:
+            reader, writer = await self.connect()
+            try:
+                writer.write(f"HEAD {path} HTTP/1.1\r\nHost: soak\r\n\r\n".encode())
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(head() for _ in range(50)))
+
+    async def stalled(self, n: int) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        _reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        writer.transport.pause_reading()
+        writer.write(_get("/c/big"))
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if _peer_closed(sock):
+                break
+        writer.close()
+
+
+async def adversarial(port: int, pid: int, seconds: float, clients: int) -> dict[str, float]:
+    """One backend: the quiet run, then the attack; the numbers of one table row."""
+    quiet = Adversary(port, seconds / 3, attack=False)
+    await asyncio.gather(*(quiet.client(i) for i in range(clients)))
+    attack = Adversary(port, seconds * 2 / 3, attack=True)
+    rss: list[float] = []
+
+    async def sample() -> None:
+        while attack.running():
+            rss.append(rss_mib(pid))
+            await asyncio.sleep(0.5)
+
+    tasks = [asyncio.create_task(attack.client(100 + i)) for i in range(clients)]
+    tasks += [
+        asyncio.create_task(attack.paced(kind, rate, make))
+        for kind, rate, make in (
+            ("long targets", 20, attack.long_target),
+            ("identity 512 KiB", 10, attack.identity_text),
+            ("1 MiB binaries", 10, attack.binary),
+            ("abandoned slow GETs", 40, attack.abandoned),
+            ("HEAD floods of 50", 1, attack.head_flood),
+        )
+    ]
+    tasks += [asyncio.create_task(attack.paced("stalled readers", 2, attack.stalled))]
+    tasks.append(asyncio.create_task(sample()))
+    await asyncio.sleep(seconds * 2 / 3)
+    await asyncio.gather(*tasks[:clients])
+    for task in tasks[clients:]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+    def p99(run: Soak) -> float:
+        lat = sorted(lat for m in run.minutes for lat in m.latencies)
+        return lat[int(len(lat) * 0.99) - 1] * 1000 if lat else float("nan")
+
+    print("      attacks sent: " + ", ".join(f"{k} {v}" for k, v in attack.counts.items()))
+    return {
+        "quiet p99": p99(quiet),
+        "attack p99": p99(attack),
+        "served": sum(m.served for m in attack.minutes),
+        "failed": sum(sum(m.errors.values()) for m in (*quiet.minutes, *attack.minutes)),
+        "rss max": max(rss, default=0.0),
+        "rss start": rss_mib(pid) if not rss else rss[0],
+    }
+
+
+def run_adversarial(seconds: float, clients: int) -> int:
+    from cachegw import Gateway
+    from cachegw._app import memory_budget
+
+    origin = HostileOrigin().start()
+    redis = RedisProcess().start()
+    rows = []
+    try:
+        for backend in ("memory", redis.url):
+            workdir = Path(tempfile.mkdtemp(prefix="cachegw-adversarial-"))
+            config = workdir / "gateway.toml"
+            config.write_text(ADVERSARIAL_TOML.format(backend=backend, upstream=origin.base))
+            budget = sum(size for _, size in memory_budget(Gateway.from_toml(config))) / 2**20
+            port = free_port()
+            log = workdir / "gateway.log"
+            with log.open("wb") as out:
+                gateway = subprocess.Popen(
+                    [sys.executable, "-m", "cachegw", "serve", str(config), "--port", str(port),
+                     "--no-access-log"],
+                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                        break
+                    except OSError:
+                        if gateway.poll() is not None or time.monotonic() > deadline:
+                            print(log.read_text(), file=sys.stderr)
+                            return 2
+                        time.sleep(0.1)
+                base_rss = rss_mib(gateway.pid)
+                name = "memory" if backend == "memory" else "redis"
+                print(f"{name}: {seconds:g} s, budget {budget:.0f} MiB", flush=True)
+                row = asyncio.run(adversarial(port, gateway.pid, seconds, clients))
+            finally:
+                gateway.terminate()
+                try:
+                    gateway.wait(15)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()
+                    gateway.wait()
+            traceback = "Traceback" in log.read_text(errors="replace")
+            rows.append((name, budget, base_rss, row, traceback))
+    finally:
+        redis.close()
+        origin.close()
+    print(
+        "| backend | budget + 64 MiB | RSS at start | RSS max | quiet p99 | attacked p99 "
+        "| served | failed | verdict |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = False
+    for name, budget, base_rss, row, traceback in rows:
+        ok = (
+            row["rss max"] <= budget + 64
+            and row["attack p99"] <= row["quiet p99"] + 50
+            and row["failed"] == 0
+            and not traceback
+        )
+        failed |= not ok
+        print(
+            f"| {name} | {budget + 64:.0f} MiB | {base_rss:.0f} MiB | {row['rss max']:.0f} MiB "
+            f"| {row['quiet p99']:.1f} ms | {row['attack p99']:.1f} ms | {row['served']:.0f} "
+            f"| {row['failed']:.0f} | {'PASS' if ok else 'FAIL'} |"
+        )
+    return 1 if failed else 0
+
+
 class _Failure(Exception):
     pass
 
@@ -335,7 +595,12 @@ def main() -> int:
     parser.add_argument("--loris", type=int, default=50, help="slow-loris connections")
     parser.add_argument("--silent", type=int, default=50, help="silent connections")
     parser.add_argument("--stalled", type=int, default=5, help="stalled readers")
+    parser.add_argument(
+        "--adversarial", type=float, metavar="SECONDS", help="run the adversarial phase instead"
+    )
     args = parser.parse_args()
+    if args.adversarial:
+        return run_adversarial(args.adversarial, args.clients)
 
     origin = HostileOrigin().start()
     redis = RedisProcess().start()
