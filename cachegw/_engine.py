@@ -84,6 +84,8 @@ _Writes = list[Callable[[], Awaitable[Any]]]
 #: backend takes well under a millisecond (the answer is then as before: the entry is in
 #: the backend, and ``stored`` is said), a stalled one does not hold the answer.
 WRITE_GRACE = 0.01
+# Ended flights are counted per slot of the key's hash (see `CacheEngine._landings`).
+_LANDING_SLOTS = 256
 
 logger = logging.getLogger("cachegw")
 
@@ -176,6 +178,12 @@ class CacheEngine:
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed, l1=l1)
         self._share_breaker()
         self._flights: dict[str, _Flight] = {}
+        # How many flights ended, per slot of the key's hash. A request whose lookup
+        # missed while its key's flight was ending (the answer given, its entry not yet
+        # readable) finds no flight to join; the count having moved since its lookup
+        # began, it looks again instead of fetching a second time (issue 28: one
+        # upstream request per key did not hold on a slow machine).
+        self._landings = [0] * _LANDING_SLOTS
         self._background: set[asyncio.Task[Any]] = set()
         # Writes done after the answer was sent (see _write_behind), at most this many
         # requests' worth at a time: a stalled backend cannot make them pile up.
@@ -260,15 +268,24 @@ class CacheEngine:
             self.stats["BYPASS"] += 1
             return self._passed(fetched, "BYPASS", "fwd=method")
 
+        return await self._cached(request, policy, fetch, again=True)
+
+    async def _cached(
+        self, request: RequestInfo, policy: CachePolicy, fetch: Fetch, *, again: bool
+    ) -> Served:
+        """A GET or HEAD: look up, decide, act. ``again``: a miss that finds no flight to
+        join looks up once more if a flight for its key ended meanwhile."""
         asked = directives(request.headers, policy)
         # Credentials make a request private unless the route keys on the principal.
         shared_only = request.authorized and not request.per_principal
+        slot = hash(request.key) % _LANDING_SLOTS
+        landings = self._landings[slot]
         found, primary = await self.lookup(request)
         verdict = self.purges.verdict(found.tags, found.fetched_at) if found is not None else None
         now = self.clock()
         decision = decide(
             found,
-            method="GET" if request.head_as_get else method,
+            method="GET" if request.head_as_get else request.method,
             directives=asked,
             shared_only=shared_only,
             verdict=verdict,
@@ -286,6 +303,8 @@ class CacheEngine:
             # request arrived satisfies it), so such requests cannot turn the cache off
             # (issue 10).
             request.forced = asked.bypass_read
+            if again and request.key not in self._flights and self._landings[slot] != landings:
+                return await self._cached(request, policy, fetch, again=False)
             return await self._miss(
                 request, policy, fetch, asked.cc, decision.entry, primary is None
             )
@@ -511,8 +530,13 @@ class CacheEngine:
             # happen in that order, in a task of their own that the answer waits for only
             # briefly (WRITE_GRACE).
             behind = self._write_behind(writes)
-            self._drop_flight(request.key, flight)
             flight.done.set()
+            # Requests arriving until the entry is readable join the ended flight.
+            if behind is None:
+                self._drop_flight(request.key, flight)
+            else:
+                key = request.key
+                behind.add_done_callback(lambda _: self._drop_flight(key, flight))
         await self._grace(behind)
         status = "EXPIRED" if stale is not None else "MISS"
         fwd = "fwd=stale" if stale is not None else "fwd=uri-miss"
@@ -709,6 +733,7 @@ class CacheEngine:
         # A newer flight may have replaced this one (see _superseded): leave it.
         if self._flights.get(key) is flight:
             del self._flights[key]
+            self._landings[hash(key) % _LANDING_SLOTS] += 1
 
     def _superseded(self, scopes: list[str], request: RequestInfo, started: float) -> bool:
         """Whether a fetch that started at ``started`` began before an invalidation (a hard
