@@ -300,7 +300,7 @@ class Face:
     key_builder: KeyBuilderCall | None = None
     extra_tags: tuple[str, ...] = ()
     # Adjusts the outgoing response (e.g. fastapi-cache2's headers).
-    finish: Callable[[Response, Request, CachePolicy], None] | None = None
+    finish: Callable[[Response, Request, CachePolicy, RouteInputs], None] | None = None
 
 
 class _Warned:
@@ -577,7 +577,7 @@ async def _serve(
         raise
     response = _RawResponse(served)
     if face.finish is not None:
-        face.finish(response, request, policy)
+        face.finish(response, request, policy, inputs)
     return response
 
 

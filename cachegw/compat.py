@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from cachegw import _fc2
 from cachegw._decorator import DECORATOR_STATUSES, Face, PolicyFor, wrap
+from cachegw._inputs import RouteInputs
 from cachegw._policy import CachePolicy
 
 __all__ = ["cache"]
@@ -161,13 +162,17 @@ def cache(
     return decorator
 
 
-def _fastapi_cache_headers(response: Response, request: Request, policy: CachePolicy) -> None:
+def _fastapi_cache_headers(
+    response: Response, request: Request, policy: CachePolicy, inputs: RouteInputs
+) -> None:
     """fastapi-cache2's headers on a response served through the cache.
 
     ``Cache-Control: max-age`` is added only when an entry backs the answer (a hit, or a
     stored miss) and the handler set no ``Cache-Control`` of its own; ``private`` when
-    the request carried credentials, so no shared cache downstream keeps a per-user
-    answer. The ``ETag`` is cachegw's (stable content hash, on stored answers).
+    the request carried credentials (the route's: ``X-API-Key``, a scheme's header, ...)
+    or the route keys declared header or cookie inputs, so no shared cache downstream,
+    which knows nothing of that key, keeps a per-user or per-tenant answer for everyone.
+    The ``ETag`` is cachegw's (stable content hash, on stored answers).
     """
     headers = response.raw_headers
     values = {name: value for name, value in headers}
@@ -194,6 +199,7 @@ def _fastapi_cache_headers(response: Response, request: Request, policy: CachePo
         max_age = int(policy.ttl)
     else:
         return
-    names = {name for name, _ in request.scope["headers"]}
-    private = "private, " if b"authorization" in names or b"cookie" in names else ""
+    names = {name.decode("latin-1") for name, _ in request.scope["headers"]}
+    keyed = inputs.headers or inputs.cookies or inputs.all_headers
+    private = "private, " if keyed or not inputs.credentials.isdisjoint(names) else ""
     headers.append((b"cache-control", f"{private}max-age={max_age}".encode("ascii")))

@@ -319,9 +319,7 @@ class TenantHeaders(BaseModel):
 
 
 @pytest.mark.parametrize("face", FACES)
-async def test_an_optional_header_model_is_keyed_by_its_fields(
-    face: str, backend: Backend
-) -> None:
+async def test_an_optional_header_model_is_keyed_by_its_fields(face: str, backend: Backend) -> None:
     """FastAPI 0.12x and later read ``Model | None`` header parameters as a model."""
     calls = Calls()
     app = new_app(face)
@@ -336,3 +334,44 @@ async def test_an_optional_header_model_is_keyed_by_its_fields(
         assert acme in ("acme", None)  # None: a FastAPI that reads no optional model
         globex = (await c.get("/o", headers={"x-tenant": "globex"})).json()["tenant"]
         assert globex == ("globex" if acme else None)
+
+
+@pytest.mark.parametrize(
+    ("declared", "headers"),
+    [
+        ("key", {"x-custom-key": "alice"}),
+        ("tenant", {"x-tenant": "acme"}),
+        ("", {"x-api-key": "a"}),
+    ],
+)
+async def test_compat_max_age_is_private_when_the_answer_is_per_caller(
+    declared: str, headers: dict[str, str], backend: Backend
+) -> None:
+    """fastapi-cache2's ``Cache-Control: max-age`` on an answer keyed by a declared input or
+    given to a request with credentials would let a CDN in front serve it to everyone."""
+    app = new_app("compat")
+    scheme = APIKeyHeader(name="X-Custom-Key")
+
+    @app.get("/key")
+    @cache(expire=60)
+    async def key(k: Annotated[str, Security(scheme)]) -> dict[str, Any]:
+        return {"k": k}
+
+    @app.get("/tenant")
+    @cache(expire=60)
+    async def tenant(x_tenant: Annotated[str, Header()]) -> dict[str, Any]:
+        return {"t": x_tenant}
+
+    @app.get("/")
+    @cache(expire=60)
+    async def plain() -> dict[str, Any]:
+        return {}
+
+    async with client(app) as c:
+        for _ in range(2):  # the miss that stores, then the hit
+            got = await c.get(f"/{declared}", headers=headers)
+            # A request with undeclared credentials bypasses: no max-age at all.
+            assert got.headers.get("cache-control", "private").startswith("private")
+            assert bool(declared) == ("max-age" in got.headers.get("cache-control", ""))
+        if not declared:
+            assert (await c.get("/")).headers["cache-control"].startswith("max-age=")
