@@ -275,7 +275,7 @@ class _Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive, trace: _Trace) -> Served:
         try:
-            check_headers(scope)
+            has_body = check_headers(scope)
             path = check_target(scope)
         except BadTarget as bad:
             return _refusal(bad.status, _TITLES.get(bad.status, "Bad Request"), bad.detail)
@@ -311,15 +311,20 @@ class _Proxy:
 
         raw_query: bytes = scope.get("query_string", b"")
         scheme = seen.scheme
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        has_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
         # A GET with a body must not meet shared entries: the body is not in the key (fat
         # GET poisoning). A Range request is served from the whole representation.
         cacheable = not (method in ("GET", "HEAD") and has_body)
+        # A GET of a route that keeps nothing (ttl = 0) is forwarded as it came, without
+        # the cache's work: no lookup, lock or write, the client's own Accept-Encoding,
+        # conditionals and Range for the upstream to answer (issue 26).
+        passes = cacheable and method in ("GET", "HEAD") and policy.stores_nothing
+        cacheable = cacheable and not passes
+        headers: dict[str, str] = {}
+        if not passes:  # what the cache reads of the request (a forwarded GET needs none)
+            for raw_name, raw_value in scope["headers"]:
+                name = raw_name.decode("latin-1")
+                value = raw_value.decode("latin-1")
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
         metrics = self.runtime.metrics
         negotiate = cacheable and engine.compress_min is not None
         identity = cacheable and method == "GET" and "range" in headers
@@ -407,6 +412,8 @@ class _Proxy:
         if cacheable and policy.key is not None:
             key_extra = await principal(policy.key, Request(scope))
             cacheable = key_extra is not None
+        if passes:
+            return engine.passed(await fetch())
         if not cacheable:
             upstream_method = method
             return engine.bypass(await fetch())
@@ -585,8 +592,10 @@ def _fast_hit(
     verb = "GET" if method == b"GET" else "HEAD"
     if (policy.methods is not None and verb not in policy.methods) or policy.key is not None:
         return None
-    if policy.early_refresh:
-        return None  # a hit may start a refresh: a task the ordinary path runs
+    if policy.early_refresh or policy.stores_nothing:
+        # A hit may start a refresh: a task the ordinary path runs. A route that keeps
+        # nothing has no hits: forwarded by the ordinary path.
+        return None
     host_text: str | None = host.decode("latin-1")
     trusted = runtime.gateway.trusted
     if trusted and client and trusted.trusts(client[0]):

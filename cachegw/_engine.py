@@ -217,6 +217,13 @@ class CacheEngine:
         self.stats["BYPASS"] += 1
         return self._passed(fetched, "BYPASS", "fwd=bypass")
 
+    def passed(self, fetched: Fetched) -> Served:
+        """Answer a ``GET``/``HEAD`` of a route that stores nothing (``stores_nothing``)
+        with ``fetched``: a miss, as the cache would have answered it, without a lookup, a
+        lock or a write."""
+        self.stats["MISS"] += 1
+        return self._passed(fetched, "MISS", "fwd=uri-miss")
+
     async def invalidate(self, scopes: list[str], policy: CachePolicy) -> None:
         """Invalidate every entry of ``scopes`` whose fetch started before now, for every
         Vary variant and principal, including answers still in flight (RFC 9111 §4.4; the

@@ -322,6 +322,14 @@ class CachePolicy:
         """How long past freshness an entry stays useful for stale serving."""
         return max(self.stale_while_revalidate, self.stale_if_error)
 
+    @property
+    def stores_nothing(self) -> bool:
+        """No response of such a route can be kept (``max_ttl = 0`` and no stale
+        windows: ``ttl = 0`` alone, as ``max_ttl`` follows ``ttl``). Its ``GET``s are
+        forwarded without a lookup, coalescing or a write (issue 26), answered as a miss
+        that is not stored."""
+        return self.max_ttl == 0 and self.stale_window == 0
+
     @classmethod
     def from_mapping(
         cls, values: Mapping[str, Any], *, where: str, base: CachePolicy | None = None

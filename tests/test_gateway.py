@@ -101,6 +101,31 @@ def test_miss_then_hit_replays_the_upstream_response() -> None:
     assert stub.hits["/items/42"] == 1
 
 
+def test_a_route_that_keeps_nothing_forwards_the_request_as_it_came() -> None:
+    """ttl = 0 (max_ttl follows it): nothing can be stored, so the request is forwarded
+    without the cache's work (issue 26): the client's conditionals, Range and
+    Accept-Encoding reach the upstream, HEAD stays HEAD, and nothing is stored even when
+    the upstream marks its answer fresh."""
+    stub = StubUpstream()
+    stub.route("/fresh", headers=[(b"cache-control", b"max-age=600")], body=b"fresh")
+    with gateway_for(stub, ("/{rest:path}", {"ttl": 0})) as (client, _):
+        asked = {
+            "if-none-match": '"v1"',
+            "range": "bytes=0-1",
+            "accept-encoding": "br, zstd",
+        }
+        echoed = client.get("/svc/echo", headers=asked)
+        head = client.head("/svc/echo")
+        answers = [client.get("/svc/fresh") for _ in range(3)]
+    seen = {k: v for k, v in echoed.json()["headers"]}
+    assert {k: seen.get(k) for k in asked} == asked
+    assert echoed.headers["x-cache-status"] == "MISS"
+    assert echoed.headers["cache-status"] == "cachegw; fwd=uri-miss"
+    assert stub.requests[1]["method"] == "HEAD" and head.status_code == 200
+    assert [a.headers["x-cache-status"] for a in answers] == ["MISS"] * 3
+    assert stub.hits["/fresh"] == 3
+
+
 def test_prefix_stripped_and_raw_query_forwarded_byte_for_byte() -> None:
     stub = StubUpstream()
     with gateway_for(stub) as (_, base):
