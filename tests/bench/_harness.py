@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -149,13 +150,27 @@ def cpu_seconds(pid: int) -> float:
 
 def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     """One GET on a fresh connection: status, lower-cased headers, body."""
+    return http_request(port, "GET", path)
+
+
+def http_request(
+    port: int, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection (a body is sent as JSON): status, lower-cased
+    headers, body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", path)
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def unique_path(path: str, token: str) -> str:
+    """``path`` with a query parameter making it (and its cache key) unique per token."""
+    return f"{path}{'&' if '?' in path else '?'}u={token}"
 
 
 # -- load generators ---------------------------------------------------------------------
@@ -168,6 +183,45 @@ _WRK_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+)
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
+def _lua_string(data: bytes) -> str:
+    """A Lua string literal holding ``data`` exactly (decimal escapes outside ASCII)."""
+    out = []
+    for byte in data:
+        char = chr(byte)
+        if 32 <= byte < 127 and char not in '"\\':
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
+def wrk_script(method: str = "GET", body: bytes | None = None, unique: bool = False) -> str | None:
+    """A wrk Lua script sending ``method`` with ``body`` (JSON), each request to a path of
+    its own when ``unique`` (the URL's path plus ``u=<token>-<n>``, the token being the
+    argument after ``--``, different for each wrk run); None for a plain GET."""
+    if method == "GET" and body is None and not unique:
+        return None
+    lines = [f'wrk.method = "{method}"']
+    if body is not None:
+        lines += [
+            f"wrk.body = {_lua_string(body)}",
+            'wrk.headers["Content-Type"] = "application/json"',
+        ]
+    if unique:
+        lines += [
+            'local token, n, sep = "", 0, "?"',
+            "function init(args)",
+            "  token = args[1]",
+            '  if wrk.path:find("?", 1, true) then sep = "&" end',
+            "end",
+            "request = function()",
+            "  n = n + 1",
+            '  return wrk.format(nil, wrk.path .. sep .. "u=" .. token .. "-" .. n)',
+            "end",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def run_wrk(
     wrk: str,
     name: str,
@@ -175,17 +229,28 @@ def run_wrk(
     seconds: float,
     connections: int,
     on_start: Callable[[], None],
+    script: str | None = None,
 ) -> Result:
-    """1 s of warm-up, ``on_start()``, then ``seconds`` of measured load on ``url``."""
+    """1 s of warm-up, ``on_start()``, then ``seconds`` of measured load on ``url``;
+    ``script`` (Lua text, see `wrk_script`) shapes the requests."""
     base = [wrk, "-t1", f"-c{connections}", "--timeout", "5s"]
-    subprocess.run([*base, "-d1s", url], check=True, capture_output=True)  # warm-up
-    on_start()
-    out = subprocess.run(
-        [*base, f"-d{max(1, round(seconds))}s", "--latency", url],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="cachegw-bench-") as lua:
+        if script is not None:
+            lua.write(script)
+            lua.flush()
+            base += ["-s", lua.name]
+
+        def tail() -> list[str]:  # the URL, and a token of its own for each run
+            return [url, "--", os.urandom(6).hex()] if script is not None else [url]
+
+        subprocess.run([*base, "-d1s", *tail()], check=True, capture_output=True)  # warm-up
+        on_start()
+        out = subprocess.run(
+            [*base, f"-d{max(1, round(seconds))}s", "--latency", *tail()],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     rps = _WRK_RPS.search(out)
     total = _WRK_TOTAL.search(out)
     pcts = {p: float(v) * _UNIT_MS[u] for p, v, u in _WRK_PCT.findall(out)}
@@ -261,9 +326,14 @@ async def _python_load(
     warmup: float,
     connections: int,
     on_start: Callable[[], None],
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> Result:
     loop = asyncio.get_running_loop()
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    request = (head + "\r\n").encode() + (body or b"")
     latencies: list[int] = []
     state: dict[str, Any] = {"running": True, "recording": False, "error": None}
     conns = []
@@ -294,9 +364,16 @@ async def _python_load(
 
 
 def run_python(
-    port: int, path: str, seconds: float, connections: int, on_start: Callable[[], None]
+    port: int,
+    path: str,
+    seconds: float,
+    connections: int,
+    on_start: Callable[[], None],
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> Result:
-    """The asyncio load generator: 1 s of warm-up, ``on_start()``, ``seconds`` measured."""
+    """The asyncio load generator: 1 s of warm-up, ``on_start()``, ``seconds`` measured.
+    Every request is the same ``method path`` (with ``body`` as JSON)."""
     runner: Callable[[Coroutine[Any, Any, Result]], Result] = asyncio.run
     try:
         import uvloop
@@ -304,7 +381,7 @@ def run_python(
         runner = uvloop.run
     except ImportError:
         pass
-    return runner(_python_load(port, path, seconds, 1.0, connections, on_start))
+    return runner(_python_load(port, path, seconds, 1.0, connections, on_start, method, body))
 
 
 def measure(
@@ -316,8 +393,14 @@ def measure(
     seconds: float,
     connections: int,
     on_start: Callable[[], None] | None = None,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    unique: bool = False,
 ) -> Result:
-    """Load ``GET path`` on ``port`` and fill in the CPU columns from server ``pid``.
+    """Load ``method path`` (``body`` as JSON) on ``port`` and fill in the CPU columns
+    from server ``pid``; with ``unique``, every request goes to a path of its own (wrk only:
+    a SetupError without it).
 
     ``on_start`` (optional) runs right after the warm-up, when the measured window opens.
     """
@@ -329,9 +412,13 @@ def measure(
             on_start()
 
     if wrk:
-        result = run_wrk(wrk, name, f"http://127.0.0.1:{port}{path}", seconds, connections, start)
+        url = f"http://127.0.0.1:{port}{path}"
+        script = wrk_script(method, body, unique)
+        result = run_wrk(wrk, name, url, seconds, connections, start, script)
+    elif unique:
+        raise SetupError(f"{name}: a different path per request needs wrk")
     else:
-        result = run_python(port, path, seconds, connections, start)
+        result = run_python(port, path, seconds, connections, start, method, body)
     # Server CPU per request barely moves when other processes steal the core; req/s
     # does. Both are kept; busy < 90 % means a noisy machine.
     cpu = cpu_seconds(pid) - mark[0]

@@ -33,11 +33,13 @@ from _harness import (
     cpu_model,
     free_port,
     http_get,
+    http_request,
     measure,
     median,
     pin,
     spawn,
     terminate,
+    unique_path,
     uvicorn_command,
     versions,
     wait_listening,
@@ -89,17 +91,39 @@ class Target:
     expect: str | None = None  # "HIT" / "MISS" every answer must carry (None: no cache)
     header: str = STATUS  # the response header carrying it
     gateway: bool = False  # a cachegw gateway: its /_cachegw/health counters are checked
+    method: str = "GET"
+    body: bytes | None = None  # request body (sent as JSON); the upstream must read it all
+    #: Every request to a path (and so a cache key) of its own: ``path?u=<token>-<n>``.
+    #: Needs wrk.
+    unique: bool = False
+    #: Every MISS must also be stored (``Cache-Status: ...; stored``, then a HIT).
+    stored: bool = False
+    #: No cache status, but every request must reach the upstream (the floor, nginx_pass).
+    forwarded: bool = False
+    #: The upstream counter (/__hits) its forwarded requests increase: "uncached", "cached".
+    counter: str = "uncached"
     rounds: list[Result] = field(default_factory=list)
     checks: list[float] = field(default_factory=list)  # per round, see `check_label`
+
+    @property
+    def forwards(self) -> bool:
+        """Every answer costs exactly one upstream request."""
+        return self.expect == "MISS" or self.forwarded
 
 
 @dataclass
 class Ratio:
+    """``num / den`` of a median. ``metric="rps"`` (higher is better; CPU per request
+    inverted stands in without wrk): PASS at >= ``minimum``. ``metric="p99_ms"`` (lower
+    is better; judged with wrk only): PASS at <= ``maximum``. Neither bound: information."""
+
     name: str
     num: str  # target keys
     den: str
     minimum: float | None  # None: shown for information
     issue: str = ""
+    metric: str = "rps"
+    maximum: float | None = None
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -193,6 +217,12 @@ http {{
             proxy_cache_valid 200 60s;
             add_header X-Cache-Status $upstream_cache_status;
         }}
+        # Pass-through, no cache: /pass/x is forwarded as /x.
+        location /pass/ {{
+            proxy_pass http://origin/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
     }}
 }}
 """
@@ -214,7 +244,8 @@ def _first_child(server: Server) -> int:
 
 def nginx_server(name: str, upstream_hostport: str) -> Server | None:
     """nginx ``proxy_cache`` (one worker, cache in a temporary directory) in front of the
-    upstream, or None when nginx is not installed."""
+    upstream, and ``/pass/...`` forwarded without a cache, or None when nginx is not
+    installed."""
     binary = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
@@ -260,11 +291,16 @@ def stop(server: Server) -> None:
 # -- checks -------------------------------------------------------------------------------
 
 
-def upstream_hits(upstream: Server) -> int:
+def upstream_counters(upstream: Server) -> dict[str, int]:
+    """The upstream's counters: requests under /uncached/ and /cached/, body bytes read."""
     status, _, body = http_get(upstream.port, "/__hits")
     if status != 200:
         raise SetupError(f"upstream /__hits answered {status}")
-    return int(json.loads(body)["uncached"])
+    return {k: int(v) for k, v in json.loads(body).items()}
+
+
+def upstream_hits(upstream: Server, counter: str = "uncached") -> int:
+    return upstream_counters(upstream)[counter]
 
 
 def gateway_stats(server: Server) -> dict[str, int]:
@@ -275,35 +311,63 @@ def gateway_stats(server: Server) -> dict[str, int]:
 
 
 def verify(target: Target, reference: bytes, upstream: Server) -> None:
-    """Two requests; both must carry the expected cache status and the reference body,
-    and the upstream must see exactly the requests a MISS (and no HIT) implies."""
+    """Two requests (the target's method, body and, for ``unique`` targets, two fresh
+    paths); both must carry the expected cache status and the reference body, and the
+    upstream must see exactly the requests a MISS or a forwarding target (and no HIT)
+    implies, and the whole request body of each. ``stored`` targets: both answers say
+    ``stored`` and the two paths then answer HIT without the upstream."""
     # A slow target measured just before (the naive proxy) may still be working off the
-    # requests queued when wrk stopped: wait until the upstream counter settles.
-    before = upstream_hits(upstream)
+    # requests queued when wrk stopped: wait until the upstream counters settle.
+    counters = upstream_counters(upstream)
     for _ in range(50):
         time.sleep(0.2)
-        now = upstream_hits(upstream)
-        if now == before:
+        now = upstream_counters(upstream)
+        if now == counters:
             break
-        before = now
+        counters = now
+    before = counters[target.counter]
+    port, what = target.server.port, f"{target.name}: {target.method}"
+    token = os.urandom(4).hex()
+    paths = [
+        unique_path(target.path, f"v{token}-{i}") if target.unique else target.path
+        for i in range(2)
+    ]
     if target.expect == "HIT":
-        http_get(target.server.port, target.path)  # warm: stores the entry
-    for _ in range(2):
-        status, headers, body = http_get(target.server.port, target.path)
+        http_get(port, target.path)  # warm: stores the entry
+    for path in paths:
+        status, headers, body = http_request(port, target.method, path, target.body)
         if status != 200:
-            raise SetupError(f"{target.name}: GET {target.path} answered {status}")
+            raise SetupError(f"{what} {path} answered {status}")
         if target.expect is not None and headers.get(target.header) != target.expect:
             raise SetupError(
-                f"{target.name}: GET {target.path} answered {target.header}: "
+                f"{what} {path} answered {target.header}: "
                 f"{headers.get(target.header)!r}, expected {target.expect}; headers: {headers}"
             )
+        if target.stored and "; stored" not in headers.get("cache-status", ""):
+            raise SetupError(f"{what} {path}: not stored (Cache-Status {headers})")
         if json.loads(body) != json.loads(reference):
             raise SetupError(f"{target.name}: body differs from the reference JSON")
-    grew = upstream_hits(upstream) - before
-    if target.expect == "MISS" and grew != 2:
-        raise SetupError(f"{target.name}: 2 MISS answers but {grew} upstream requests")
+    after = upstream_counters(upstream)
+    grew = after[target.counter] - before
+    if target.forwards and grew != 2:
+        raise SetupError(f"{target.name}: 2 forwarded answers but {grew} upstream requests")
     if target.expect == "HIT" and grew != 0:
         raise SetupError(f"{target.name}: HIT answers but {grew} upstream requests")
+    if target.body is not None and after["posted"] - counters["posted"] != 2 * len(target.body):
+        raise SetupError(
+            f"{target.name}: the upstream read {after['posted'] - counters['posted']} body "
+            f"bytes of 2 x {len(target.body)}"
+        )
+    if target.stored:
+        for path in paths:
+            status, headers, body = http_get(port, path)
+            if status != 200 or headers.get(target.header) != "HIT":
+                raise SetupError(
+                    f"{target.name}: GET {path} again answered {status}, "
+                    f"{target.header}: {headers.get(target.header)!r}, expected HIT (stored)"
+                )
+        if upstream_hits(upstream, target.counter) != after[target.counter]:
+            raise SetupError(f"{target.name}: stored entries reached the upstream again")
 
 
 def check_label(target: Target, value: float) -> str:
@@ -311,7 +375,7 @@ def check_label(target: Target, value: float) -> str:
         return ""
     if target.expect == "HIT":
         return f"HIT {value:.1%}"
-    if target.expect == "MISS":
+    if target.forwards:
         return f"upstream {value:.2f}/req"
     return ""
 
@@ -323,13 +387,14 @@ def run_one(target: Target, upstream: Server, args: argparse.Namespace, wrk: str
     before: dict[str, Any] = {}
 
     def on_start() -> None:  # after the warm-up, right before the measured window
-        before["upstream"] = upstream_hits(upstream)
+        before["upstream"] = upstream_hits(upstream, target.counter)
         if target.gateway and target.expect == "HIT":
             before["stats"] = gateway_stats(server)
 
     result = measure(
         wrk, target.name, server.pid, server.port, target.path, args.seconds,
         args.connections, on_start,
+        method=target.method, body=target.body, unique=target.unique,
     )  # fmt: skip
     # The counters also count requests in flight when wrk stopped: a few more than wrk's.
     answered = max(1, result.requests)
@@ -340,8 +405,8 @@ def run_one(target: Target, upstream: Server, args: argparse.Namespace, wrk: str
         if delta.get("backend_errors"):
             print(f"    {target.name}: {delta['backend_errors']} backend errors (failed open)")
         check = min(1.0, delta.get("HIT", 0) / answered)
-    elif target.expect == "MISS":
-        check = (upstream_hits(upstream) - before["upstream"]) / answered
+    elif target.forwards:
+        check = (upstream_hits(upstream, target.counter) - before["upstream"]) / answered
     elif target.expect == "HIT" and upstream_hits(upstream) != before["upstream"]:
         raise SetupError(f"{target.name}: the upstream was asked during a HIT window")
     target.rounds.append(result)
@@ -418,7 +483,7 @@ def run_rounds(
             verify(target, reference, upstream)
         print(
             f"body: {len(reference)} bytes of JSON everywhere; every cache answers HIT, the "
-            "ttl=0 route MISS with one upstream request each\n"
+            "ttl=0 route MISS and every forwarding row one upstream request per answer\n"
         )
         for round_no in range(args.rounds):
             print(f"round {round_no + 1}:")
@@ -452,12 +517,36 @@ def print_table(targets: Iterable[Target]) -> None:
         )
 
 
+def ratio_verdict(
+    ratio: Ratio, by_key: dict[str, Target], wrk: str | None
+) -> tuple[float, str, bool | None]:
+    """The judged value of a ratio, its goal ("-" for information) and whether it is met
+    (None: information). Req/s ratios use req/s with wrk, server CPU per request (inverted)
+    without; p99 ratios (lower is better) are information without wrk, whose Python
+    client makes the latency its own."""
+    num, den = by_key[ratio.num], by_key[ratio.den]
+    if ratio.metric == "rps":
+        judged = (
+            value(num, "rps") / value(den, "rps")
+            if wrk
+            else value(den, "cpu_us_per_req") / value(num, "cpu_us_per_req")
+        )
+    else:
+        judged = value(num, ratio.metric) / value(den, ratio.metric)
+    if ratio.minimum is not None:
+        return judged, f">= {ratio.minimum:g}x", judged >= ratio.minimum
+    if ratio.maximum is not None:
+        return judged, f"<= {ratio.maximum:g}x", (judged <= ratio.maximum) if wrk else None
+    return judged, "-", None
+
+
 def judge(
     targets: list[Target], ratios: list[Ratio], wrk: str | None
 ) -> tuple[bool, list[dict[str, Any]]]:
     """Print the ratios (by req/s and by server CPU per request) with their verdicts.
     Verdicts use req/s with wrk, CPU per request with the Python client (which saturates
-    before fast servers do). Returns (any target missed, the ratios as dicts)."""
+    before fast servers do); p99 ratios (lower is better) compare p99 latencies.
+    Returns (any target missed, the ratios as dicts)."""
     by_key = {t.key: t for t in targets}
     header = f"{'ratio (medians)':48s} {'req/s':>7s} {'CPU':>6s}  {'target':>7s}  verdict"
     print(header)
@@ -471,34 +560,44 @@ def judge(
         by_rps = value(num, "rps") / value(den, "rps")
         # CPU per request, inverted: how many times cheaper the numerator is.
         by_cpu = value(den, "cpu_us_per_req") / value(num, "cpu_us_per_req")
-        judged = by_rps if wrk else by_cpu
-        ok: bool | None = None
-        if ratio.minimum is None:
+        judged, goal, ok = ratio_verdict(ratio, by_key, wrk)
+        failed |= ok is False
+        if ratio.metric == "rps":
+            columns = f"{by_rps:6.2f}x {by_cpu:5.2f}x"
+            by = ", by CPU " + ("PASS" if by_cpu >= (ratio.minimum or 0) else "FAIL") if wrk else ""
+        else:  # the judged latency ratio stands in the first column
+            columns = f"{judged:6.2f}x {'-':>6s}"
+            by = "" if wrk else ", not judged without wrk"
+        if goal == "-":
             verdict, goal = "info", "-"
         else:
-            ok = judged >= ratio.minimum
-            failed |= not ok
-            by = ", by CPU " + ("PASS" if by_cpu >= ratio.minimum else "FAIL") if wrk else ""
-            verdict = ("PASS" if ok else "FAIL") + (f" ({ratio.issue}{by})")
-            goal = f">= {ratio.minimum:g}x"
-        print(f"{ratio.name:48s} {by_rps:6.2f}x {by_cpu:5.2f}x  {goal:>7s}  {verdict}")
+            verdict = ("info" if ok is None else "PASS" if ok else "FAIL") + f" ({ratio.issue}{by})"
+        print(f"{ratio.name:48s} {columns}  {goal:>7s}  {verdict}")
         out.append(
             {
                 "name": ratio.name,
                 "numerator": ratio.num,
                 "denominator": ratio.den,
+                "metric": ratio.metric,
+                "value": judged,
                 "by_rps": by_rps,
                 "by_cpu": by_cpu,
                 "minimum": ratio.minimum,
+                "maximum": ratio.maximum,
                 "issue": ratio.issue or None,
                 "pass": ok,
-                "pass_by_cpu": None if ratio.minimum is None else by_cpu >= ratio.minimum,
+                "pass_by_cpu": (
+                    by_cpu >= ratio.minimum
+                    if ratio.minimum is not None and ratio.metric == "rps"
+                    else None
+                ),
             }
         )
     print(
         f"\nverdicts use {'req/s' if wrk else 'server CPU per request'} (medians). The CPU "
         "column gives the same ratio from server CPU time per request\n(higher = cheaper), "
-        "which other load on the machine disturbs far less than req/s."
+        "which other load on the machine disturbs far less than req/s. p99 ratios: lower is "
+        "better, the first column is the p99 ratio."
     )
     busy = min(r.cpu_busy for t in targets for r in t.rounds)
     if busy < 0.9:
@@ -538,6 +637,8 @@ def write_json(
                 "name": t.name,
                 "path": t.path,
                 "expect": t.expect,
+                "method": t.method,
+                "unique": t.unique,
                 "median": {attr: value(t, attr) for attr in MEDIAN_ATTRS},
                 "rounds": [asdict(r) for r in t.rounds],
                 "checks": [c if c == c else None for c in t.checks],

@@ -5,8 +5,14 @@ Factories for ``uvicorn --factory --app-dir tests/bench gateway_apps:<factory>``
   upstream     raw ASGI origin behind the gateway and the naive proxy:
                ``/cached/...`` with ``Cache-Control: max-age=3600``,
                ``/uncached/...`` with no freshness information at all,
-               ``/__hits`` the number of ``/uncached/`` requests served so far (JSON).
+               any method (a request body is read to its end, then the same answer),
+               ``/__hits`` the requests served so far (JSON: ``uncached`` and ``cached``
+               count requests under those paths, ``posted`` the request body bytes read).
   raw_asgi     a raw ASGI callable returning the same bytes (REFERENCE.md's 40k row).
+  floor        the Python floor of a pass-through proxy on cachegw's libraries: a raw ASGI
+               callable forwarding method, path, query, body and headers (minus hop-by-hop)
+               with ONE shared ``aiohttp.ClientSession`` (opened at startup, keep-alive
+               pool) to ``$CACHEGW_BENCH_UPSTREAM``, answering status, headers and body.
   naive_proxy  FastAPI + httpx, the seed article's proxy done minimally: a ``/{path:path}``
                route forwarding with ONE shared ``httpx.AsyncClient`` opened in the lifespan
                (default httpcore transport), answering ``Response(r.content, ...)``.
@@ -41,6 +47,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The body every target sends: what FastAPI's JSONResponse makes of PAYLOAD.
 BODY = json.dumps(PAYLOAD, ensure_ascii=False, separators=(",", ":")).encode()
+#: The request body of the POST targets: 1 KiB of JSON.
+POST_BODY = b'{"note":"' + b"x" * (1024 - len(b'{"note":""}')) + b'"}'
 UPSTREAM_ENV = "CACHEGW_BENCH_UPSTREAM"
 KEEPALIVE_ENV = "CACHEGW_BENCH_NAIVE_KEEPALIVE"
 
@@ -76,23 +84,34 @@ def raw_asgi() -> ASGIApp:
     return app
 
 
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 def upstream() -> ASGIApp:
-    """The origin: cacheable and uncacheable copies of the body, and a hit counter."""
-    hits = 0
+    """The origin: cacheable and uncacheable copies of the body, and hit counters."""
+    hits = {"uncached": 0, "cached": 0, "posted": 0}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal hits
         if scope["type"] != "http":
             await _lifespan(receive, send)
             return
         path: str = scope["path"]
+        if path.startswith(("/cached/", "/uncached/")) and scope["method"] not in ("GET", "HEAD"):
+            hits["posted"] += len(await _read_body(receive))
         if path.startswith("/cached/"):
+            hits["cached"] += 1
             headers, body = _CACHED_HEADERS, BODY
         elif path.startswith("/uncached/"):
-            hits += 1
+            hits["uncached"] += 1
             headers, body = _JSON_HEADERS, BODY
         elif path == "/__hits":
-            body = json.dumps({"uncached": hits}).encode()
+            body = json.dumps(hits).encode()
             headers = [(b"content-type", b"application/json")]
         else:
             headers, body = [(b"content-length", b"0")], b""
@@ -101,6 +120,72 @@ def upstream() -> ASGIApp:
             return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+# Not forwarded by the floor, either way: hop-by-hop (RFC 9110 §7.6.1), the framing and
+# Host its client sets itself, and the Date uvicorn adds to every answer.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_FLOOR_DROP_REQUEST = _HOP_BY_HOP | {"host", "content-length"}
+_FLOOR_DROP_RESPONSE = frozenset(n.encode() for n in _HOP_BY_HOP | {"content-length", "date"})
+
+
+def floor() -> ASGIApp:
+    """The Python floor of pass-through: a raw ASGI callable and ONE shared aiohttp
+    session (opened at startup: its connector keeps a keep-alive pool of up to 100
+    connections), forwarding the request (method, path, query, body, headers minus
+    hop-by-hop) and answering the upstream's status, headers and body. Nothing else: no
+    routing, no limits, no timeouts beyond aiohttp's defaults, no log."""
+    import aiohttp
+
+    base = os.environ[UPSTREAM_ENV].rstrip("/")
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def lifespan(receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # Bytes pass through as they are: no decompression.
+                state["session"] = aiohttp.ClientSession(auto_decompress=False)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await state["session"].close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await lifespan(receive, send)
+            return
+        query = scope["query_string"].decode("latin-1")
+        url = base + scope["raw_path"].decode("latin-1") + ("?" + query if query else "")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k.decode("latin-1") not in _FLOOR_DROP_REQUEST
+        ]
+        body = await _read_body(receive)
+        async with state["session"].request(
+            scope["method"], url, headers=headers, data=body or None
+        ) as resp:
+            data = await resp.read()
+            out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _FLOOR_DROP_RESPONSE]
+        out.append((b"content-length", str(len(data)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
 
     return app
 
