@@ -3,7 +3,8 @@ targets judged PASS or FAIL, and a markdown table ready for docs/performance.md.
 
 One command, one run, this machine. Every server under test is one process pinned to
 CPU 0; wrk (1 thread, keep-alive), the upstream origin and redis-server run on CPU 1, the
-same for every target. All targets answer ``GET`` with the same ~1 KiB JSON.
+same for every target. All targets answer with the same ~1 KiB JSON (to ``GET``, and to
+a ``POST`` of 1 KiB of JSON for the POST rows).
 
 Headline rows measure what a user runs: ``cachegw serve gateway.toml`` started from a
 TOML file with the CLI's defaults (access log on, written to a file; in-process L1 in
@@ -11,7 +12,14 @@ front of Redis):
 
   serve_memory        hit, ``backend = "memory"``
   serve_redis         hit, ``backend = "redis://..."``
-  serve_miss          the memory gateway, a ``ttl = 0`` route: every request forwarded
+  serve_pass          the memory gateway, a ``ttl = 0`` route: every request forwarded
+                      (``--only serve_miss``, its former key, still selects it)
+  serve_post          the memory gateway, ``POST`` of 1 KiB to the ``ttl = 0`` route:
+                      forwarded (``BYPASS``), the upstream reads the whole body
+  serve_stored_miss   a memory gateway of its own, every request a new key (``?u=<n>``,
+                      wrk only) on a ``ttl = 3600`` route: each one forwarded and stored
+                      (``MISS``, ``Cache-Status: ...; stored``); the memory backend's
+                      bounds evict
 
 Other configurations, labelled in the table:
 
@@ -25,13 +33,18 @@ Other configurations, labelled in the table:
 Baselines: ``raw_asgi`` (a raw ASGI callable returning the bytes: the ceiling for Python),
 ``bare`` / ``bare_bytes`` (a bare FastAPI route returning the dict / the bytes),
 ``fc2_memory`` / ``fc2_redis`` (fastapi-cache2 ``@cache`` hits), ``naive`` / ``naive_ka``
-(FastAPI + one shared ``httpx.AsyncClient``, no cache; keep-alive 20 / 100) and ``nginx``
-(proxy_cache hit, 1 worker; skipped with a note when nginx is not installed).
+(FastAPI + one shared ``httpx.AsyncClient``, no cache; keep-alive 20 / 100), ``nginx``
+(proxy_cache hit, 1 worker; skipped with a note when nginx is not installed),
+``nginx_pass`` / ``nginx_post`` (the same nginx, ``proxy_pass`` without a cache: GET /
+POST 1 KiB) and the Python floor of pass-through, ``floor_get`` / ``floor_post`` (a raw
+ASGI callable + ONE shared aiohttp session forwarding the request, nothing else).
 
 Before every measurement every cache must answer ``HIT`` (``X-Cache-Status``, or
 ``X-FastAPI-Cache`` for fastapi-cache2) twice without reaching the upstream, the ``ttl=0``
-route ``MISS`` twice with two upstream requests, and every body must equal the reference
-JSON, or the run aborts. Rounds are interleaved (the order rotates) and medians reported.
+route ``MISS`` twice with two upstream requests (every forwarding row: one upstream
+request per answer, the whole POST body read; stored misses then answer ``HIT``), and
+every body must equal the reference JSON, or the run aborts. Rounds are interleaved (the
+order rotates) and medians reported.
 
     .venv/bin/python tests/bench/all.py [--seconds 5] [--rounds 3] [--connections 50]
         [--only serve_memory,fc2_memory] [--json /tmp/bench.json] [--no-wrk]
@@ -58,6 +71,7 @@ from _suite import (
     add_arguments,
     nginx_server,
     prologue,
+    ratio_verdict,
     run_suite,
     serve_server,
     start_redis,
@@ -65,7 +79,7 @@ from _suite import (
     value,
 )
 from apps import REDIS_ENV
-from gateway_apps import BODY, KEEPALIVE_ENV, UPSTREAM_ENV
+from gateway_apps import BODY, KEEPALIVE_ENV, POST_BODY, UPSTREAM_ENV
 from stall import StallResult, run_stall
 
 RATIOS = [
@@ -80,21 +94,52 @@ RATIOS = [
     Ratio("serve memory hit / raw ASGI", "serve_memory", "raw_asgi", 0.5, "#6"),
     Ratio("Redis hit, no L1 / fastapi-cache2 Redis", "serve_redis_nol1", "fc2_redis", 4.0, "#6"),
     Ratio("serve Redis hit (L1) / serve memory hit", "serve_redis", "serve_memory", 0.8, "#6"),
-    Ratio("serve miss / naive httpx proxy", "serve_miss", "naive", 5.0, "#6"),
+    Ratio("serve miss / naive httpx proxy", "serve_pass", "naive", 5.0, "#6"),
+    # Issue 26: pass-through at the Python floor (raw ASGI + one aiohttp session).
+    Ratio("serve pass-through GET / floor GET", "serve_pass", "floor_get", 0.8, "#26"),
+    Ratio("serve POST 1 KiB / floor POST", "serve_post", "floor_post", 0.8, "#26"),
+    Ratio("serve stored miss / floor GET", "serve_stored_miss", "floor_get", 0.6, "#26"),
+    Ratio(
+        "p99: serve pass-through GET / floor GET",
+        "serve_pass",
+        "floor_get",
+        None,
+        "#26",
+        metric="p99_ms",
+        maximum=2.0,
+    ),
     # For information.
     Ratio("serve Redis hit (L1) / fastapi-cache2 Redis hit", "serve_redis", "fc2_redis", None),
     Ratio("serve memory hit / bare FastAPI bytes", "serve_memory", "bare_bytes", None),
     Ratio("serve memory hit / nginx proxy_cache hit", "serve_memory", "nginx", None),
     Ratio("@cached memory hit / raw ASGI", "cached_memory", "raw_asgi", None),
     Ratio("@cached, routed / bare FastAPI bytes", "cached_memory_routed", "bare_bytes", None),
-    Ratio("serve miss / naive, keep-alive 100", "serve_miss", "naive_ka", None),
+    Ratio("serve miss / naive, keep-alive 100", "serve_pass", "naive_ka", None),
+    Ratio("serve pass-through GET / nginx proxy_pass", "serve_pass", "nginx_pass", None),
+    Ratio("serve POST / nginx proxy_pass POST", "serve_post", "nginx_post", None),
+    Ratio("floor GET / nginx proxy_pass", "floor_get", "nginx_pass", None),
+    Ratio("p99: serve POST / floor POST", "serve_post", "floor_post", None, metric="p99_ms"),
+    Ratio(
+        "p99: serve stored miss / floor GET",
+        "serve_stored_miss",
+        "floor_get",
+        None,
+        metric="p99_ms",
+    ),
 ]
+#: Former target keys --only still accepts.
+ALIASES = {"serve_miss": "serve_pass"}
 NOTES = [
     "naive proxy: one httpx.AsyncClient shared by all requests (default transport and "
     "limits, opened in the lifespan); 'keep-alive 100' raises max_keepalive_connections "
     "from 20 to 100 (reference)",
     "hits are all on one hot key; the three gateways share one redis-server, so the "
     "Redis gateways read the same entry",
+    "pass-through rows (issue 26): serve_pass and serve_post run on the memory hit "
+    "gateway, serve_stored_miss on a memory gateway of its own (its cache fills up); the "
+    "floor is a raw ASGI callable + one aiohttp.ClientSession (default connector: "
+    "keep-alive pool of 100) forwarding method, path, query, body and headers minus "
+    "hop-by-hop; POST bodies are 1 KiB of JSON",
 ]
 
 
@@ -131,6 +176,30 @@ def main() -> int:
         def gw(key: str, name: str, server: Server, path: str, expect: str) -> Target:
             return Target(key, name, server, path, expect, gateway=True)
 
+        shared: dict[str, Server | None] = {}
+
+        def floor() -> Server:
+            if "floor" not in shared:
+                shared["floor"] = uvicorn_server(
+                    "Python floor (raw ASGI + aiohttp)", "gateway_apps:floor", env=naive_env
+                )
+            server = shared["floor"]
+            assert server is not None
+            return server
+
+        def nginx() -> Server | None:
+            if "nginx" not in shared:
+                shared["nginx"] = nginx_server("nginx", f"127.0.0.1:{upstream.port}")
+                notes.append(
+                    "nginx is not installed: the nginx rows are skipped (apt-get install "
+                    "nginx to add them)"
+                    if shared["nginx"] is None
+                    else "nginx: 1 worker (master + worker, worker_cpu_affinity CPU 0), "
+                    "proxy_cache_valid 200 60s (nginx_pass / nginx_post: no cache), upstream "
+                    "keepalive 32; its CPU column is the worker's"
+                )
+            return shared["nginx"]
+
         def app(key: str, name: str, factory: str, expect: str | None = None, **kw: Any) -> Target:
             env = {REDIS_ENV: redis()} if "redis" in key else None
             server = uvicorn_server(name, factory, env=env)
@@ -148,9 +217,21 @@ def main() -> int:
                 hit,
                 "HIT",
             ),
-            "serve_miss": lambda: gw(
-                "serve_miss", "cachegw serve: miss (ttl=0)", serve_memory, miss, "MISS"
+            "serve_pass": lambda: gw(
+                "serve_pass", "cachegw serve: pass-through, ttl=0", serve_memory, miss, "MISS"
             ),
+            "serve_post": lambda: Target(
+                "serve_post",
+                "cachegw serve: POST 1 KiB, ttl=0",
+                serve_memory,
+                miss,
+                "BYPASS",
+                gateway=True,
+                forwarded=True,
+                method="POST",
+                body=POST_BODY,
+            ),
+            "serve_stored_miss": lambda: stored_miss_target(wrk, upstream_url, hit, notes),
             # Other configurations, labelled.
             "serve_memory_nolog": lambda: gw(
                 "serve_memory_nolog",
@@ -222,13 +303,32 @@ def main() -> int:
                 ),
                 "/uncached/items",
             ),
-            "nginx": lambda: nginx_target(upstream, notes),
+            "floor_get": lambda: Target(
+                "floor_get",
+                "Python floor: ASGI + aiohttp, GET",
+                floor(),
+                "/uncached/items",
+                forwarded=True,
+            ),
+            "floor_post": lambda: Target(
+                "floor_post",
+                "Python floor: POST 1 KiB",
+                floor(),
+                "/uncached/items",
+                forwarded=True,
+                method="POST",
+                body=POST_BODY,
+            ),
+            "nginx": lambda: nginx_target(nginx(), "nginx"),
+            "nginx_pass": lambda: nginx_target(nginx(), "nginx_pass"),
+            "nginx_post": lambda: nginx_target(nginx(), "nginx_post"),
         }
         if args.only:
             keys = [k.strip() for k in args.only.split(",") if k.strip()]
-            unknown = [k for k in keys if k not in builders and k != "stall"]
+            unknown = [k for k in keys if k not in builders and k not in ALIASES and k != "stall"]
             if unknown:
                 parser.error(f"unknown target(s) {unknown}; known: {', '.join(builders)}")
+            keys = list(dict.fromkeys(ALIASES.get(k, k) for k in keys))
         else:
             keys = [*builders, "stall"]
         if "stall" in keys:
@@ -290,7 +390,7 @@ def _ratio(by_key: dict[str, Target], num: str, den: str, wrk: str | None) -> fl
 
 
 def report(targets: list[Target], stall: StallResult | None, wrk: str | None, machine: str) -> bool:
-    """Print the issue 12 targets with PASS/FAIL and a markdown table for
+    """Print the issue 12 and issue 26 targets with PASS/FAIL and a markdown table for
     docs/performance.md; whether a target was missed."""
     by_key = {t.key: t for t in targets}
     basis = "req/s" if wrk else "server CPU per request"
@@ -303,6 +403,19 @@ def report(targets: list[Target], stall: StallResult | None, wrk: str | None, ma
         failed |= verdict == "FAIL"
         print(f"  {label:52s} {got:6.2f}x  >= {minimum:g}x  {verdict}")
         rows.append((label, f"{got:.2f}x", f">= {minimum:g}x", verdict))
+    issue_26 = [r for r in RATIOS if r.issue == "#26"]
+    print(f"\nissue 26 targets (same run, by {basis}; p99 ratios: lower is better):")
+    for ratio in issue_26:
+        label = ratio.name
+        if ratio.num not in by_key or ratio.den not in by_key:
+            bound = f">= {ratio.minimum:g}x" if ratio.minimum else f"<= {ratio.maximum:g}x"
+            got, goal, ok, verdict = math.nan, bound, None, "not run"
+        else:
+            got, goal, ok = ratio_verdict(ratio, by_key, wrk)
+            verdict = "info (needs wrk)" if ok is None else "PASS" if ok else "FAIL"
+        failed |= ok is False
+        print(f"  {label:52s} {got:6.2f}x  {goal:>7s}  {verdict}")
+        rows.append((f"26. {label}", f"{got:.2f}x", goal, verdict))
     if stall is not None:
         verdict = "PASS" if stall.ok else "FAIL"
         failed |= not stall.ok
@@ -340,19 +453,32 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def nginx_target(upstream: Server, notes: list[str]) -> Target | None:
-    server = nginx_server("nginx proxy_cache", f"127.0.0.1:{upstream.port}")
+def nginx_target(server: Server | None, key: str) -> Target | None:
+    """The nginx rows, on one nginx (None when it is not installed)."""
     if server is None:
+        return None
+    if key == "nginx":
+        return Target(key, "nginx proxy_cache hit (1 worker)", server, "/cached/items", "HIT")
+    post = {"method": "POST", "body": POST_BODY} if key == "nginx_post" else {}
+    name = "nginx proxy_pass: POST 1 KiB" if post else "nginx proxy_pass, no cache"
+    return Target(key, name, server, "/pass/uncached/items", forwarded=True, **post)
+
+
+def stored_miss_target(
+    wrk: str | None, upstream_url: str, path: str, notes: list[str]
+) -> Target | None:
+    """Misses that are stored, on a memory gateway of their own; None without wrk."""
+    if not wrk:
         notes.append(
-            "nginx is not installed: the nginx proxy_cache row is skipped "
-            "(apt-get install nginx to add it)"
+            "serve_stored_miss is skipped: a different key per request needs wrk's Lua "
+            "scripts (apt-get install wrk), which the Python client does not replace"
         )
         return None
-    notes.append(
-        "nginx: 1 worker (master + worker, worker_cpu_affinity CPU 0), proxy_cache_valid "
-        "200 60s, upstream keepalive 32; its CPU column is the worker's"
-    )
-    return Target("nginx", "nginx proxy_cache hit (1 worker)", server, "/cached/items", "HIT")
+    server = serve_server("cachegw serve (memory, stored misses)", upstream_url, "memory")
+    return Target(
+        "serve_stored_miss", "cachegw serve: miss, stored", server, path, "MISS",
+        gateway=True, unique=True, stored=True, counter="cached",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

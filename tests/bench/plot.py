@@ -29,7 +29,7 @@ def family(key: str) -> str:
         return "cachegw"
     if key.startswith("fc2_"):
         return "fastapi-cache2"
-    if key == "nginx":
+    if key == "nginx" or key.startswith("nginx_"):
         return "nginx"
     return ""
 
