@@ -36,7 +36,7 @@ from cachegw._core import (
     validators,
     vary_names,
 )
-from cachegw._encoding import for_client
+from cachegw._encoding import for_client, valid_etag
 from cachegw._entry import Entry, Headers, HitForMiss, Item, VaryMarker
 from cachegw._flight import UNLOCKED, Coordinator, RedisCoordinator
 from cachegw._keys import hash_parts, vary_values
@@ -1013,8 +1013,8 @@ def _not_modified(status: int, stored: Headers, headers: Mapping[str, str]) -> b
     inm = headers.get("if-none-match")
     if inm is not None:
         etag = next((v for n, v in stored if n == b"etag"), None)
-        if etag is None:
-            return False
+        if etag is None or not valid_etag(etag):
+            return False  # an unquoted ETag (stored by an older version) is no validator
         if inm.strip() == "*":
             return True
         ours = _weak(etag.decode("latin-1"))
