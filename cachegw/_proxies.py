@@ -113,7 +113,8 @@ def _joined(headers: Headers, name: bytes) -> str:
 def front(peer: str, scheme: str, headers: Headers, trusted: TrustedProxies) -> Front:
     """The client-facing scheme and host and the ``X-Forwarded-For`` to send, for a
     request with ``headers`` from the socket peer ``peer`` over ``scheme``."""
-    host = _last(headers, b"host")
+    # The request's own Host as it came (two Host fields were refused before routing).
+    host = next((v.decode("latin-1") for n, v in headers if n.lower() == b"host"), None)
     if not trusted or not trusted.trusts(peer):
         return Front(scheme, host, peer)
     proto = _last(headers, b"x-forwarded-proto")

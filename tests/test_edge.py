@@ -208,6 +208,10 @@ def test_front_reads_forwarding_headers_only_from_trusted_peers() -> None:
     assert (seen.scheme, seen.host) == ("http", "h")
     seen = front("127.0.0.1", "https", [(b"x-forwarded-proto", b"gopher")], trusted)
     assert seen.scheme == "https"
+    # Host is taken as it came, never split like a list.
+    assert front("11.0.0.1", "http", [(b"host", b"evil.example, good.example")], trusted).host == (
+        "evil.example, good.example"
+    )
 
 
 @pytest.mark.parametrize("bad", ["10.0.0.0/33", "localhost", "", 5])
