@@ -199,6 +199,9 @@ class CacheEngine:
             self.coordinator.breaker = self.store.breaker
         if isinstance(self.purges, RedisPurges):
             self.purges.breaker = self.store.breaker
+            # What this process copied from Redis is not served while the record that
+            # says whether it is still valid cannot be read (issue 23).
+            self.purges.on_unreachable = self.store.forget_all
         if self.metrics is not None:
             self.store.breaker.on_change = self.metrics.circuit
 
@@ -765,6 +768,7 @@ class CacheEngine:
         if self._writing:
             await asyncio.wait(set(self._writing), timeout=grace)
         await self.coordinator.aclose()
+        await self.purges.aclose(grace)
         if self._background:
             _, pending = await asyncio.wait(set(self._background), timeout=grace)
             for task in pending:

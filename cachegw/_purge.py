@@ -27,6 +27,18 @@ They are frequent, so each record carries the time after which it can match noth
 forgotten then: the record holds the paths written during one entry lifetime, not every
 path ever written.
 
+No acknowledged write is undone by Redis (issue 23). A process that cannot record an
+invalidation keeps it (applied to its own copy at once) in a bounded *pending* list and
+replays it, with its original time, until Redis takes it: once at once, then every
+``interval``. A full reload of the record keeps the pending ones. And a Redis that is not
+the server the record was last written on (restarted, with or without its data, or a
+replica promoted by a failover, which may lack the latest records) is *fenced*: the first
+process to poll it records a hard purge of ``*`` as of the server's start (a restart) or
+of that moment (a promoted replica), so no entry fetched before is served by anyone. Its
+identity is the server's ``run_id``, kept in the record's ``life`` key. While a process
+cannot read the record, it drops its in-process copies of Redis entries
+(`on_unreachable`): it serves nothing it cannot check.
+
 Times are wall-clock seconds of the purging host: hosts are assumed to
 be NTP-synchronised (a skew of *s* seconds lets a response fetched within *s* of a
 purge survive it).
@@ -44,6 +56,7 @@ from cachegw._backends import OP_TIMEOUT, CacheBackend
 from cachegw._store import Breaker, read_time_left
 
 __all__ = [
+    "MAX_PENDING",
     "STORE_WINDOW",
     "LocalPurges",
     "PurgeState",
@@ -65,6 +78,9 @@ LOG_LENGTH = 10_000
 #: Record size at which purges that can match nothing any more are dropped from a
 #: process's copy.
 _PRUNE_SIZE = 10_000
+#: Most scopes a process keeps waiting to be recorded in Redis; past it they collapse into
+#: one hard purge of everything up to the latest of them (safe, and bounded).
+MAX_PENDING = 10_000
 #: A response is stored only within this many seconds of the start of its fetch (a slower
 #: one is answered, not stored), so a purge record needs to outlive a purge by no more
 #: than this plus the life of the entries it covers.
@@ -158,9 +174,16 @@ class Purges:
     async def refresh(self) -> None:
         """Apply purges made elsewhere (no-op when there is no elsewhere)."""
 
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop background work (giving it up to ``grace`` seconds to finish)."""
+
 
 class LocalPurges(Purges):
     """Purges of one process (the memory backend is per process too)."""
+
+
+#: A purge waiting to be recorded: mode, time, end, scopes.
+_Record = tuple[str, float, float, list[str]]
 
 
 class RedisPurges(Purges):
@@ -180,15 +203,33 @@ class RedisPurges(Purges):
         self.client = client
         self.interval = interval
         self.propagation = interval * 2  # one poll period, plus the poll itself
-        slot = "{" + prefix + ":purge}"  # one hash slot: the script touches all four
-        self.keys = (f"{slot}:times", f"{slot}:epoch", f"{slot}:log", f"{slot}:ends")
+        slot = "{" + prefix + ":purge}"  # one hash slot: the scripts touch all five
+        self.keys = (
+            f"{slot}:times",
+            f"{slot}:epoch",
+            f"{slot}:log",
+            f"{slot}:ends",
+            f"{slot}:life",
+        )
         self.epoch = -1  # nothing applied yet: the first poll loads everything
         self.op_timeout = OP_TIMEOUT
         self._fresh_until = 0.0  # monotonic time until which the record is recent enough
         self._poll: asyncio.Task[None] | None = None
         self._script = client.register_script(_SCRIPT)
+        self._poll_script = client.register_script(_POLL)
         #: The store's circuit breaker: while it is open, the record is not read.
         self.breaker: Breaker | None = None
+        #: Called when this process cannot read the record: what it copied from Redis can
+        #: no longer be checked against it (the engine drops its in-process copies).
+        self.on_unreachable: Callable[[], None] | None = None
+        #: Purges not yet recorded in Redis (applied here already), oldest first.
+        self.pending: list[_Record] = []
+        self._pending_scopes = 0
+        self._replay: asyncio.Task[None] | None = None
+        #: How many times this process found a new Redis life and fenced it.
+        self.fences = 0
+        #: The run_id of the server the record was last read from.
+        self.server: bytes | None = None
 
     async def purge(
         self, scopes: Iterable[str], *, soft: bool = False, keep: float = RECORD_TTL
@@ -200,17 +241,110 @@ class RedisPurges(Purges):
         # Applied here first: this process sees it at once, even if Redis fails.
         for scope in names:
             self.state.apply(scope, at, soft, until)
+        # Pending until Redis has it: if the call fails, times out or is cancelled, the
+        # purge is replayed until it is recorded (a write is never undone by an outage).
+        record: _Record = (mode, at, until, names)
+        self._hold(record)
+        try:
+            await self._record(record)
+        except BaseException:
+            self._start_replay()
+            raise
+        self._release(record)
+        return at
+
+    async def _record(self, record: _Record) -> None:
+        mode, at, until, names = record
         await self._script(
             keys=list(self.keys),
             args=[mode, repr(at), RECORD_TTL, LOG_LENGTH, repr(until), *names],
         )
-        return at
+
+    def _hold(self, record: _Record) -> None:
+        if self._pending_scopes + len(record[3]) > MAX_PENDING:
+            # Too many to keep one by one: one hard purge of everything up to the latest.
+            everything = [record, *self.pending]
+            at = max(r[1] for r in everything)
+            until = max(r[2] for r in everything)
+            self.pending = [("hard", at, until, ["*"])]
+            self._pending_scopes = 1
+            logger.warning(
+                "cachegw: more than %d invalidations could not be recorded in Redis; "
+                "they will be recorded as one purge of everything",
+                MAX_PENDING,
+            )
+            return
+        self.pending.append(record)
+        self._pending_scopes += len(record[3])
+
+    def _release(self, record: _Record) -> None:
+        for i, held in enumerate(self.pending):
+            if held is record:
+                del self.pending[i]
+                self._pending_scopes -= len(record[3])
+                return
+
+    def _start_replay(self) -> None:
+        if self.pending and (self._replay is None or self._replay.done()):
+            self._replay = asyncio.get_running_loop().create_task(self._replay_pending())
+
+    async def _replay_pending(self) -> None:
+        """Record the pending purges, oldest first, until Redis takes them all."""
+        while self.pending:
+            record = self.pending[0]
+            try:
+                async with asyncio.timeout(self.op_timeout):
+                    await self._record(record)
+            except Exception as exc:
+                logger.debug("cachegw: replaying a purge failed: %s", exc)
+                await asyncio.sleep(self.interval)
+                continue
+            self._release(record)
+        logger.info("cachegw: invalidations made while Redis was unreachable are recorded")
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        task, self._replay = self._replay, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            task.cancel()
+        if self.pending:
+            logger.warning(
+                "cachegw: %d invalidation(s) could not be recorded in Redis before shutdown",
+                len(self.pending),
+            )
 
     async def poll(self) -> None:
-        """Apply purges made since the last poll (all of them, the first time)."""
-        times_key, epoch_key, log_key, ends_key = self.keys
-        raw = await self.client.get(epoch_key)
-        epoch = int(raw) if raw is not None else 0
+        """Apply purges made since the last poll (all of them, the first time); fence a
+        Redis that is not the one the record was last written on."""
+        now = self.clock()
+        log_key, ends_key, times_key = self.keys[2], self.keys[3], self.keys[0]
+        raw, fenced, server = await self._poll_script(
+            keys=list(self.keys),
+            args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL)],
+        )
+        epoch = int(raw)
+        same_server, self.server = server == self.server, server
+        if fenced:
+            self.fences += 1
+            logger.warning(
+                "cachegw: Redis is a new server (restarted or failed over): entries "
+                "fetched before %s are no longer served",
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(fenced))),
+            )
+        if same_server and 0 <= epoch < self.epoch:
+            # The record went back (flushed, evicted) on the same server: what it lost is
+            # unknown, so everything fetched before now is out.
+            logger.warning("cachegw: the purge record in Redis went back; fencing")
+            self.fences += 1
+            await self.purge(["*"])
+            raw, _, _ = await self._poll_script(
+                keys=list(self.keys),
+                args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL)],
+            )
+            epoch = int(raw)
+            self.epoch = -1  # reload it all
         if epoch == self.epoch:
             return
         entries: list[tuple[bytes, float]] = []
@@ -226,11 +360,15 @@ class RedisPurges(Purges):
             for member, at in await self.client.zrange(times_key, 0, -1, withscores=True):
                 mode, _, scope = member.decode().partition("|")
                 state.apply(scope, float(at), mode == "soft", ends.get(member))
+            # What this process purged and Redis does not have yet stays applied here.
+            for mode, at, until, names in self.pending:
+                for scope in names:
+                    state.apply(scope, at, mode == "soft", until)
             self.state = state
         else:
             for member, _ in entries:
-                mode, at, until, scope = member.decode().split("|", 3)
-                self.state.apply(scope, float(at), mode == "soft", float(until))
+                mode, at_text, until_text, scope = member.decode().split("|", 3)
+                self.state.apply(scope, float(at_text), mode == "soft", float(until_text))
         self.epoch = epoch
 
     def due(self) -> bool:
@@ -250,13 +388,22 @@ class RedisPurges(Purges):
         # goes on as after a failed poll, and the poll goes on for the next ones.
         # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation
         # that arrives as the poll ends (a request whose client left would go on).
-        await asyncio.wait({poll}, timeout=left)
+        done, _ = await asyncio.wait({poll}, timeout=left)
+        if not done:
+            self._unreachable()
+
+    def _unreachable(self) -> None:
+        if self.on_unreachable is not None:
+            self.on_unreachable()
 
     async def _refresh(self) -> None:
         started = time.monotonic()
+        if self.pending:
+            self._start_replay()  # e.g. after a restart of the loop's work
         if self.breaker is not None and self.breaker.open:
             # Redis is known to be sick: keep the last known record, and ask again once
             # per interval, not per request (entries cannot be read from Redis either).
+            self._unreachable()
             self._fresh_until = started + self.interval
             return
         try:
@@ -266,6 +413,7 @@ class RedisPurges(Purges):
             # Not fresh: the next request polls again (one poll at a time) rather than
             # serve with a record that may miss an invalidation.
             logger.debug("cachegw: reading purges failed: %s", exc)
+            self._unreachable()
             if self.breaker is not None:
                 self.breaker.failure()  # a stalled Redis shows here first, every 100 ms
         else:
@@ -273,29 +421,67 @@ class RedisPurges(Purges):
 
 
 # KEYS: times (sorted set "mode|scope" -> time), epoch counter, log (sorted set by epoch),
-#       ends (sorted set "mode|scope" -> time after which the record can match nothing).
-# ARGV: mode ("hard"/"soft"), time, record ttl, log length, end, scopes...
+#       ends (sorted set "mode|scope" -> time after which the record can match nothing),
+#       life (the run_id of the server the record was last fenced on).
 # Records past their end are dropped on the way (a bounded number per call): no entry they
 # could match is left, so the record holds the scopes purged during one entry lifetime.
-_SCRIPT = """
-local epoch = redis.call('INCR', KEYS[2])
-local at = tonumber(ARGV[2])
-for i = 6, #ARGV do
-  local member = ARGV[1] .. '|' .. ARGV[i]
-  local old = tonumber(redis.call('ZSCORE', KEYS[1], member) or '0')
-  if at > old then
-    redis.call('ZADD', KEYS[1], ARGV[2], member)
+_RECORD = """
+local function record(mode, at, ttl, loglen, ends_at, scopes, first)
+  local epoch = redis.call('INCR', KEYS[2])
+  local when = tonumber(at)
+  for i = first, #scopes do
+    local member = mode .. '|' .. scopes[i]
+    local old = tonumber(redis.call('ZSCORE', KEYS[1], member) or '0')
+    if when > old then
+      redis.call('ZADD', KEYS[1], at, member)
+    end
+    redis.call('ZADD', KEYS[4], 'GT', ends_at, member)
+    redis.call('ZADD', KEYS[3], epoch, mode .. '|' .. at .. '|' .. ends_at .. '|' .. scopes[i])
   end
-  redis.call('ZADD', KEYS[4], 'GT', ARGV[5], member)
-  redis.call('ZADD', KEYS[3], epoch, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[i])
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. at, 'LIMIT', 0, 1000)
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[1], unpack(gone))
+    redis.call('ZREM', KEYS[4], unpack(gone))
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (when - ttl))
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -loglen - 1)
+  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+  return epoch
 end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 1000)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[1], unpack(gone))
-  redis.call('ZREM', KEYS[4], unpack(gone))
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - tonumber(ARGV[3])))
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
-return epoch
 """
+
+# ARGV: mode ("hard"/"soft"), time, record ttl, log length, end, scopes...
+_SCRIPT = (
+    _RECORD
+    + """
+return record(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV, 6)
+"""
+)
+
+# ARGV: time, record ttl, log length, end. Returns {epoch, fence time or false, run_id}.
+# A primary whose run_id is not the one in `life` is a new server (restarted, or a replica
+# promoted by a failover): its data may predate writes nobody could record, or lack the
+# latest records, so a hard purge of everything is recorded at once. Its time: when the
+# server started (from its uptime, rounded so it is not earlier) if it was never a replica
+# since: everything it holds was fetched before that or after every write made while it
+# was down; else now (a promoted replica's data is as old as its last sync). A read-only
+# replica is left alone (it cannot be written, nor can entries be stored in it).
+_POLL = (
+    _RECORD
+    + """
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+local info = redis.call('INFO', 'server')
+local id = string.match(info, 'run_id:(%w+)') or '?'
+if redis.call('GET', KEYS[5]) == id then return {epoch, false, id} end
+local repl = redis.call('INFO', 'replication')
+if not string.find(repl, 'role:master', 1, true) then return {epoch, false, id} end
+local at = tonumber(ARGV[1])
+if (string.match(repl, 'second_repl_offset:(%-?%d+)') or '-1') == '-1' then
+  at = at - tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
+end
+at = string.format('%.6f', at)
+epoch = record('hard', at, tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], {'*'}, 1)
+redis.call('SET', KEYS[5], id, 'EX', ARGV[2])
+return {epoch, at, id}
+"""
+)

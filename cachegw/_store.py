@@ -232,6 +232,11 @@ class L1:
             if isinstance(item, Entry):
                 item.answers = None  # counted here: they go with it
 
+    def clear(self) -> None:
+        """Drop every copy."""
+        self._items.clear()
+        self.bytes = 0
+
 
 class Store:
     """Entries in a `CacheBackend`: encode/decode, deadlines, breaker, error counting, L1."""
@@ -398,6 +403,13 @@ class Store:
         old = self._decoded.pop(key, None)
         if old is not None:
             self._decoded_bytes -= len(old[0])
+
+    def forget_all(self) -> None:
+        """Drop every copy of a remote backend's entries (they can no longer be checked
+        against the shared purge record: see `RedisPurges.on_unreachable`)."""
+        if self._inline is None:
+            self.l1.clear()
+            self._decoded.clear()
 
     async def delete(self, key: str) -> None:
         self.forget(key)
