@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from redis.asyncio.connection import parse_url
 
 from cachegw._backends._memory import MemoryBackend, parse_size
+from cachegw._backends._redis import check_url
 from cachegw._errors import ConfigError
 from cachegw._policy import KNOBS
 from cachegw._proxies import TrustedProxies
@@ -255,6 +256,13 @@ class _Loader(Generic[G]):
     def _check_redis_url(self, url: str) -> None:
         # redis-py's own URL parser, without connecting; the Gateway checked the scheme.
         scheme, _, rest = url.partition("://")
+        if scheme.endswith("+sentinel") or "," in rest.partition("/")[0]:
+            # Several hosts (sentinels, cluster seed nodes): checked by cachegw's parser.
+            try:
+                check_url(url)
+            except ConfigError as exc:
+                raise self._error(f"cache.backend is not a valid Redis URL: {exc}") from None
+            return
         try:
             parse_url(f"{scheme.removesuffix('+cluster')}://{rest}")
         except ValueError as exc:

@@ -257,7 +257,8 @@ class Gateway:
     Parameters:
 
     * **services** - the `Service` declarations; prefixes must not overlap ambiguously.
-    * **backend** - ``"memory"``, a ``redis://``/``rediss://``/``redis+cluster://`` URL, or
+    * **backend** - ``"memory"``, a ``redis://``/``rediss://``/``redis+cluster://``/
+      ``redis+sentinel://`` URL, or
       a ready fastapi-cache2 ``Backend`` instance. ``${NAME}`` in the URL is replaced by
       the environment variable ``NAME`` (``"${CACHEGW_REDIS_URL}"``,
       ``"rediss://app:${REDIS_PASSWORD}@redis.internal:6380/0"``); the password is never
@@ -346,11 +347,19 @@ class Gateway:
         if isinstance(self.backend, str) and not (
             self.backend == "memory"
             or self.backend.split("://", 1)[0]
-            in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+            in (
+                "redis",
+                "rediss",
+                "unix",
+                "redis+cluster",
+                "rediss+cluster",
+                "redis+sentinel",
+                "rediss+sentinel",
+            )
         ):
             raise ConfigError(
-                f"backend must be 'memory' or a redis://, rediss://, unix:// or "
-                f"redis+cluster:// URL, got {self.backend!r}{self._in()}"
+                f"backend must be 'memory' or a redis://, rediss://, unix://, "
+                f"redis+cluster:// or redis+sentinel:// URL, got {self.backend!r}{self._in()}"
             )
 
     def _in(self) -> str:

@@ -23,6 +23,7 @@ from cachegw._flight import RedisCoordinator
 from cachegw._purge import RedisPurges
 from tests.cluster_process import RedisCluster3
 from tests.gateway_process import gateway_processes
+from tests.redis_process import free_port
 from tests.servers import StubUpstream, run_uvicorn
 
 TOKEN = "cluster-token"
@@ -272,7 +273,7 @@ def test_purge_on_one_process_is_seen_by_the_other(
 
     record = keys_by_node(cluster, "{cl:purge}*")
     holders = [port for port, keys in record.items() if keys]
-    assert len(holders) == 1 and len(record[holders[0]]) == 4
+    assert len(holders) == 1 and len(record[holders[0]]) == 5  # times, epoch, log, ends, life
     assert len({keyslot(cluster, key) for key in record[holders[0]]}) == 1
     assert_every_key_has_a_ttl(cluster)
 
@@ -394,3 +395,26 @@ def test_a_write_is_not_undone_by_a_fetch_in_flight(
         for path in ("/api/items/8", "/api/vitems/8"):
             race(upstream, path, a.base, b.base, window=WINDOW)
     assert_every_key_has_a_ttl(cluster)
+
+
+async def test_several_seed_nodes_and_some_of_them_down(cluster: RedisCluster3) -> None:
+    """Issue 23: redis+cluster:// takes a list of seed nodes; the client starts on the
+    first that answers, so a gateway starts while its first seed node is down."""
+    cluster.flushall()
+    dead = free_port()
+    nodes = ",".join(f"127.0.0.1:{port}" for port in [dead, *cluster.nodes[1:]])
+    backend = RedisBackend.from_url(f"redis+cluster://{nodes}")
+    client = backend.client
+    assert isinstance(client, RedisCluster)
+    assert [node.port for node in client.nodes_manager.startup_nodes.values()] == [
+        dead,
+        *cluster.nodes[1:],
+    ]
+    await backend.warm()
+    keys = [f"seed:{n}" for n in range(30)]
+    for key in keys:
+        await backend.set(key, key.encode(), 60)
+    assert [await backend.get(key) for key in keys] == [key.encode() for key in keys]
+    # Every master holds some of them: the whole slot map was learnt from the live seeds.
+    assert sorted(node.port for node in client.get_primaries()) == sorted(cluster.nodes)
+    await backend.aclose()

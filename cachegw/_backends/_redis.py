@@ -6,10 +6,13 @@ import asyncio
 import math
 import re
 from typing import Any, cast
+from urllib.parse import parse_qs, unquote
 
 from fastapi_cache.types import Backend
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from .._errors import ConfigError
@@ -92,8 +95,12 @@ class RedisBackend(Backend):
         default_ttl: float = 3600,
         **client_kwargs: Any,
     ) -> RedisBackend:
-        """Build a backend from ``redis://``, ``rediss://``, ``unix://`` or
-        ``redis+cluster://host:port`` (``rediss+cluster://`` for TLS).
+        """Build a backend from ``redis://``, ``rediss://``, ``unix://``,
+        ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS: any of
+        the seed nodes may be down at start) or
+        ``redis+sentinel://[[user]:password@]host:port[,host:port...]/master[/db]``
+        (``rediss+sentinel://`` for TLS; ``?sentinel_password=...`` when the sentinels have
+        a password of their own).
 
         Every operation is bounded by ``op_timeout`` seconds: connect and socket
         timeouts are set to it and retries are off. redis-py 8 retries failed
@@ -123,12 +130,13 @@ class RedisBackend(Backend):
         if sep and scheme in ("redis", "rediss", "unix"):
             client = Redis.from_url(url, **options)
         elif sep and scheme in ("redis+cluster", "rediss+cluster"):
-            plain = scheme.removesuffix("+cluster")
-            client = RedisCluster.from_url(f"{plain}://{rest}", **options)
+            client = _cluster(scheme.removesuffix("+cluster"), rest, options)
+        elif sep and scheme in ("redis+sentinel", "rediss+sentinel"):
+            client = _sentinel(scheme == "rediss+sentinel", rest, options, op_timeout)
         else:
             raise ConfigError(
-                f"Redis URL must start with redis://, rediss://, unix://, redis+cluster:// "
-                f"or rediss+cluster://, got {url!r}"
+                "Redis URL must start with redis://, rediss://, unix://, redis+cluster://, "
+                f"rediss+cluster://, redis+sentinel:// or rediss+sentinel://, got {url!r}"
             )
         backend = cls(client, default_ttl=default_ttl, op_timeout=op_timeout)
         # Socket timeouts of op_timeout and no retries bound every operation already: the
@@ -243,8 +251,116 @@ class RedisBackend(Backend):
             pass
 
     async def aclose(self) -> None:
-        """Close the client and its connections."""
+        """Close the client and its connections (and the sentinels' clients)."""
         await self.client.aclose()
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
+def _hosts(text: str, what: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (``[v6]:port`` too) as pairs; ConfigError saying which."""
+    found = []
+    for item in text.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"{what} must be a comma-separated list of host:port, got {item.strip()!r}"
+            )
+        found.append((host, int(port)))
+    return found
+
+
+def _credentials(userinfo: str) -> dict[str, Any]:
+    user, colon, password = userinfo.partition(":")
+    found: dict[str, Any] = {}
+    if colon:
+        found["password"] = unquote(password)
+        if user:
+            found["username"] = unquote(user)
+    elif user:
+        found["password"] = unquote(user)  # redis://secret@host: Redis's own form
+    return found
+
+
+def _cluster(plain: str, rest: str, options: dict[str, Any]) -> RedisCluster:
+    """A cluster client on one or several seed nodes: redis-py tries them in turn, so the
+    client starts while some of them are down."""
+    netloc, _, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return RedisCluster.from_url(f"{plain}://{rest}", **options)
+    query = parse_qs(tail.partition("?")[2])
+    extra: dict[str, Any] = _credentials(userinfo) if at else {}
+    if plain == "rediss" or query.get("ssl") == ["true"]:
+        extra["ssl"] = True
+    nodes = [ClusterNode(host, port) for host, port in _hosts(hosts, "redis+cluster:// nodes")]
+    return RedisCluster(startup_nodes=nodes, **extra, **options)
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError when a ``redis+sentinel://`` URL or a ``redis+cluster://`` list of
+    seed nodes is malformed (without connecting); other URLs are left to redis-py."""
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme.endswith("+sentinel"):
+        _sentinel_parts(rest)
+    elif scheme.endswith("+cluster"):
+        _hosts(rest.partition("/")[0].rpartition("@")[2], "redis+cluster:// nodes")
+
+
+def _sentinel_parts(
+    rest: str,
+) -> tuple[str, int | None, list[tuple[str, int]], dict[str, Any], dict[str, list[str]]]:
+    """master name, db, sentinels, master credentials, query of a sentinel URL's rest."""
+    body, _, query_text = rest.partition("?")
+    netloc, _, path = body.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    master, _, db = path.strip("/").partition("/")
+    if not master:
+        raise ConfigError(
+            "a redis+sentinel:// URL must name the master after the sentinels: "
+            "redis+sentinel://host:port,host:port/mymaster[/db]"
+        )
+    if db and not db.isdigit():
+        raise ConfigError(f"the database in a redis+sentinel:// URL must be a number, got {db!r}")
+    query = parse_qs(query_text)
+    unknown = set(query) - {"sentinel_password", "sentinel_username"}
+    if unknown:
+        raise ConfigError(
+            f"redis+sentinel:// URL: unknown option(s) {', '.join(sorted(unknown))}; "
+            "known: sentinel_password, sentinel_username"
+        )
+    sentinels = _hosts(hosts, "redis+sentinel:// sentinels")
+    credentials = _credentials(userinfo) if at else {}
+    return master, int(db) if db else None, sentinels, credentials, query
+
+
+def _sentinel(tls: bool, rest: str, options: dict[str, Any], op_timeout: float) -> Redis:
+    """The master a set of sentinels names, followed across failovers: every new
+    connection asks the sentinels where the master is (redis-py's `SentinelConnectionPool`),
+    and a connection to a demoted master is dropped."""
+    master, db, sentinels, credentials, query = _sentinel_parts(rest)
+    master_options: dict[str, Any] = {**options, **credentials}
+    if db is not None:
+        master_options["db"] = db
+    sentinel_options: dict[str, Any] = {
+        "socket_timeout": op_timeout,
+        "socket_connect_timeout": op_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "driver_info": None,
+    }
+    if "sentinel_password" in query:
+        sentinel_options["password"] = query["sentinel_password"][0]
+    if "sentinel_username" in query:
+        sentinel_options["username"] = query["sentinel_username"][0]
+    if tls:
+        master_options["ssl"] = sentinel_options["ssl"] = True
+    max_connections = master_options.pop("max_connections", None)
+    sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options, **master_options)
+    pool_options = {} if max_connections is None else {"max_connections": max_connections}
+    return cast("Redis", sentinel.master_for(master, **pool_options))
 
 
 async def _warm_pool(pool: Any, connections: int) -> None:
