@@ -291,9 +291,11 @@ def stop(server: Server) -> None:
 # -- checks -------------------------------------------------------------------------------
 
 
-def upstream_counters(upstream: Server) -> dict[str, int]:
-    """The upstream's counters: requests under /uncached/ and /cached/, body bytes read."""
-    status, _, body = http_get(upstream.port, "/__hits")
+def upstream_counters(upstream: Server, probe: str | None = None) -> dict[str, int]:
+    """The upstream's counters: requests under /uncached/ and /cached/, body bytes read
+    (only of the requests whose query carried ``probe=<probe>``, when given)."""
+    path = "/__hits" if probe is None else f"/__hits?probe={probe}"
+    status, _, body = http_get(upstream.port, path)
     if status != 200:
         raise SetupError(f"upstream /__hits answered {status}")
     return {k: int(v) for k, v in json.loads(body).items()}
@@ -311,11 +313,12 @@ def gateway_stats(server: Server) -> dict[str, int]:
 
 
 def verify(target: Target, reference: bytes, upstream: Server) -> None:
-    """Two requests (the target's method, body and, for ``unique`` targets, two fresh
-    paths); both must carry the expected cache status and the reference body, and the
-    upstream must see exactly the requests a MISS or a forwarding target (and no HIT)
-    implies, and the whole request body of each. ``stored`` targets: both answers say
-    ``stored`` and the two paths then answer HIT without the upstream."""
+    """Two requests (the target's method and body); both must carry the expected cache
+    status and the reference body. A HIT must not reach the upstream; a forwarding target
+    must reach it exactly once per answer with the whole request body: its two requests
+    carry ``probe=<token>`` in their query (``unique`` targets: two fresh paths), which the
+    upstream counts apart, exact while earlier load still drains. ``stored`` targets: both
+    answers say ``stored``, then the same two paths answer HIT without the upstream."""
     # A slow target measured just before (the naive proxy) may still be working off the
     # requests queued when wrk stopped: wait until the upstream counters settle.
     counters = upstream_counters(upstream)
@@ -325,15 +328,17 @@ def verify(target: Target, reference: bytes, upstream: Server) -> None:
         if now == counters:
             break
         counters = now
-    before = counters[target.counter]
     port, what = target.server.port, f"{target.name}: {target.method}"
-    token = os.urandom(4).hex()
-    paths = [
-        unique_path(target.path, f"v{token}-{i}") if target.unique else target.path
-        for i in range(2)
-    ]
+    token = os.urandom(6).hex()
+    probed = target.forwards or target.stored
+    paths = [target.path, target.path]
+    if target.unique:
+        paths = [unique_path(target.path, f"v{token}-{i}") for i in range(2)]
+    if probed:
+        paths = [f"{path}{'&' if '?' in path else '?'}probe={token}" for path in paths]
     if target.expect == "HIT":
         http_get(port, target.path)  # warm: stores the entry
+        counters = upstream_counters(upstream)
     for path in paths:
         status, headers, body = http_request(port, target.method, path, target.body)
         if status != 200:
@@ -347,16 +352,21 @@ def verify(target: Target, reference: bytes, upstream: Server) -> None:
             raise SetupError(f"{what} {path}: not stored (Cache-Status {headers})")
         if json.loads(body) != json.loads(reference):
             raise SetupError(f"{target.name}: body differs from the reference JSON")
-    after = upstream_counters(upstream)
-    grew = after[target.counter] - before
-    if target.forwards and grew != 2:
-        raise SetupError(f"{target.name}: 2 forwarded answers but {grew} upstream requests")
-    if target.expect == "HIT" and grew != 0:
-        raise SetupError(f"{target.name}: HIT answers but {grew} upstream requests")
-    if target.body is not None and after["posted"] - counters["posted"] != 2 * len(target.body):
+    if target.expect == "HIT":
+        grew = upstream_counters(upstream)[target.counter] - counters[target.counter]
+        if grew != 0:
+            raise SetupError(f"{target.name}: HIT answers but {grew} upstream requests")
+    if not probed:
+        return
+    seen = upstream_counters(upstream, token)
+    if seen[target.counter] != 2:
         raise SetupError(
-            f"{target.name}: the upstream read {after['posted'] - counters['posted']} body "
-            f"bytes of 2 x {len(target.body)}"
+            f"{target.name}: 2 forwarded answers but {seen[target.counter]} upstream requests"
+        )
+    if seen["posted"] != 2 * len(target.body or b""):
+        raise SetupError(
+            f"{target.name}: the upstream read {seen['posted']} request body bytes, "
+            f"expected 2 x {len(target.body or b'')}"
         )
     if target.stored:
         for path in paths:
@@ -366,7 +376,7 @@ def verify(target: Target, reference: bytes, upstream: Server) -> None:
                     f"{target.name}: GET {path} again answered {status}, "
                     f"{target.header}: {headers.get(target.header)!r}, expected HIT (stored)"
                 )
-        if upstream_hits(upstream, target.counter) != after[target.counter]:
+        if upstream_counters(upstream, token) != seen:
             raise SetupError(f"{target.name}: stored entries reached the upstream again")
 
 

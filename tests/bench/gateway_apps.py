@@ -7,7 +7,9 @@ Factories for ``uvicorn --factory --app-dir tests/bench gateway_apps:<factory>``
                ``/uncached/...`` with no freshness information at all,
                any method (a request body is read to its end, then the same answer),
                ``/__hits`` the requests served so far (JSON: ``uncached`` and ``cached``
-               count requests under those paths, ``posted`` the request body bytes read).
+               count requests under those paths, ``posted`` the request body bytes read);
+               ``/__hits?probe=P`` the same for requests whose query has ``probe=P``
+               only (the checks' own requests: exact while other load drains).
   raw_asgi     a raw ASGI callable returning the same bytes (REFERENCE.md's 40k row).
   floor        the Python floor of a pass-through proxy on cachegw's libraries: a raw ASGI
                callable forwarding method, path, query, body and headers (minus hop-by-hop)
@@ -34,6 +36,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 from apps import PAYLOAD
@@ -96,22 +99,36 @@ async def _read_body(receive: Receive) -> bytes:
 def upstream() -> ASGIApp:
     """The origin: cacheable and uncacheable copies of the body, and hit counters."""
     hits = {"uncached": 0, "cached": 0, "posted": 0}
+    probes: dict[str, dict[str, int]] = {}
+
+    def _probe(query: bytes) -> str | None:
+        if b"probe=" not in query:  # the loads never carry one: one search per request
+            return None
+        return parse_qs(query.decode("latin-1")).get("probe", [None])[0]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await _lifespan(receive, send)
             return
         path: str = scope["path"]
+        probe = _probe(scope["query_string"])
+        counts = (
+            hits
+            if probe is None or path == "/__hits"
+            else probes.setdefault(probe, {"uncached": 0, "cached": 0, "posted": 0})
+        )
         if path.startswith(("/cached/", "/uncached/")) and scope["method"] not in ("GET", "HEAD"):
-            hits["posted"] += len(await _read_body(receive))
+            counts["posted"] += len(await _read_body(receive))
         if path.startswith("/cached/"):
-            hits["cached"] += 1
+            counts["cached"] += 1
             headers, body = _CACHED_HEADERS, BODY
         elif path.startswith("/uncached/"):
-            hits["uncached"] += 1
+            counts["uncached"] += 1
             headers, body = _JSON_HEADERS, BODY
         elif path == "/__hits":
-            body = json.dumps(hits).encode()
+            body = json.dumps(
+                hits if probe is None else probes.get(probe, dict.fromkeys(hits, 0))
+            ).encode()
             headers = [(b"content-type", b"application/json")]
         else:
             headers, body = [(b"content-length", b"0")], b""
