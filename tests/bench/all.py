@@ -16,7 +16,7 @@ front of Redis):
                       (``--only serve_miss``, its former key, still selects it)
   serve_post          the memory gateway, ``POST`` of 1 KiB to the ``ttl = 0`` route:
                       forwarded (``BYPASS``), the upstream reads the whole body
-  serve_stored_miss   a memory gateway of its own, every request a new key (``?u=<n>``,
+  serve_stored_miss   a second memory gateway, every request a new key (``?u=<n>``,
                       wrk only) on a ``ttl = 3600`` route: each one forwarded and stored
                       (``MISS``, ``Cache-Status: ...; stored``); the memory backend's
                       bounds evict
@@ -29,6 +29,8 @@ Other configurations, labelled in the table:
                       ``app.add_middleware(CachedHits)`` (the documented setup)
   cached_redis        the same on RedisBackend
   cached_memory_routed  ``@cached`` hit without ``CachedHits`` (hits pay FastAPI's routing)
+  serve_post_cached   ``POST`` of 1 KiB to the ``ttl = 3600`` route (forwarded, and its
+                      URI invalidated), on the same second gateway as serve_stored_miss
 
 Baselines: ``raw_asgi`` (a raw ASGI callable returning the bytes: the ceiling for Python),
 ``bare`` / ``bare_bytes`` (a bare FastAPI route returning the dict / the bytes),
@@ -119,6 +121,7 @@ RATIOS = [
     Ratio("serve POST / nginx proxy_pass POST", "serve_post", "nginx_post", None),
     Ratio("floor GET / nginx proxy_pass", "floor_get", "nginx_pass", None),
     Ratio("p99: serve POST / floor POST", "serve_post", "floor_post", None, metric="p99_ms"),
+    Ratio("serve POST, ttl>0 route / floor POST", "serve_post_cached", "floor_post", None),
     Ratio(
         "p99: serve stored miss / floor GET",
         "serve_stored_miss",
@@ -136,7 +139,8 @@ NOTES = [
     "hits are all on one hot key; the three gateways share one redis-server, so the "
     "Redis gateways read the same entry",
     "pass-through rows (issue 26): serve_pass and serve_post run on the memory hit "
-    "gateway, serve_stored_miss on a memory gateway of its own (its cache fills up); the "
+    "gateway, serve_stored_miss and serve_post_cached on a second memory gateway (its "
+    "cache fills up; a POST invalidates the URI it is sent to); the "
     "floor is a raw ASGI callable + one aiohttp.ClientSession (default connector: "
     "keep-alive pool of 100) forwarding method, path, query, body and headers minus "
     "hop-by-hop; POST bodies are 1 KiB of JSON",
@@ -187,6 +191,16 @@ def main() -> int:
             assert server is not None
             return server
 
+        def second() -> Server:
+            """A memory gateway of its own for rows that fill or invalidate its cache."""
+            if "second" not in shared:
+                shared["second"] = serve_server(
+                    "cachegw serve (memory, second)", upstream_url, "memory"
+                )
+            server = shared["second"]
+            assert server is not None
+            return server
+
         def nginx() -> Server | None:
             if "nginx" not in shared:
                 shared["nginx"] = nginx_server("nginx", f"127.0.0.1:{upstream.port}")
@@ -231,7 +245,19 @@ def main() -> int:
                 method="POST",
                 body=POST_BODY,
             ),
-            "serve_stored_miss": lambda: stored_miss_target(wrk, upstream_url, hit, notes),
+            "serve_stored_miss": lambda: stored_miss_target(wrk, second, hit, notes),
+            "serve_post_cached": lambda: Target(
+                "serve_post_cached",
+                "[POST to a ttl>0 route] serve",
+                second(),
+                hit,
+                "BYPASS",
+                gateway=True,
+                forwarded=True,
+                method="POST",
+                body=POST_BODY,
+                counter="cached",
+            ),
             # Other configurations, labelled.
             "serve_memory_nolog": lambda: gw(
                 "serve_memory_nolog",
@@ -465,18 +491,17 @@ def nginx_target(server: Server | None, key: str) -> Target | None:
 
 
 def stored_miss_target(
-    wrk: str | None, upstream_url: str, path: str, notes: list[str]
+    wrk: str | None, server: Callable[[], Server], path: str, notes: list[str]
 ) -> Target | None:
-    """Misses that are stored, on a memory gateway of their own; None without wrk."""
+    """Misses that are stored, on the second memory gateway; None without wrk."""
     if not wrk:
         notes.append(
             "serve_stored_miss is skipped: a different key per request needs wrk's Lua "
             "scripts (apt-get install wrk), which the Python client does not replace"
         )
         return None
-    server = serve_server("cachegw serve (memory, stored misses)", upstream_url, "memory")
     return Target(
-        "serve_stored_miss", "cachegw serve: miss, stored", server, path, "MISS",
+        "serve_stored_miss", "cachegw serve: miss, stored", server(), path, "MISS",
         gateway=True, unique=True, stored=True, counter="cached",
     )  # fmt: skip
 
