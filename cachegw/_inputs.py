@@ -59,12 +59,18 @@ class RouteInputs:
     unseen: tuple[str, ...] = ()
 
     def parts(self, raw_headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
-        """The declared header and cookie values of one request, as key parts (an absent
-        input differs from an empty one)."""
+        """The declared header and cookie values of one request, as key parts.
+
+        Unambiguous whatever the values hold: each input is a part naming it and how many
+        values follow (none: absent, which differs from empty), then one part per value
+        (key parts are length-prefixed, see `cachegw._keys.hash_parts`).
+        """
         if self.all_headers:
             # Header names are tokens (no ":"): each line is one unambiguous part.
             lines = sorted(raw_headers, key=lambda line: line[0])
-            return [f"H:{n.decode('latin-1')}:{v.decode('latin-1')}" for n, v in lines]
+            parts = [f"H#{len(lines)}"]
+            parts += [f"{n.decode('latin-1')}:{v.decode('latin-1')}" for n, v in lines]
+            return parts
         if not self.headers and not self.cookies:
             return []
         found: dict[bytes, list[bytes]] = {}
@@ -73,9 +79,9 @@ class RouteInputs:
                 found.setdefault(name, []).append(value)
         parts = []
         for name in self.headers:
-            values = found.get(name)
-            shown = "\x00".join(v.decode("latin-1") for v in values) if values else "\x01absent"
-            parts.append(f"h:{name.decode('latin-1')}={shown}")
+            values = found.get(name, ())
+            parts.append(f"h:{name.decode('latin-1')}#{len(values)}")
+            parts += ["=" + v.decode("latin-1") for v in values]
         if self.cookies:
             # Each Cookie line on its own: Starlette up to 0.4x reads the first line only,
             # later versions all of them (the last value of a name wins), so the key holds
@@ -83,8 +89,11 @@ class RouteInputs:
             jars = [cookie_parser(line.decode("latin-1")) for line in found.get(b"cookie", ())]
             for cookie in self.cookies:
                 got = [jar.get(cookie) for jar in jars]
-                shown = "\x00".join("\x01absent" if v is None else v for v in got)
-                parts.append(f"c:{cookie}=" + (shown if jars else "\x01absent"))
+                if all(v is None for v in got):
+                    parts.append(f"c:{cookie}#0")  # absent, however many lines
+                    continue
+                parts.append(f"c:{cookie}#{len(got)}")
+                parts += ["-" if v is None else "=" + v for v in got]
         return parts
 
 

@@ -375,3 +375,25 @@ async def test_compat_max_age_is_private_when_the_answer_is_per_caller(
             assert bool(declared) == ("max-age" in got.headers.get("cache-control", ""))
         if not declared:
             assert (await c.get("/")).headers["cache-control"].startswith("max-age=")
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_no_header_or_cookie_value_spells_absent(face: str, backend: Backend) -> None:
+    """h11 lets control characters other than NUL through: the key's marker for an
+    absent input must not be a value a client can send."""
+    calls = Calls()
+    app = new_app(face)
+
+    @app.get("/a")
+    @decorate(face)
+    async def a(
+        x_tenant: Annotated[str | None, Header()] = None,
+        t: Annotated[str | None, Cookie()] = None,
+    ) -> dict[str, Any]:
+        return calls(tenant=x_tenant, t=t)
+
+    async with client(app) as c:
+        for forged in ({"x-tenant": "\x01absent"}, {"cookie": "t=\x01absent"}):
+            assert (await c.get("/a", headers=forged)).status_code == 200
+        absent = (await c.get("/a")).json()
+        assert (absent["tenant"], absent["t"]) == (None, None)
