@@ -803,6 +803,10 @@ async def _send_served(send: Send, served: Served, scope: Scope) -> int:
     # Set by cachegw's protocol when the client left or was cut off (send_timeout):
     # uvicorn's send then does nothing, and the upstream stream must not be read on.
     connection = scope.get("extensions", {}).get("cachegw.connection")
+    if connection is not None:
+        # A client that stops reading is cut sooner while others wait for its upstream
+        # connection (see cachegw._server.STALLED_CONTENDED).
+        connection.contended = getattr(stream, "contended", None)
     sent = 0
     try:
         if served.body:
@@ -822,6 +826,8 @@ async def _send_served(send: Send, served: Served, scope: Scope) -> int:
         logger.warning("cachegw: a streamed response broke off after %d bytes: %r", sent, exc)
         connection.cut()
     finally:
+        if connection is not None:
+            connection.contended = None
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -54,6 +54,9 @@ __all__ = [
 # still arriving: the gateway's own check (16 KiB of headers, cachegw._target) runs only
 # once a head is complete, and httptools itself has no bound.
 MAX_HEAD_BYTES = 64 * 1024
+#: Seconds a client may take no bytes of a streamed response while the upstream
+#: connection it holds is wanted by other requests (the service's pool is full).
+STALLED_CONTENDED = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -212,6 +215,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.gone = False
         self.abort_reason: str | None = None  # "timeout" or "framing" when we cut a body
         self.abandon: Callable[[], object] | None = None
+        # Set by the application while it streams a response that holds an upstream
+        # connection: whether others wait for that connection (see check_deadlines).
+        self.contended: Callable[[], bool] | None = None
         self._phase = _HEAD
         self._deadline = _UNSET
         self._head_bytes = 0  # received since the current head began
@@ -326,7 +332,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         """Called by the sweeper: cut the connection whose client is past a deadline."""
         if self.gone or self.transport.is_closing():
             return
-        if self._send_since is not None and now - self._send_since > self.limits.send_timeout:
+        if self._send_since is not None and now - self._send_since > self._send_limit():
             buffered = self.transport.get_write_buffer_size()
             if buffered < self._send_buffered:  # the client took some bytes: not stalled
                 self._send_since, self._send_buffered = now, buffered
@@ -372,6 +378,15 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             self.abort_reason = "timeout"
             started = self.cycle is not None and self.cycle.response_started
             self._cut(None if started else self._response(408, "The request body took too long."))
+
+    def _send_limit(self) -> float:
+        """How long the client may take no bytes: `send_timeout`, or `STALLED_CONTENDED`
+        while it holds an upstream connection that other requests wait for (a crowd of
+        stalled readers must not pin a service's connection pool)."""
+        contended = self.contended
+        if contended is not None and contended():
+            return min(self.limits.send_timeout, STALLED_CONTENDED)
+        return self.limits.send_timeout
 
     def cut(self) -> None:
         """Drop the connection now: a response already started cannot be completed (its

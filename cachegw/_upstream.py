@@ -358,7 +358,8 @@ class _Stream:
     """The rest of a body too large to store: the chunks already read, then the remainder.
 
     Holds a connection of the pool until closed; `deadline` (loop time) is the service's
-    total timeout, if it has one.
+    total timeout, if it has one. `contended` says whether other requests need that
+    connection (the pool is full): a client that stops reading it is then cut sooner.
     """
 
     def __init__(
@@ -368,12 +369,17 @@ class _Stream:
         rest: AsyncIterator[bytes],
         release: _Permit,
         deadline: float | None,
+        upstream: Upstream,
     ) -> None:
         self._response = response
         self._head = deque(head)
         self._rest = rest
         self._release = release
         self._deadline = deadline
+        self._slots = upstream._slots
+
+    def contended(self) -> bool:
+        return self._slots.locked()
 
     def __aiter__(self) -> _Stream:
         return self
@@ -642,7 +648,7 @@ class Upstream:
         out = response_headers(response.raw_headers)
         if streamed:
             # The permit goes with the stream: the connection is held until it is closed.
-            stream = _Stream(response, chunks, rest, release, deadline)
+            stream = _Stream(response, chunks, rest, release, deadline, self)
             return Fetched(response.status, out, None, stream, response_time=arrived)
         await response.aclose()
         data = b"".join(chunks)

@@ -30,7 +30,7 @@ prefix = "/ab"
 ttl = 60
 timeout = 10
 max_connections = 4
-pool_timeout = 1
+pool_timeout = 5
 
   [[services.routes]]
   path = "/{{rest:path}}"
@@ -180,6 +180,30 @@ def test_head_misses_are_fetched_as_one_get_stored_and_answered_without_body(
         assert origin.hits[f"/slow/{name}"] == 1
     finally:
         for sock in heads:
+            sock.close()
+
+
+def test_stalled_readers_are_cut_when_others_need_their_connections(
+    gateway: int, origin: HostileOrigin
+) -> None:
+    """Clients that ask for a stream (64 MiB, over max_body) and read nothing take the
+    whole pool (4 connections). With send_timeout at its 30 s default they would hold it
+    for 30 s; while other requests wait for a connection, a stalled reader is cut after
+    about a second, so a miss is served well within its pool_timeout (5 s)."""
+    before, asked = origin.streams["cut"], origin.hits["/big"]
+    readers = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", gateway))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /ab/big HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(sock)
+        assert origin.wait_for(lambda: origin.hits["/big"] >= asked + 4)
+        ok = httpx.get(f"http://127.0.0.1:{gateway}/ab/nocache/{time.monotonic_ns()}", timeout=10)
+        assert ok.status_code == 200, ok.text
+        assert origin.wait_for(lambda: origin.streams["cut"] >= before + 1)
+    finally:
+        for sock in readers:
             sock.close()
 
 
