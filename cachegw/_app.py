@@ -275,7 +275,7 @@ class _Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive, trace: _Trace) -> Served:
         try:
-            has_body = check_headers(scope)
+            length = check_headers(scope)  # of the body: None when chunked
             path = check_target(scope)
         except BadTarget as bad:
             return _refusal(bad.status, _TITLES.get(bad.status, "Bad Request"), bad.detail)
@@ -313,6 +313,7 @@ class _Proxy:
         scheme = seen.scheme
         # A GET with a body must not meet shared entries: the body is not in the key (fat
         # GET poisoning). A Range request is served from the whole representation.
+        has_body = length != 0
         cacheable = not (method in ("GET", "HEAD") and has_body)
         # A GET of a route that keeps nothing (ttl = 0) is forwarded as it came, without
         # the cache's work: no lookup, lock or write, the client's own Accept-Encoding,
@@ -320,7 +321,9 @@ class _Proxy:
         passes = cacheable and method in ("GET", "HEAD") and policy.stores_nothing
         cacheable = cacheable and not passes
         headers: dict[str, str] = {}
-        if not passes:  # what the cache reads of the request (a forwarded GET needs none)
+        if cacheable and method in ("GET", "HEAD"):
+            # What the cache reads of the request: a forwarded GET, an unsafe method (it
+            # only invalidates) and a GET with a body (bypassed) need none of it.
             for raw_name, raw_value in scope["headers"]:
                 name = raw_name.decode("latin-1")
                 value = raw_value.decode("latin-1")
@@ -361,8 +364,7 @@ class _Proxy:
         # A small body of known length is read first, so an idempotent request can be
         # sent again if a pooled upstream connection turns out to be closing.
         content: bytes | None = None
-        declared = headers.get("content-length", "")
-        if has_body and declared.isdigit() and int(declared) <= _BUFFERED_BODY:
+        if length is not None and 0 < length <= _BUFFERED_BODY:
             content = b"".join([chunk async for chunk in body()])
 
         # A HEAD that may be answered from the cache is fetched as a GET: coalesced with

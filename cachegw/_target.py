@@ -121,9 +121,12 @@ def _normalise(raw: bytes) -> bytes:
     return parts[0] + b"".join(_NORMAL[part[:2]] + part[2:] for part in parts[1:])
 
 
-def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = MAX_HEADER_BYTES) -> bool:
+def check_headers(
+    scope: Mapping[str, Any], *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> int | None:
     """Raise `BadTarget` (400 or 431) for ambiguous framing, bad `Host` or oversized
-    headers; else return whether the request has a body (chunked, or a length above 0)."""
+    headers; else return the body's declared length: ``0`` without a body, None when it
+    is chunked (of unknown length)."""
     line_limit = min(MAX_HEADER_LINE, max_header_bytes)
     total = 0
     hosts = 0
@@ -148,7 +151,9 @@ def check_headers(scope: Mapping[str, Any], *, max_header_bytes: int = MAX_HEADE
         raise BadTarget(400, "Content-Length and Transfer-Encoding must not be sent together.")
     if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
         raise BadTarget(400, "Content-Length must be a single non-negative integer.")
-    return chunked or any(v.strip(b"0") for v in lengths)
+    if chunked:
+        return None
+    return int(next(iter(lengths))) if lengths else 0
 
 
 def problem(status: int, title: str, detail: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

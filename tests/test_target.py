@@ -157,18 +157,20 @@ def test_bad_headers(headers: list[tuple[bytes, bytes]], status: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "length"),
     [
-        [HOST],
-        [HOST, (CL, b"5")],
-        [HOST, (CL, b"5"), (CL, b"5")],
-        [HOST, (CL, b"5, 5")],
-        [HOST, (TE, b"chunked")],
-        [HOST] + [(b"x-%d" % i, b"a" * 3000) for i in range(5)],
+        ([HOST], 0),
+        ([HOST, (CL, b"5")], 5),
+        ([HOST, (CL, b"5"), (CL, b"5")], 5),
+        ([HOST, (CL, b"5, 5")], 5),
+        ([HOST, (CL, b"00")], 0),
+        ([HOST, (TE, b"chunked")], None),
+        ([HOST] + [(b"x-%d" % i, b"a" * 3000) for i in range(5)], 0),
     ],
 )
-def test_good_headers(headers: list[tuple[bytes, bytes]]) -> None:
-    check_headers(scope(b"/", headers))
+def test_good_headers(headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+    """Accepted, with the body's declared length (None: chunked)."""
+    assert check_headers(scope(b"/", headers)) == length
 
 
 def test_http10_without_host_is_allowed() -> None:
