@@ -28,6 +28,7 @@ from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import AliasChoices, BaseModel
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
@@ -471,7 +472,13 @@ ATOMS = (
     "sec:cookie-sid",
     "sec:bearer",
     "opaque",
+    "choices:x-org",
+    "model:x-plan",
 )
+
+
+class PlanHeaders(BaseModel):
+    x_plan: str | None = None
 
 
 def _atom_dependency(atom: str) -> Any:
@@ -496,6 +503,20 @@ def _atom_dependency(atom: str) -> Any:
             return q
 
         return query
+    if kind == "choices":
+        # FastAPI 0.12x and later read the header under each choice.
+        org = Header(validation_alias=AliasChoices("x-org-id", name))
+
+        def choices(value: Annotated[str | None, org] = None) -> Any:
+            return value
+
+        return choices
+    if kind == "model":
+        # FastAPI 0.12x and later read an optional model of headers field by field.
+        def model(value: Annotated[PlanHeaders | None, Header()] = None) -> Any:
+            return value
+
+        return model
     if atom == "sec:x-custom-key":
         return APIKeyHeader(name="X-Custom-Key", auto_error=False)
     if atom == "sec:cookie-sid":
@@ -515,6 +536,8 @@ def _declared(atom: str) -> tuple[str, str] | None:
         "h:x-tenant": ("header", "x-tenant"),
         "h:x-region": ("header", "x-region"),
         "c:theme": ("cookie", "theme"),
+        "choices:x-org": ("header", "x-org"),
+        "model:x-plan": ("header", "x-plan"),
         "q:q": ("query", "q"),
         "sec:x-custom-key": ("header", "x-custom-key"),
         "sec:cookie-sid": ("cookie", "sid"),
@@ -544,6 +567,10 @@ request_inputs = st.fixed_dictionaries(
         "x-tenant": st.sampled_from([None, "acme", "globex"]),
         "x-region": st.sampled_from([None, "eu"]),
         "theme": st.sampled_from([None, "dark"]),
+        # A second Cookie line: Starlette 0.4x reads the first line only, later ones all.
+        "theme2": st.sampled_from([None, "light"]),
+        "x-org": st.sampled_from([None, "o1", "o2"]),
+        "x-plan": st.sampled_from([None, "free", "pro"]),
         "sid": st.sampled_from([None, "s1", "s2"]),
         "q": st.sampled_from([None, "1", "2"]),
         "x-custom-key": st.sampled_from([None, "alice", "bob"]),
@@ -620,15 +647,14 @@ def _atoms(spec: dict[str, Any]) -> list[str]:
     return [*spec["direct"], *spec["nested"], *spec["router_deps"]]
 
 
-def _request(values: dict[str, Any], path: str) -> tuple[str, dict[str, str]]:
-    headers = {
-        n: values[n]
-        for n in ("x-tenant", "x-region", "x-custom-key", "authorization", "x-noise", "x-session")
-        if values[n]
-    }
+def _request(values: dict[str, Any], path: str) -> tuple[str, list[tuple[str, str]]]:
+    names = ("x-tenant", "x-region", "x-custom-key", "authorization", "x-session", "x-org")
+    headers = [(n, values[n]) for n in (*names, "x-plan", "x-noise") if values[n]]
     cookies = "; ".join(f"{n}={values[n]}" for n in ("theme", "sid") if values[n])
     if cookies:
-        headers["cookie"] = cookies
+        headers.append(("cookie", cookies))
+    if values["theme2"]:
+        headers.append(("cookie", f"theme={values['theme2']}"))
     query = f"?q={values['q']}" if values["q"] else ""
     return path + query, headers
 
@@ -636,12 +662,18 @@ def _request(values: dict[str, Any], path: str) -> tuple[str, dict[str, str]]:
 def _oracle(spec: dict[str, Any], path: str, values: dict[str, Any]) -> tuple[Any, ...]:
     """Everything the answer may depend on: the route matched and the declared inputs."""
     declared = sorted({d for a in _atoms(spec) if (d := _declared(a)) is not None})
-    return (path, values["q"], *(values[name] for _, name in declared))
+    # A second Cookie line (theme=...) may change what the theme cookie reads as.
+    lines = values["theme2"] if ("cookie", "theme") in declared else None
+    return (path, values["q"], lines, *(values[name] for _, name in declared))
 
 
 def _credentialed(values: dict[str, Any]) -> bool:
     return bool(
-        values["authorization"] or values["theme"] or values["sid"] or values["x-custom-key"]
+        values["authorization"]
+        or values["theme"]
+        or values["theme2"]
+        or values["sid"]
+        or values["x-custom-key"]
     )
 
 
@@ -668,7 +700,8 @@ async def test_generated_apps_never_share_between_different_inputs(
                     path, spec = routes[values["route"] % len(routes)]
                     target, headers = _request(values, path)
                     if noise:
-                        headers["x-noise"] = noise
+                        headers = [(n, v) for n, v in headers if n != "x-noise"]
+                        headers.append(("x-noise", noise))
                     response = await c.get(target, headers=headers)
                     if spec["wrapped"] and values["x-session"] != "ok":
                         assert response.status_code == 401
