@@ -169,10 +169,19 @@ async def test_dependency_overrides_are_analysed(face: str, backend: Backend) ->
     def user_from_header(x_user: Annotated[str, Header()]) -> str:
         return x_user
 
+    router = APIRouter()
+
+    @router.get("/me")
+    @decorate(face)
+    async def included(user: Annotated[str, Depends(current_user)]) -> dict[str, Any]:
+        return calls(user=user)
+
+    app.include_router(router, prefix="/r")
     app.dependency_overrides[current_user] = user_from_header
     async with client(app) as c:
-        assert (await c.get("/me", headers={"x-user": "alice"})).json()["user"] == "alice"
-        assert (await c.get("/me", headers={"x-user": "bob"})).json()["user"] == "bob"
+        for path in ("/me", "/r/me"):
+            assert (await c.get(path, headers={"x-user": "alice"})).json()["user"] == "alice"
+            assert (await c.get(path, headers={"x-user": "bob"})).json()["user"] == "bob"
     app.dependency_overrides.clear()
     async with client(app) as c:
         assert (await c.get("/me", headers={"x-user": "carol"})).json()["user"] == "nobody"
