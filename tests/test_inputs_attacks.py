@@ -9,6 +9,7 @@ No ``from __future__ import annotations`` here: FastAPI must see the handlers' a
 evaluated.
 """
 
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Request, Security
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBearer
 from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from pydantic import AliasChoices, BaseModel, ConfigDict
@@ -406,3 +407,91 @@ async def test_no_header_or_cookie_value_spells_absent(face: str, backend: Backe
             assert (await c.get("/a", headers=forged)).status_code == 200
         absent = (await c.get("/a")).json()
         assert (absent["tenant"], absent["t"]) == (None, None)
+
+
+class _TenantOf:
+    """A class dependency: FastAPI reads ``__init__``'s parameters."""
+
+    def __init__(self, x_tenant: Annotated[str | None, Header()] = None) -> None:
+        self.tenant = x_tenant
+
+
+class _Caller:
+    """An instance dependency: FastAPI reads ``__call__``'s parameters."""
+
+    def __call__(self, x_user: Annotated[str | None, Header()] = None) -> str | None:
+        return x_user
+
+
+def _by_prefix(prefix: str, x_user: Annotated[str | None, Header()] = None) -> str:
+    return f"{prefix}{x_user}"
+
+
+def _shapes() -> dict[str, tuple[Any, list[Any], list[Any]]]:
+    """Dependency shapes that were tried and are keyed: the dependency, then Alice's and
+    Bob's request headers."""
+    return {
+        "http-basic": (
+            HTTPBasic(),
+            [("authorization", "Basic YWxpY2U6cA==")],
+            [("authorization", "Basic Ym9iOnA=")],
+        ),
+        "class": (_TenantOf, [("x-tenant", "acme")], [("x-tenant", "globex")]),
+        "instance": (_Caller(), [("x-user", "alice")], [("x-user", "bob")]),
+        "partial": (functools.partial(_by_prefix, "u:"), [("x-user", "a")], [("x-user", "b")]),
+        "no-underscore-conversion": (
+            _header_dependency(Header(convert_underscores=False)),
+            [("x_user", "alice")],
+            [("x_user", "bob")],
+        ),
+        "alias": (
+            _header_dependency(Header(alias="X-Principal")),
+            [("x-principal", "alice")],
+            [("x-principal", "bob")],
+        ),
+        "list-lines": (
+            _list_dependency(),
+            [("x-user", "alice"), ("x-user", "bob")],
+            [("x-user", "alice")],
+        ),
+        "no-dependency-cache": (
+            Depends(_Caller(), use_cache=False),
+            [("x-user", "alice")],
+            [("x-user", "bob")],
+        ),
+    }
+
+
+def _header_dependency(param: Any) -> Any:
+    def dependency(x_user: Annotated[str | None, param] = None) -> str | None:
+        return x_user
+
+    return dependency
+
+
+def _list_dependency() -> Any:
+    def dependency(x_user: Annotated[list[str] | None, Header()] = None) -> Any:
+        return x_user
+
+    return dependency
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("shape", sorted(_shapes()))
+async def test_dependency_shapes_are_keyed(shape: str, face: str, backend: Backend) -> None:
+    dependency, alice, bob = _shapes()[shape]
+    calls = Calls()
+    app = new_app(face)
+    marker = dependency if isinstance(dependency, type(Depends())) else Depends(dependency)
+
+    @app.get("/who")
+    @decorate(face)
+    async def who(user: Annotated[Any, marker]) -> dict[str, Any]:
+        return calls(user=repr(getattr(user, "tenant", user)))
+
+    async with client(app) as c:
+        first = (await c.get("/who", headers=alice)).json()
+        second = (await c.get("/who", headers=bob)).json()
+        assert first["user"] != second["user"]
+        again = await c.get("/who", headers=alice)
+        assert again.json() == first  # Alice's own entry
