@@ -101,7 +101,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=20,
+        timeout=600,  # a deadline for a hung build, not a speed test
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         check=False,
     )
