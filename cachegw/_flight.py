@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend
+from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend, close_redis
 from cachegw._store import Breaker, read_time_left
 
 __all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
@@ -190,7 +190,7 @@ class RedisCoordinator(Coordinator):
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await close_redis(pubsub)
 
     def start(self) -> None:
         if self._task is None:

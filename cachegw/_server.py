@@ -7,9 +7,12 @@
 * `response_bytes`: a response as HTTP/1.1 bytes, with uvicorn's own header checks.
 
 These use uvicorn internals (``HttpToolsProtocol``'s parser, cycle, pipeline, flow and
-server state, ``STATUS_LINE``, ``HEADER_RE``): pyproject.toml pins the uvicorn versions
-they were checked against and tests/test_server.py is the contract that fails on a
-uvicorn that changed them.
+server state, ``STATUS_LINE``, ``HEADER_RE``): `VERIFIED_UVICORN` names the uvicorn
+versions they were checked against, and tests/test_server.py is the contract that fails
+on a uvicorn that changed them. On any other uvicorn, `uvicorn_options` serves with
+uvicorn's own httptools protocol and logs one warning: every request then takes the
+ordinary ASGI path (no hits answered in the protocol, no ``[server]`` limits), so
+installing cachegw never needs a particular uvicorn (issue 28).
 
 Client-side limits (`ServerLimits`, the ``[server]`` table) are enforced by the protocol
 below, nginx's way: a deadline per connection for the phase it is in (reading a request
@@ -22,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from uvicorn.middleware.message_logger import MessageLoggerMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import (
@@ -42,13 +48,46 @@ from cachegw._errors import ConfigError
 from cachegw._policy import parse_duration
 
 __all__ = [
+    "VERIFIED_UVICORN",
     "FastHitServer",
     "GatewayHttpToolsProtocol",
     "ServerLimits",
     "fast_path_of",
+    "protocol_verified",
     "response_bytes",
     "uvicorn_options",
 ]
+
+logger = logging.getLogger("cachegw")
+
+#: The uvicorn releases `GatewayHttpToolsProtocol` was checked against by
+#: tests/test_server.py: (major, minor) of the first and of the last, both included.
+VERIFIED_UVICORN = ((0, 54), (0, 55))
+
+
+def protocol_verified(version: str | None = None) -> bool:
+    """Whether uvicorn ``version`` (default: the installed one) is one `VERIFIED_UVICORN`
+    covers."""
+    parts = (version or uvicorn.__version__).split(".")
+    try:
+        minor = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        return False
+    low, high = VERIFIED_UVICORN
+    return low <= minor <= high
+
+
+@functools.cache
+def _warn_unverified(version: str) -> None:
+    low, high = VERIFIED_UVICORN
+    logger.warning(
+        "cachegw: uvicorn %s is not one cachegw's server protocol was verified on "
+        "(%d.%d to %d.%d): serving every request through the ordinary ASGI path, "
+        "without the protocol-level hit path and without the [server] client limits",
+        version,
+        *low,
+        *high,
+    )
 
 # A request head (request line + headers) larger than this is refused with 431 while it is
 # still arriving: the gateway's own check (16 KiB of headers, cachegw._target) runs only
@@ -471,11 +510,17 @@ def uvicorn_options(**overrides: Any) -> dict[str, Any]:
     * ``proxy_headers=False``: ``X-Forwarded-For`` from a client is not trusted, the
       gateway sets it from the socket peer;
     * the httptools parser with the raw request target kept and the client limits of the
-      application's ``server_limits`` (a `FastHitServer`) enforced (see above);
+      application's ``server_limits`` (a `FastHitServer`) enforced (see above), on the
+      uvicorn versions this was verified on; uvicorn's own httptools protocol (and one
+      warning) on others;
     * a bounded graceful shutdown (10 s for requests in flight).
     """
+    http: type[GatewayHttpToolsProtocol] | str = GatewayHttpToolsProtocol
+    if not protocol_verified():
+        _warn_unverified(uvicorn.__version__)
+        http = "httptools"
     options: dict[str, Any] = {
-        "http": GatewayHttpToolsProtocol,
+        "http": http,
         "date_header": False,
         "server_header": False,
         "proxy_headers": False,

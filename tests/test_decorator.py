@@ -27,6 +27,7 @@ from redis_process import RedisProcess
 from servers import free_port, run_uvicorn
 
 from cachegw import CachedHits, CachePolicy, ConfigError, MemoryBackend, RedisBackend, cached
+from cachegw._backends import close_redis
 from cachegw._decorator import engine_for
 from cachegw._entry import strong_etag
 
@@ -254,7 +255,7 @@ def cache_on(backend: Backend) -> Iterator[Backend]:
         if isinstance(backend, RedisBackend):
             in_server_loop(backend.aclose())
         elif isinstance(backend, FC2RedisBackend):
-            in_server_loop(backend.redis.aclose())
+            in_server_loop(close_redis(backend.redis))
 
 
 BACKENDS = ["memory", "redis", "fc2-memory", "fc2-redis"]

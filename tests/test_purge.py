@@ -13,6 +13,7 @@ import redis
 
 from cachegw import Gateway, MemoryBackend, RedisBackend, Service
 from cachegw._admin import PurgeError, parse_purge
+from cachegw._backends import close_redis
 from cachegw._purge import PurgeState, RedisPurges, scopes_for
 from tests.gateway_process import gateway_processes
 from tests.servers import StubUpstream, run_uvicorn
@@ -287,7 +288,7 @@ def test_redis_purge_is_one_script_call(redis_url: str) -> None:
         await client.config_resetstat()
         await purges.purge(["svc:catalog"])
         info = await client.info("commandstats")
-        await client.aclose()
+        await close_redis(client)
         calls = {k: v["calls"] for k, v in info.items()}
         return calls.get("cmdstat_scan", 0) + calls.get("cmdstat_keys", 0), calls.get(
             "cmdstat_unlink", 0
@@ -407,7 +408,7 @@ def test_redis_purge_record_drops_purges_older_than_its_ttl(redis_url: str) -> N
         record: list[tuple[bytes, float]] = await client.zrange(
             "{old:purge}:times", 0, -1, withscores=True
         )
-        await client.aclose()
+        await close_redis(client)
         return record
 
     assert asyncio.run(scenario()) == [(b"hard|tag:b", 1000.0 + RECORD_TTL + 1)]
@@ -441,7 +442,7 @@ def test_redis_invalidation_records_are_dropped_after_their_keep(redis_url: str)
         fresh = RedisPurges(client, "keep")
         await fresh.poll()  # a process starting now loads what is left, with its ends
         ttl = await client.ttl("{keep:purge}:ends")
-        await client.aclose()
+        await close_redis(client)
         assert fresh.verdict(["path:svc:/b"], 1999.0) == ("hard", 2000.0)
         assert fresh.verdict(["path:svc:/a"], 999.0) is None
         return times, ends, ttl

@@ -1,10 +1,12 @@
 """The contract between cachegw and uvicorn (`cachegw._server`): the protocol-level fast
 path and the raw request target use uvicorn internals, so this fails on a uvicorn that
-changed them, and on one outside the range pyproject.toml declares."""
+changed them. cachegw uses them only on the releases `VERIFIED_UVICORN` names (the dev
+extra installs one of those); on others `cachegw serve` takes the ordinary path."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import socket
 from typing import Any
 
@@ -13,7 +15,15 @@ import uvicorn
 from packaging.requirements import Requirement
 from starlette.types import Receive, Scope, Send
 
-from cachegw._server import FastHitServer, fast_path_of, response_bytes, uvicorn_options
+from cachegw._server import (
+    VERIFIED_UVICORN,
+    FastHitServer,
+    GatewayHttpToolsProtocol,
+    fast_path_of,
+    protocol_verified,
+    response_bytes,
+    uvicorn_options,
+)
 from tests.servers import run_uvicorn
 
 FAST = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-path: fast\r\n\r\nfast"
@@ -69,12 +79,49 @@ def _exchange(base: str, *requests: bytes) -> list[bytes]:
     return answers
 
 
-def test_installed_uvicorn_is_in_the_declared_range() -> None:
-    requires = importlib.metadata.requires("cachegw") or []
-    [declared] = [Requirement(r) for r in requires if Requirement(r).name == "uvicorn"]
-    assert declared.specifier, "uvicorn must have a pinned range"
-    assert any(spec.operator == "<" for spec in declared.specifier), "and an upper bound"
-    assert declared.specifier.contains(uvicorn.__version__), (uvicorn.__version__, declared)
+def _uvicorn_requirements() -> dict[str, Requirement]:
+    """cachegw's uvicorn requirement per extra ("" for the package's own)."""
+    found = {}
+    for line in importlib.metadata.requires("cachegw") or []:
+        requirement = Requirement(line)
+        if requirement.name == "uvicorn":
+            marker = str(requirement.marker or "")
+            found["dev" if "dev" in marker else ""] = requirement
+    return found
+
+
+def test_users_get_no_uvicorn_upper_bound_and_the_suite_a_verified_uvicorn() -> None:
+    # Installing cachegw never moves a user's uvicorn (issue 28); the dev extra pins the
+    # verified releases, so the suite checks the protocol cachegw serve runs.
+    requirements = _uvicorn_requirements()
+    assert not any(spec.operator in ("<", "<=", "==", "~=") for spec in requirements[""].specifier)
+    (low_major, low_minor), (high_major, high_minor) = VERIFIED_UVICORN
+    dev = requirements["dev"].specifier
+    assert dev.contains(f"{low_major}.{low_minor}.0") and dev.contains(
+        f"{high_major}.{high_minor}.9"
+    )
+    assert not dev.contains(f"{high_major}.{high_minor + 1}.0")
+    assert protocol_verified(uvicorn.__version__), uvicorn.__version__
+
+
+def test_an_unverified_uvicorn_gets_the_ordinary_protocol_and_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert protocol_verified("0.54.0") and protocol_verified("0.55.3")
+    assert not protocol_verified("0.53.9") and not protocol_verified("0.56.0")
+    assert not protocol_verified("1.0.0") and not protocol_verified("weird")
+    assert uvicorn_options()["http"] is GatewayHttpToolsProtocol
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.1")
+    with caplog.at_level(logging.WARNING, logger="cachegw"):
+        first, second = uvicorn_options(), uvicorn_options(lifespan="off")
+    assert first["http"] == second["http"] == "httptools"
+    [warning] = [r.getMessage() for r in caplog.records if "0.99.1" in r.getMessage()]
+    assert "ordinary ASGI path" in warning
+    # Served that way, a FastHitServer answers everything through ASGI.
+    app = App()
+    with run_uvicorn(app, **second) as base:
+        answers = _exchange(base, b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert answers[0].endswith(b"slow") and app.fast_calls == []
 
 
 @pytest.mark.parametrize("log_level", ["warning", "trace"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ._base import OP_TIMEOUT, CacheBackend, FastAPICacheAdapter, InlineBackend, is_inline
 from ._build import backend_from_url, cache_backend
 from ._memory import MemoryBackend
-from ._redis import RedisBackend
+from ._redis import RedisBackend, close_redis
 
 __all__ = [
     "OP_TIMEOUT",
@@ -17,5 +17,6 @@ __all__ = [
     "RedisBackend",
     "backend_from_url",
     "cache_backend",
+    "close_redis",
     "is_inline",
 ]
