@@ -255,6 +255,9 @@ class _Proxy:
             if abandon is None or not abandon.ours():
                 raise  # not (only) ours: shutting down
             served, sent = _refusal(499, "Client Closed Request", "The client left."), 0
+            engine = self.runtime.engine
+            if engine is not None:
+                engine.stats["abandoned"] += 1
         finally:
             if connection is not None and connection.abandon is abandon:
                 connection.abandon = None

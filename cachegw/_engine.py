@@ -490,7 +490,6 @@ class CacheEngine:
         if flight.waiters or task is None or task.done() or flight.done.is_set():
             return
         flight.abandoned = True
-        self.stats["abandoned"] += 1
         if flight.fetching:
             task.cancel()
 

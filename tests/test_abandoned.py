@@ -86,6 +86,11 @@ def waiting(port: int) -> int:
     return int(health["in_flight"]["waiting"])
 
 
+def abandoned(port: int) -> int:
+    health = httpx.get(f"http://127.0.0.1:{port}/_cachegw/health", timeout=5).json()
+    return int(health["stats"]["abandoned"])
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,9 +110,12 @@ def test_abandoned_gets_are_aborted_and_do_not_starve_the_pool(
     tag = f"{gateway}-{time.monotonic_ns()}"
     before = origin.slow.copy()
     hits = slow_hits(origin)
+    counted = abandoned(gateway)
     # Three times the pool (4 connections): each client sends its GET and goes away.
     for i in range(12):
         send_get(gateway, f"/ab/slow/{tag}-{i}").close()
+    # Each counted (the health endpoint's stats) once its client's close was seen.
+    assert wait_until(lambda: abandoned(gateway) - counted == 12)
     # A well-behaved miss on the same service is served, not queued into a 503.
     ok = httpx.get(f"http://127.0.0.1:{gateway}/ab/small/{tag}", timeout=10)
     assert ok.status_code == 200, ok.text
