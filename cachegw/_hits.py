@@ -35,6 +35,7 @@ __all__ = ["CachedHits"]
 
 
 _MEMO_SIZE = 4096
+_MEMO_PART_MAX = 256  # memoised only for targets this long at most (see cachegw._app)
 _NO_HEADERS: dict[str, str] = {}
 
 
@@ -214,9 +215,11 @@ class _RouterHits:
                 inputs,
                 per_host=face.per_host,
             )
-            if len(self._keys) >= _MEMO_SIZE:
-                self._keys.clear()
-            self._keys[memo] = key
+            # Bounded in bytes too (issue 24): long targets are not kept.
+            if len(scope["path"]) + len(memo[4]) + len(host or b"") <= _MEMO_PART_MAX:
+                if len(self._keys) >= _MEMO_SIZE:
+                    self._keys.clear()
+                self._keys[memo] = key
         return key
 
     def _route(self, scope: Scope) -> tuple[APIRoute, Marked, dict[str, Any]] | None:
@@ -248,9 +251,10 @@ class _RouterHits:
                 ):
                     found = (route, mark, dict(child.get("path_params", {})))
                 break
-        if len(self._routes) >= _MEMO_SIZE:
-            self._routes.clear()
-        self._routes[memo] = found
+        if len(scope["path"]) <= _MEMO_PART_MAX:
+            if len(self._routes) >= _MEMO_SIZE:
+                self._routes.clear()
+            self._routes[memo] = found
         return found
 
 
