@@ -159,10 +159,13 @@ def _analyse(
                 credentials.add(name)
             elif where == "cookie":
                 cookies.add(name)
-            stock_scheme = _stock_call(scheme)
+            # FastAPI's own scheme, called as it is (not through a function wrapped
+            # around it, which FastAPI hands the scheme's parameters).
+            called: Any = dependant.call
+            stock_scheme = called is scheme and _stock_call(scheme)
             if not stock_scheme:
                 # Its own __call__ may take the caller from anywhere in the request.
-                unseen.append(f"security scheme {_name(type(scheme))} (its own __call__)")
+                unseen.append(f"security scheme {_name(dependant.call)} (its own __call__)")
         for field in dependant.header_params:
             for name in _names(field, headers=True):
                 headers.add(name)

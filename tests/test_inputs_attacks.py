@@ -495,3 +495,27 @@ async def test_dependency_shapes_are_keyed(shape: str, face: str, backend: Backe
         assert first["user"] != second["user"]
         again = await c.get("/who", headers=alice)
         assert again.json() == first  # Alice's own entry
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_a_function_wrapped_around_a_security_scheme_is_not_the_scheme(
+    face: str, backend: Backend
+) -> None:
+    """``functools.wraps(scheme)`` gives FastAPI the scheme's signature, and the function
+    the request: it may read anything."""
+    calls = Calls()
+    app = new_app(face)
+    base = APIKeyHeader(name="X-Key", auto_error=False)
+
+    @functools.wraps(base)
+    async def session_or_key(request: Request) -> str | None:
+        return request.headers.get("x-session") or await base(request)
+
+    @app.get("/me")
+    @decorate(face)
+    async def me(user: Annotated[str | None, Security(session_or_key)]) -> dict[str, Any]:
+        return calls(user=user)
+
+    async with client(app) as c:
+        assert (await c.get("/me", headers={"x-session": "alice"})).json()["user"] == "alice"
+        assert (await c.get("/me", headers={"x-session": "bob"})).json()["user"] == "bob"
