@@ -194,7 +194,9 @@ def admin_router(runtime: Runtime) -> APIRouter:
             },
         }
         if engine is not None:
-            info["circuit"] = "open" if engine.store.breaker.open else "closed"
+            info["circuit"] = "open" if engine.store.circuit_open else "closed"
+            if engine.store.open_nodes:
+                info["circuit_open_nodes"] = engine.store.open_nodes
             info["stats"] = dict(engine.stats)
             info["in_flight"] = engine.in_flight()
         if isinstance(backend, MemoryBackend):

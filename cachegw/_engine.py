@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi_cache.types import Backend
+from redis.asyncio import RedisCluster
 
-from cachegw._backends import OP_TIMEOUT, CacheBackend, cache_backend
+from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend, cache_backend
 from cachegw._core import (
     NO_DIRECTIVES,
     UNSTORED,
@@ -199,6 +200,19 @@ class CacheEngine:
             self.coordinator.breaker = self.store.breaker
         if isinstance(self.purges, RedisPurges):
             self.purges.breaker = self.store.breaker
+        backend = self.store.backend
+        if isinstance(backend, RedisBackend) and isinstance(backend.client, RedisCluster):
+            # A breaker per cluster node: a dead shard leaves the live ones serving
+            # (issue 23); locks and the purge record are judged by their own node's.
+            if isinstance(self.coordinator, RedisCoordinator):
+                self.coordinator.breaker_for = self.store.breaker_for
+            if isinstance(self.purges, RedisPurges):
+                purges = self.purges
+                purges.breaker_for = self.store.breaker_for
+                # Entries are only as good as the record that judges them: none are read
+                # while the record's node cannot be read.
+                self.store.gate = lambda: purges.trusted
+        if isinstance(self.purges, RedisPurges):
             # What this process copied from Redis is not served while the record that
             # says whether it is still valid cannot be read (issue 23).
             self.purges.on_unreachable = self.store.forget_all

@@ -86,10 +86,18 @@ class RedisCoordinator(Coordinator):
         self.on_landed: Callable[[str], None] | None = None
         #: The store's circuit breaker: while it is open, no lock is asked for.
         self.breaker: Breaker | None = None
+        #: On a cluster, the breaker of the node a key lives on (the store's, per node).
+        self.breaker_for: Callable[[str], Breaker] | None = None
         self._release = client.register_script(_RELEASE)
 
+    def _open(self, key: str) -> bool:
+        """Whether the circuit of the node holding ``key`` (of Redis) is open."""
+        if self.breaker_for is not None:
+            return self.breaker_for(key).open
+        return self.breaker is not None and self.breaker.open
+
     async def acquire(self, key: str, ttl: float, started: float | None = None) -> str | None:
-        if self.breaker is not None and self.breaker.open:
+        if self._open(f"{key}:lock"):
             return UNLOCKED  # Redis is known to be sick: don't wait on it for a lock
         timeout = read_time_left(self.op_timeout)
         if timeout <= 0:
@@ -112,7 +120,7 @@ class RedisCoordinator(Coordinator):
         return token if got else None
 
     async def holder_started(self, key: str) -> float | None:
-        if self.breaker is not None and self.breaker.open:
+        if self._open(f"{key}:lock"):
             return None
         timeout = read_time_left(self.op_timeout)
         if timeout <= 0:
@@ -132,14 +140,14 @@ class RedisCoordinator(Coordinator):
             return None  # no holder any more, or one that does not say
 
     async def release(self, key: str, token: str) -> None:
-        if token == UNLOCKED or (self.breaker is not None and self.breaker.open):
+        if token == UNLOCKED or self._open(f"{key}:lock"):
             return  # the lock expires by itself
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):
                 await self._release(keys=[f"{key}:lock"], args=[token])
 
     async def landed(self, key: str, *, failed: bool = False) -> None:
-        if self.breaker is not None and self.breaker.open:
+        if self._open(self.channel):
             return  # waiters re-check by themselves; don't wait on a sick Redis
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):

@@ -219,6 +219,10 @@ class RedisPurges(Purges):
         self._poll_script = client.register_script(_POLL)
         #: The store's circuit breaker: while it is open, the record is not read.
         self.breaker: Breaker | None = None
+        #: On a cluster, the breaker of the node a key lives on (the store's, per node).
+        self.breaker_for: Callable[[str], Breaker] | None = None
+        #: Whether the last poll failed or was skipped (Redis known to be sick).
+        self.failing = False
         #: Called when this process cannot read the record: what it copied from Redis can
         #: no longer be checked against it (the engine drops its in-process copies).
         self.on_unreachable: Callable[[], None] | None = None
@@ -396,14 +400,29 @@ class RedisPurges(Purges):
         if self.on_unreachable is not None:
             self.on_unreachable()
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the record can be read (its last poll did not fail, nor was skipped for
+        an open circuit): on a cluster, entries on live nodes are not served while the
+        node holding the record is unreachable."""
+        return not self.failing
+
+    def _breaker(self) -> Breaker | None:
+        if self.breaker_for is not None:
+            return self.breaker_for(self.keys[0])
+        return self.breaker
+
     async def _refresh(self) -> None:
         started = time.monotonic()
         if self.pending:
             self._start_replay()  # e.g. after a restart of the loop's work
-        if self.breaker is not None and self.breaker.open:
+        breaker = self._breaker()
+        if breaker is not None and not breaker.allow():
             # Redis is known to be sick: keep the last known record, and ask again once
-            # per interval, not per request (entries cannot be read from Redis either).
+            # per interval, not per request (entries cannot be read from Redis either);
+            # once per cooldown, this poll is the breaker's probe.
             self._unreachable()
+            self.failing = True
             self._fresh_until = started + self.interval
             return
         try:
@@ -414,10 +433,14 @@ class RedisPurges(Purges):
             # serve with a record that may miss an invalidation.
             logger.debug("cachegw: reading purges failed: %s", exc)
             self._unreachable()
-            if self.breaker is not None:
-                self.breaker.failure()  # a stalled Redis shows here first, every 100 ms
+            self.failing = True
+            if breaker is not None:
+                breaker.failure()  # a stalled Redis shows here first, every 100 ms
         else:
             self._fresh_until = started + self.interval
+            self.failing = False
+            if breaker is not None and breaker.open:
+                breaker.success()
 
 
 # KEYS: times (sorted set "mode|scope" -> time), epoch counter, log (sorted set by epoch),

@@ -271,31 +271,81 @@ class Store:
             # the answers built from it) must not outlive it.
             self._inline.on_evict = self.l1.forget
         self._probes: set[asyncio.Task[Any]] = set()
+        # Redis Cluster: one breaker per node (issue 23), so a dead shard does not turn
+        # the live ones off. `breaker` then stands for "some node's circuit is open".
+        self._node_of: Callable[[str], str | None] | None = getattr(backend, "node_of", None)
+        self._node_breakers: dict[str, Breaker] = {}
+        #: When set and false, entries are not read from a remote backend (the shared
+        #: purge record that says whether they are still valid cannot be read).
+        self.gate: Callable[[], bool] | None = None
+
+    def breaker_for(self, key: str | None) -> Breaker:
+        """The breaker guarding ``key``'s node: per node on a cluster, else `breaker`."""
+        if key is None or self._node_of is None:
+            return self.breaker
+        node = self._node_of(key)
+        if node is None:
+            return self.breaker
+        found = self._node_breakers.get(node)
+        if found is None:
+            found = self._node_breakers[node] = Breaker(
+                failures=self.breaker.failures,
+                cooldown=self.breaker.cooldown,
+                clock=self.breaker.clock,
+            )
+            found.on_change = self._node_changed
+        return found
+
+    @property
+    def circuit_open(self) -> bool:
+        """Whether a circuit is open: the backend's, or one node's of a cluster."""
+        return self.breaker.open or any(b.open for b in self._node_breakers.values())
+
+    @property
+    def open_nodes(self) -> list[str]:
+        """The cluster nodes whose circuit is open."""
+        return sorted(node for node, b in self._node_breakers.items() if b.open)
+
+    def _node_changed(self, opened: bool) -> None:
+        if self.breaker.on_change is not None:
+            self.breaker.on_change(self.circuit_open)
 
     async def _call(
-        self, op: str, make: Callable[[], Awaitable[T]], default: T, *, read: bool = False
+        self,
+        op: str,
+        make: Callable[[], Awaitable[T]],
+        default: T,
+        *,
+        read: bool = False,
+        key: str | None = None,
     ) -> T:
         # A read counts against the request's read budget; writes (done after the answer
         # was sent, see CacheEngine) have the operation deadline.
         timeout = read_time_left(self.op_timeout) if read else self.op_timeout
         if timeout <= 0:
             return default  # the request's budget is spent: not asked, not a failure
-        was_open = self.breaker.open
-        if not self.breaker.allow():
+        breaker = self.breaker_for(key)
+        was_open = breaker.open
+        if not breaker.allow():
             return default
         if was_open:
             # The breaker lets one probe through: it runs in the background, so no request
             # waits on a backend that was failing a moment ago (issue 12).
             probe = asyncio.get_running_loop().create_task(
-                self._attempt(op, make, default, self.op_timeout)
+                self._attempt(op, make, default, self.op_timeout, breaker)
             )
             self._probes.add(probe)
             probe.add_done_callback(self._probes.discard)
             return default
-        return await self._attempt(op, make, default, timeout)
+        return await self._attempt(op, make, default, timeout, breaker)
 
     async def _attempt(
-        self, op: str, make: Callable[[], Awaitable[T]], default: T, seconds: float
+        self,
+        op: str,
+        make: Callable[[], Awaitable[T]],
+        default: T,
+        seconds: float,
+        breaker: Breaker,
     ) -> T:
         try:
             if self._bounded:
@@ -307,10 +357,10 @@ class Store:
                 async with asyncio.timeout(seconds):
                     result = await make()
         except Exception as exc:
-            self.breaker.failure()
+            breaker.failure()
             self._failed(op, exc)
             return default
-        self.breaker.success()
+        breaker.success()
         return result
 
     def _failed(self, op: str, exc: BaseException) -> None:
@@ -342,7 +392,9 @@ class Store:
             item = l1.get(key)
             if item is not None:
                 return item
-            data = await self._call("get", lambda: self.backend.get(key), None, read=True)
+            if self.gate is not None and not self.gate():
+                return None
+            data = await self._call("get", lambda: self.backend.get(key), None, read=True, key=key)
             if data is None:
                 return None
             # The same bytes as last time (a hot key): reuse what they decoded to. This is
@@ -384,7 +436,7 @@ class Store:
             return True
 
         # Into L1 only once the backend has it: an outage means no cache, not a local one.
-        if await self._call("set", write, False):
+        if await self._call("set", write, False, key=key):
             self.l1.put(key, item)
             return True
         return False
@@ -416,4 +468,4 @@ class Store:
         if self._inline is not None:
             self._inline.delete_nowait(key)
             return
-        await self._call("delete", lambda: self.backend.delete(key), False)
+        await self._call("delete", lambda: self.backend.delete(key), False, key=key)

@@ -38,7 +38,8 @@ class RedisCluster3:
     manager that always tears down, even when starting failed halfway.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
+        self.extra_args = extra_args
         self.server = redis_server_binary()
         self.nodes: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -99,6 +100,7 @@ class RedisCluster3:
             "--appendonly", "no",
             "--daemonize", "no",
             "--dir", workdir,
+            *self.extra_args,
         ]  # fmt: skip
         with open(os.path.join(workdir, f"redis-{port}.log"), "ab") as log:
             self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
@@ -152,6 +154,12 @@ class RedisCluster3:
             and fields.get("cluster_slots_ok") == str(SLOTS)
             and fields.get("cluster_known_nodes") == str(len(self.nodes))
         )
+
+    def kill(self, port: int) -> None:
+        """Kill one node (SIGKILL): a shard outage."""
+        proc = self._procs[self.nodes.index(port)]
+        proc.kill()
+        proc.wait()
 
     def flushall(self) -> None:
         """Empty every node (between tests)."""

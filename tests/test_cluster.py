@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from redis.asyncio import RedisCluster
 
 from cachegw import RedisBackend
 from cachegw._flight import RedisCoordinator
+from cachegw._keys import hash_parts
 from cachegw._purge import RedisPurges
 from tests.cluster_process import RedisCluster3
 from tests.gateway_process import gateway_processes
@@ -418,3 +420,57 @@ async def test_several_seed_nodes_and_some_of_them_down(cluster: RedisCluster3) 
     # Every master holds some of them: the whole slot map was learnt from the live seeds.
     assert sorted(node.port for node in client.get_primaries()) == sorted(cluster.nodes)
     await backend.aclose()
+
+
+def test_one_dead_shard_leaves_the_live_ones_serving(tmp_path: Path) -> None:
+    """Issue 23: a breaker per node. One master of three is killed (no replica takes over;
+    the live nodes serve their slots: cluster-require-full-coverage no): keys on the live
+    shards stay HITs through the outage and past the cluster's FAIL verdict, keys on the
+    dead one are answered uncached, every answer is a 200 within a second, and the health
+    endpoint names the node whose circuit is open."""
+    stub = StubUpstream()
+    with (
+        RedisCluster3("--cluster-require-full-coverage", "no") as own,
+        run_uvicorn(stub) as upstream,
+        gateway_processes(write_config(tmp_path, own.url, upstream), args=["--no-access-log"]) as [
+            gw
+        ],
+    ):
+        share = -(-16384 // 3)
+        busy = {keyslot(own, "{cl:purge}:times") // share, keyslot(own, "cl:landed") // share}
+        victim = next(i for i in range(3) if i not in busy)
+        paths = [f"/catalog/items/{n}" for n in range(1, 31)]
+        slots = {
+            p: keyslot(
+                own, hash_parts("cl", ("catalog", p.removeprefix("/catalog"), "", "", "http", ""))
+            )
+            for p in paths
+        }
+        on_victim = {p for p, slot in slots.items() if slot // share == victim}
+        assert on_victim and len(on_victim) < len(paths), slots
+        assert statuses(gw.base, paths) == ["MISS"] * len(paths)
+        assert statuses(gw.base, paths) == ["HIT"] * len(paths)
+        own.kill(own.nodes[victim])
+        killed = time.monotonic()
+        answers: list[tuple[str, int, str, float, float]] = []
+        end = time.monotonic() + 5  # past cluster-node-timeout (2 s): the FAIL verdict
+        with httpx.Client(base_url=gw.base, timeout=10) as client:
+            while time.monotonic() < end:
+                for path in paths:
+                    started = time.monotonic()
+                    answer = client.get(path)
+                    cache = answer.headers.get("x-cache-status", "")
+                    took = time.monotonic() - started
+                    answers.append((path, answer.status_code, cache, took, started - killed))
+            health = client.get("/_cachegw/health").json()
+    assert {status for _, status, *_ in answers} == {200}
+    assert max(took for *_, took, _ in answers) < 1.0
+    live = [cache for path, _, cache, *_ in answers if path not in on_victim]
+    # The dead shard's keys: uncached once the process's own 1 s copies have expired.
+    dead = [cache for path, _, cache, _, at in answers if path in on_victim and at > 1.5]
+    assert set(live) == {"HIT"}, Counter(live)
+    assert dead and "HIT" not in dead, Counter(dead)
+    assert health["circuit"] == "open"
+    assert f"127.0.0.1:{own.nodes[victim]}" in health.get("circuit_open_nodes", []) or (
+        "unassigned" in health.get("circuit_open_nodes", [])
+    ), health

@@ -107,6 +107,23 @@ class RedisBackend(Backend):
     def __repr__(self) -> str:
         return f"RedisBackend({self.client!r}, default_ttl={self.default_ttl})"
 
+    def node_of(self, key: str) -> str | None:
+        """The cluster node (``host:port``) holding ``key``'s slot, if known: the engine
+        keeps a circuit breaker per node (None on a single Redis, or before the slot map
+        is loaded)."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return None
+        if not client.nodes_manager.slots_cache:
+            return None  # not loaded yet
+        try:
+            node = client.get_node_from_key(key)
+        except Exception:
+            node = None
+        # A slot no node serves (its master failed, no replica took over) is a "node" of
+        # its own: its keys fail fast once its breaker opens, the others keep serving.
+        return "unassigned" if node is None else str(node.name)
+
     @property
     def shared_client(self) -> Redis | RedisCluster:
         """Every process on this Redis shares purges, fetch locks and landing messages."""
