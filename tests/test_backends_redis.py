@@ -15,6 +15,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis_process import RedisProcess
 
 from cachegw._backends import RedisBackend
+from cachegw._backends._redis import CLUSTER_REDIS_PY, require_redis_py
 from cachegw._errors import ConfigError
 
 # The stall tests' deadline: far below the 1 s pause they measure, far above a healthy reply.
@@ -231,10 +232,29 @@ def _retries(retry: Any) -> int:
     return int(retry.get_retries() if hasattr(retry, "get_retries") else retry._retries)
 
 
-def test_from_url_cluster_constructs() -> None:
+def test_from_url_cluster_constructs_or_names_the_redis_py_it_needs() -> None:
+    if redis.__version__.split(".")[0].isdigit() and int(redis.__version__.split(".")[0]) < 8:
+        # An older redis-py (fastapi-cache2[redis] installs 4.x): a clear error, not a
+        # cluster whose processes never hear of each other's changes.
+        with pytest.raises(ConfigError, match=r"redis-py 8\.0 or later.*pip install 'redis>=8\.0'"):
+            RedisBackend.from_url("redis+cluster://127.0.0.1:1")
+        with pytest.raises(ConfigError, match=r"Sentinel .* needs redis-py 8\.0 or later"):
+            RedisBackend.from_url("redis+sentinel://127.0.0.1:1/mymaster")
+        return
     backend = RedisBackend.from_url("redis+cluster://127.0.0.1:1")
     assert isinstance(backend.client, RedisCluster)
     assert _retries(backend.client.retry) == 0
+
+
+def test_features_that_need_a_newer_redis_py_say_which() -> None:
+    require_redis_py(CLUSTER_REDIS_PY, "Redis Cluster", installed="8.0.0")
+    require_redis_py(CLUSTER_REDIS_PY, "Redis Cluster", installed="9.1.2")
+    with pytest.raises(ConfigError) as info:
+        require_redis_py(CLUSTER_REDIS_PY, "Redis Cluster (redis+cluster://)", installed="4.6.0")
+    assert str(info.value) == (
+        "Redis Cluster (redis+cluster://) needs redis-py 8.0 or later, but redis-py 4.6.0 is "
+        "installed; upgrade it with: pip install 'redis>=8.0'"
+    )
 
 
 @pytest.mark.parametrize("url", ["http://x", "127.0.0.1:6379", "memory"])

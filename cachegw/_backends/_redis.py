@@ -9,6 +9,7 @@ import re
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote
 
+import redis
 from fastapi_cache.types import Backend
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -20,10 +21,40 @@ from redis.backoff import NoBackoff
 from .._errors import ConfigError
 from ._base import OP_TIMEOUT
 
-__all__ = ["RedisBackend", "close_redis"]
+__all__ = [
+    "CLUSTER_REDIS_PY",
+    "SENTINEL_REDIS_PY",
+    "RedisBackend",
+    "close_redis",
+    "require_redis_py",
+]
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 _CLEAR_BATCH = 1000
+
+
+#: The redis-py release Redis Cluster needs: its asyncio cluster client has pub/sub from
+#: 8.0 on, which wakes waiters and drops stale in-process copies across the fleet.
+CLUSTER_REDIS_PY = (8, 0)
+#: The redis-py release Sentinel was verified on: with redis-py 4.6 a gateway kept reading
+#: entries from a demoted master after a graceful failover (tests/test_sentinel.py).
+SENTINEL_REDIS_PY = (8, 0)
+
+
+def require_redis_py(needed: tuple[int, int], feature: str, installed: str | None = None) -> None:
+    """Raise ConfigError when the installed redis-py (or ``installed``) is older than
+    ``needed`` for ``feature``; everything else works from redis-py 4.6 on."""
+    version = installed or redis.__version__
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: assume it is recent
+    if found < needed:
+        wanted = ".".join(map(str, needed))
+        raise ConfigError(
+            f"{feature} needs redis-py {wanted} or later, but redis-py {version} is installed; "
+            f"upgrade it with: pip install 'redis>={wanted}'"
+        )
 
 
 def _no_client_setinfo() -> dict[str, Any]:
@@ -332,13 +363,15 @@ def _cluster(plain: str, rest: str, options: dict[str, Any]) -> RedisCluster:
     client starts while some of them are down."""
     netloc, _, tail = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
-    if "," not in hosts:
+    seeds = _hosts(hosts, "redis+cluster:// nodes") if "," in hosts else None
+    require_redis_py(CLUSTER_REDIS_PY, "Redis Cluster (redis+cluster://)")
+    if seeds is None:
         return RedisCluster.from_url(f"{plain}://{rest}", **options)
     query = parse_qs(tail.partition("?")[2])
     extra: dict[str, Any] = _credentials(userinfo) if at else {}
     if plain == "rediss" or query.get("ssl") == ["true"]:
         extra["ssl"] = True
-    nodes = [ClusterNode(host, port) for host, port in _hosts(hosts, "redis+cluster:// nodes")]
+    nodes = [ClusterNode(host, port) for host, port in seeds]
     return RedisCluster(startup_nodes=nodes, **extra, **options)
 
 
@@ -385,6 +418,7 @@ def _sentinel(tls: bool, rest: str, options: dict[str, Any], op_timeout: float) 
     connection asks the sentinels where the master is (redis-py's `SentinelConnectionPool`),
     and a connection to a demoted master is dropped."""
     master, db, sentinels, credentials, query = _sentinel_parts(rest)
+    require_redis_py(SENTINEL_REDIS_PY, "Redis Sentinel (redis+sentinel://)")
     master_options: dict[str, Any] = {**options, **credentials}
     if db is not None:
         master_options["db"] = db
