@@ -302,7 +302,12 @@ def reload(file: Path, url: str) -> None:
     anything is sent. A refused reload exits with 1 and the gateway's reason; the running
     configuration then stays in use.
     """
-    gateway = _load(file)
+    try:
+        gateway = Gateway.from_toml(file)
+    except ConfigError as exc:
+        # The gateway would refuse this file: a refused reload (exit 1), found before
+        # anything is sent. Exit 2 stays for usage errors.
+        _fail(f"the reload would be refused, nothing was sent: {exc}", code=1)
     response = _admin_post(gateway, file, url, "reload", None)
     answer = response.json()
     click.echo(

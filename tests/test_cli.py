@@ -212,6 +212,19 @@ def test_check_missing_file(tmp_path: Path) -> None:
     assert "nope.toml: cannot read the file" in result.stderr
 
 
+def test_reload_of_a_bad_file_is_refused_with_exit_1_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    # As docs/operations.md says: a refused reload exits 1 (2 is for usage errors).
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD.replace("ttl = 60", "ttl = -5"), encoding="utf-8")
+    result = run("reload", str(path), "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: the reload would be refused, nothing was sent: ")
+    assert "-5" in result.stderr
+    assert run("reload").exit_code == 2  # no FILE: a usage error
+
+
 def test_serve_bad_file_exits_2(tmp_path: Path) -> None:
     result = run("serve", str(tmp_path / "nope.toml"))
     assert result.exit_code == 2
