@@ -1,5 +1,6 @@
 """The admin endpoints under the reserved prefix ``/_cachegw/``.
 
+* ``GET /_cachegw/`` - an index of the endpoints below, no authentication.
 * ``GET /_cachegw/health`` - backend state and counters, no authentication.
 * ``GET /_cachegw/metrics`` - Prometheus text format.
 * ``POST /_cachegw/purge`` - ``Authorization: Bearer <token>`` and one of
@@ -175,8 +176,38 @@ def _fan_out_reload() -> bool:
     return True
 
 
+#: What ``GET /_cachegw/`` lists: method, path, whether the admin token is needed, what for.
+_ENDPOINTS = (
+    ("GET", "/_cachegw/health", False, "backend state, counters and the file in use"),
+    ("GET", "/_cachegw/metrics", False, "Prometheus metrics"),
+    ("POST", "/_cachegw/purge", True, 'purge by {"tags"}, {"paths"}, {"service"} or {"all"}'),
+    ("POST", "/_cachegw/reload", True, "read the gateway file again"),
+)
+
+
 def admin_router(runtime: Runtime) -> APIRouter:
     router = APIRouter(prefix="/_cachegw")
+
+    @router.get("/")
+    async def index() -> JSONResponse:
+        # An index instead of a 404: what an operator can ask here, and whether the
+        # token-protected endpoints are on (issue 28).
+        variable = runtime.gateway.admin_token_env
+        admin_on = bool(variable and os.environ.get(variable))
+        endpoints = [
+            {
+                "method": method,
+                "path": path,
+                "auth": "bearer token" if token else None,
+                "available": admin_on or not token,
+                "what": what,
+            }
+            for method, path, token, what in _ENDPOINTS
+        ]
+        return JSONResponse(
+            {"service": "cachegw admin", "admin_api": admin_on, "endpoints": endpoints},
+            headers={"cache-control": "no-store"},
+        )
 
     @router.get("/health")
     async def health() -> JSONResponse:

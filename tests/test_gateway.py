@@ -742,3 +742,25 @@ def test_fast_path_applies_the_header_limits_of_the_ordinary_path(
         fine += b"X-B: " + b"b" * 7000 + b"\r\n\r\n"
         assert b"x-cache-status: HIT" in raw_request(base, fine)
     assert stub.hits["/x"] == 1
+
+
+def test_admin_prefix_answers_an_index_of_its_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /_cachegw/ lists the admin endpoints (not FastAPI's 404), and says whether the
+    token-protected ones are on."""
+    with gateway_for(None, admin_token_env="CACHEGW_TEST_INDEX_TOKEN") as (client, _):
+        off = client.get("/_cachegw/")
+        monkeypatch.setenv("CACHEGW_TEST_INDEX_TOKEN", "t")
+        on = client.get("/_cachegw/")
+    assert off.status_code == on.status_code == 200
+    listed = {(e["method"], e["path"]): e for e in off.json()["endpoints"]}
+    assert set(listed) == {
+        ("GET", "/_cachegw/health"),
+        ("GET", "/_cachegw/metrics"),
+        ("POST", "/_cachegw/purge"),
+        ("POST", "/_cachegw/reload"),
+    }
+    assert off.json()["admin_api"] is False
+    assert listed["POST", "/_cachegw/purge"]["available"] is False
+    assert on.json()["admin_api"] is True
+    assert all(e["available"] for e in on.json()["endpoints"])
+    assert off.headers["cache-control"] == "no-store"
