@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import time
 from collections import deque
@@ -50,6 +51,15 @@ __all__ = [
     "upstream_for",
     "upstream_url",
 ]
+
+logger = logging.getLogger("cachegw")
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's class and message, on one line (some httpx errors have none)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -634,6 +644,18 @@ class Upstream:
                 "connect": f"{who} could not be reached.",
                 "protocol": f"{who} sent an invalid response.",
             }[kind]
+            # One line per failed request for the operator: which upstream, what went wrong
+            # (the client gets the problem document without the internals).
+            logger.warning(
+                "cachegw: %d %s: %s %s%s failed (%s): %s",
+                status,
+                f"service {self.service!r}" if self.service else "upstream",
+                method,
+                self.base.rstrip("/"),
+                path,
+                kind,
+                _error_text(exc),
+            )
             status, out, payload = problem(status, title, detail)
             return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
         except BaseException:
