@@ -435,9 +435,10 @@ def demo(port: int, upstream_port: int) -> None:
         time.sleep(0.01)
     if not upstream.started:
         _fail("the demo upstream did not start", code=1)
-    gateway = uvicorn.Server(
-        uvicorn.Config(create_app(demo_gateway(upstream_url)), **uvicorn_options(log_level="info"))
-    )
+    # cachegw's access log, as `cachegw serve` has it: a JSON line per request, hits
+    # answered by the fast path included, with its cache status.
+    options = uvicorn_options(log_level="info", log_config=log_config(True), access_log=False)
+    gateway = uvicorn.Server(uvicorn.Config(create_app(demo_gateway(upstream_url)), **options))
     click.echo(_demo_intro(gateway_url, upstream_url))
     try:
         gateway.run(sockets=[gateway_sock])
@@ -561,6 +562,7 @@ Try these twice each and watch X-Cache-Status (and the upstream's "generated_at"
   curl -i {gateway}/catalog/pages/about  # no route of its own: the catch-all stores it (max-age=60)
   curl -i {gateway}/_cachegw/health      # backend state and counters
 
-In the log below, "/catalog/..." lines are requests to the gateway; the other lines are
-requests that reached the upstream. Press Ctrl-C to stop.
+In the log below, each JSON line is a request to the gateway, with its "cache_status"
+(HIT, MISS, STALE, ...); "upstream:" lines are the requests that reached the upstream.
+Press Ctrl-C to stop.
 """

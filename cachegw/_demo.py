@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachegw._gateway import Gateway, Service
 
@@ -66,9 +67,11 @@ async def _page(request: Request) -> JSONResponse:
     )
 
 
-def demo_upstream() -> Starlette:
-    """The demo upstream: JSON endpoints stamped with the time they were generated."""
-    return Starlette(
+def demo_upstream() -> ASGIApp:
+    """The demo upstream: JSON endpoints stamped with the time they were generated. Each
+    request that reaches it prints one ``upstream: GET /path -> status`` line, so the demo's
+    log shows which of the gateway's requests went upstream."""
+    app = Starlette(
         routes=[
             Route("/", _index),
             Route("/items/{item_id:int}", _item),
@@ -78,6 +81,23 @@ def demo_upstream() -> Starlette:
             Route("/pages/{name:path}", _page),
         ]
     )
+
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                print(
+                    f"upstream: {scope['method']} {scope['path']} -> {message['status']}",
+                    flush=True,
+                )
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return logged
 
 
 def demo_gateway(upstream: str) -> Gateway:

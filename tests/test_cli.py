@@ -450,3 +450,9 @@ def test_demo_miss_then_hit() -> None:
     assert f"curl -i {base}/catalog/items/42" in text
     assert f"curl -i {base}/catalog/pages/about" in text
     assert "Traceback" not in text
+    # As the intro says: every request to the gateway is a line of the log, hits answered
+    # by the fast path included, and the upstream's lines show which ones reached it.
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"time"')]
+    items = [line["cache_status"] for line in lines if line["path"] == "/catalog/items/42"]
+    assert items == ["MISS", "HIT"]
+    assert text.count("upstream: GET /items/42 -> 200") == 1
