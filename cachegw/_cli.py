@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import string
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway, policy_table
 from cachegw._metrics import multiprocess_dir
 from cachegw._policy import KNOB_SPECS
+from cachegw._relay import ENV_VAR as RELAY_DIR
 from cachegw._reload import ReloadingSupervisor
 from cachegw._server import uvicorn_options
 from cachegw._version import __version__
@@ -128,12 +131,17 @@ def serve(
 
         uvicorn.run(serving_app(gateway, overrides), **options)
         return
+    relay = None
     if gateway.backend == "memory":
         click.echo(
-            f"warning: {workers} workers on the memory backend each keep their own cache; "
-            f"use a redis:// backend to share one",
+            f"note: {workers} workers on the memory backend each keep their own cache; "
+            f"purges and invalidations reach every worker before they are answered, but "
+            f"each worker fetches a cold key for itself: use a redis:// backend to share one",
             err=True,
         )
+        # Purges and invalidations are relayed between the workers (see cachegw._relay).
+        relay = tempfile.mkdtemp(prefix="cachegw-relay-")
+        os.environ[RELAY_DIR] = relay
     # Workers are separate processes: each builds its app from the file, found here.
     os.environ["CACHEGW_CONFIG"] = str(file.resolve())
     # Workers reload on SIGHUP; a reload asked over HTTP is passed on through this process.
@@ -151,6 +159,8 @@ def serve(
             pass
         finally:
             sock.close()
+            if relay is not None:
+                shutil.rmtree(relay, ignore_errors=True)
 
 
 @main.command()

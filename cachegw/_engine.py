@@ -775,6 +775,7 @@ class CacheEngine:
     def start(self) -> None:
         """Start listening for other processes (call from a running event loop)."""
         self.coordinator.start()
+        self.purges.start()
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Wait (bounded) for fetches and refreshes in flight, then cancel the rest."""

@@ -96,10 +96,18 @@ def scopes_for(service: str, path: str, tags: Iterable[str], route: str | None =
     return scopes
 
 
-def purges_for(backend: CacheBackend, prefix: str) -> Purges:
-    """Purges shared through Redis when ``backend`` is shared, else per process."""
+def purges_for(backend: CacheBackend, prefix: str, *, relay: str | None = None) -> Purges:
+    """Purges shared through Redis when ``backend`` is shared; else relayed to the other
+    workers of this machine through ``relay`` (a directory, see `_relay`); else per
+    process."""
     client = backend.shared_client
-    return LocalPurges() if client is None else RedisPurges(client, prefix)
+    if client is not None:
+        return RedisPurges(client, prefix)
+    if relay:
+        from cachegw._relay import RelayPurges
+
+        return RelayPurges(relay)
+    return LocalPurges()
 
 
 class PurgeState:
@@ -173,6 +181,9 @@ class Purges:
 
     async def refresh(self) -> None:
         """Apply purges made elsewhere (no-op when there is no elsewhere)."""
+
+    def start(self) -> None:
+        """Begin listening for purges made elsewhere (needs a running loop)."""
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stop background work (giving it up to ``grace`` seconds to finish)."""

@@ -4,6 +4,7 @@ and what the proxy path, the admin endpoints and the reloader use."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from typing import Any
 
@@ -20,6 +21,7 @@ from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway
 from cachegw._metrics import Metrics
 from cachegw._purge import purges_for
+from cachegw._relay import ENV_VAR as RELAY_DIR
 from cachegw._reload import Reloader
 from cachegw._store import L1
 from cachegw._upstream import Upstream, upstream_for
@@ -63,7 +65,7 @@ class Runtime:
             backend,
             status_header=gateway.status_header,
             metrics=self.metrics,
-            purges=purges_for(backend, gateway.prefix),
+            purges=purges_for(backend, gateway.prefix, relay=os.environ.get(RELAY_DIR)),
             coordinator=coordinator_for(backend, gateway.prefix),
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.

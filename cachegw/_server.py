@@ -89,6 +89,7 @@ def _warn_unverified(version: str) -> None:
         *high,
     )
 
+
 # A request head (request line + headers) larger than this is refused with 431 while it is
 # still arriving: the gateway's own check (16 KiB of headers, cachegw._target) runs only
 # once a head is complete, and httptools itself has no bound.
