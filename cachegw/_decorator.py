@@ -493,6 +493,18 @@ async def _serve(
         return await _uncached(fetch, "fwd=bypass; detail=no-backend")
     if not _fc2.enabled():  # FastAPICache.init(..., enable=False)
         return await _uncached(fetch, "fwd=bypass; detail=disabled")
+    if dependant is None:
+        # The route that matched is unknown (a route class whose ``matches`` leaves
+        # ``scope["route"]`` unset): so are its inputs, and nothing can be keyed by them.
+        warned.once(
+            "route",
+            "cachegw: %s on %s %s serves every request uncached (BYPASS): the route that "
+            "matched is not in the request's scope, so its inputs cannot be keyed.",
+            face.name,
+            request.method,
+            template,
+        )
+        return await _uncached(fetch, "fwd=bypass; detail=route")
 
     key_extra: str | None = ""
     keyed = own_key = False
@@ -592,14 +604,22 @@ def _warn_undeclared(
         "undeclared",
         "cachegw: %s on %s %s: %s can read request inputs the route does not declare, "
         "so requests carrying credentials (%s) bypass its shared entries. Declare what "
-        "the answer depends on (Header(), Cookie(), Security()), or pass vary=[...], "
-        "key=... or shared=True (see the decorator documentation).",
+        "the answer depends on (Header(), Cookie(), Security()), or pass %s "
+        "(see the decorator documentation).",
         face.name,
         method,
         template,
         "; ".join(inputs.opaque),
         ", ".join(sorted(inputs.credentials)),
+        _remedies(face),
     )
+
+
+def _remedies(face: Face) -> str:
+    """The options of this face that say what an answer depends on."""
+    if face.key_builder is not None:  # cachegw.compat.cache
+        return "shared=True or a key_builder that names the caller"
+    return "vary=[...], key=... or shared=True"
 
 
 def _warn_unseen(
@@ -609,13 +629,13 @@ def _warn_unseen(
         "unseen",
         "cachegw: %s on %s %s serves every request uncached (BYPASS): %s can take the "
         "caller from any request input, so no entry can be keyed by the caller. If the "
-        "answer depends only on the scheme's own credential, pass shared=True (@cached) "
-        "or key=... / vary=[...] naming what identifies the caller (a key_builder with "
-        "@cache); see the decorator documentation.",
+        "answer depends only on the scheme's own credential, pass shared=True; else "
+        "name what identifies the caller (%s); see the decorator documentation.",
         face.name,
         method,
         template,
         "; ".join(inputs.unseen),
+        _remedies(face),
     )
 
 

@@ -54,6 +54,7 @@ def cache(
     injected_dependency_namespace: str = "__fastapi_cache",
     *,
     per_host: bool = True,
+    shared: bool = False,
 ) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]:
     """fastapi-cache2's ``@cache`` decorator, served by cachegw.
 
@@ -78,7 +79,13 @@ def cache(
     * **injected_dependency_namespace** - prefix of the ``Request`` / ``Response``
       parameters added to the handler's signature when it has none.
     * **per_host** - cachegw's: ``False`` shares entries across hosts (see ``cached``).
+    * **shared** - cachegw's: ``True`` states that the answer depends only on the inputs
+      the route declares, although it takes a ``Request`` (see ``cached``).
     """
+    if not isinstance(per_host, bool):
+        raise TypeError(f"per_host must be True or False, got {per_host!r}")
+    if not isinstance(shared, bool):
+        raise TypeError(f"shared must be True or False, got {shared!r}")
     if expire is not None and (isinstance(expire, bool) or not isinstance(expire, int | float)):
         raise TypeError(f"expire must be a number of seconds or None, got {expire!r}")
     if coder is not None and not (isinstance(coder, type) and issubclass(coder, Coder)):
@@ -149,6 +156,7 @@ def cache(
             name="@cache",
             policy=policies,
             per_host=per_host,
+            shared=shared,
             request_param=f"{injected_dependency_namespace}_request",
             response_param=f"{injected_dependency_namespace}_response",
             key_builder=build_key,

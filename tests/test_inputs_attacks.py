@@ -23,6 +23,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBas
 from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from pydantic import AliasChoices, BaseModel, ConfigDict
+from starlette.responses import JSONResponse
 
 from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
 from cachegw.compat import cache
@@ -519,3 +520,67 @@ async def test_a_function_wrapped_around_a_security_scheme_is_not_the_scheme(
     async with client(app) as c:
         assert (await c.get("/me", headers={"x-session": "alice"})).json()["user"] == "alice"
         assert (await c.get("/me", headers={"x-session": "bob"})).json()["user"] == "bob"
+
+
+async def test_compat_says_what_it_can_do_about_a_request_taking_route(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``@cache`` has no ``vary``/``key``: its warning names its own remedies, and its
+    ``shared=True`` keys the declared credential like ``@cached``'s."""
+    calls = Calls()
+    app = new_app("compat")
+    scheme = APIKeyHeader(name="X-Key")
+
+    @app.get("/unsaid")
+    @cache(expire=60)
+    async def unsaid(request: Request) -> dict[str, Any]:
+        return calls(path=request.url.path)
+
+    @app.get("/said")
+    @cache(expire=60, shared=True)
+    async def said(request: Request, key: Annotated[str, Security(scheme)]) -> Any:
+        return calls(user=key, link=str(request.url_for("said")))
+
+    with caplog.at_level(logging.WARNING, logger="cachegw"):
+        async with client(app) as c:
+            await c.get("/unsaid")
+            alice = (await c.get("/said", headers={"x-key": "alice"})).json()
+            again = await c.get("/said", headers={"x-key": "alice"})
+            assert again.json() == alice and again.headers["x-fastapi-cache"] == "HIT"
+            assert (await c.get("/said", headers={"x-key": "bob"})).json()["user"] == "bob"
+    warnings = [r.getMessage() for r in caplog.records if "does not declare" in r.getMessage()]
+    assert len(warnings) == 1 and "/unsaid" in warnings[0]
+    assert "key_builder" in warnings[0] and "vary=" not in warnings[0]
+    with pytest.raises(TypeError, match="shared"):
+        cache(shared="yes")  # type: ignore[arg-type]
+
+
+class _RouteLessMatch(APIRoute):
+    """A route class whose ``matches`` leaves ``scope["route"]`` unset."""
+
+    def matches(self, scope: Any) -> Any:
+        match, child = super().matches(scope)
+        child.pop("route", None)
+        return match, child
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_a_route_whose_inputs_cannot_be_found_is_not_shared(
+    face: str, backend: Backend
+) -> None:
+    calls = Calls()
+    app = new_app(face)
+    router = APIRouter(route_class=_RouteLessMatch)
+
+    @router.get("/t")
+    @decorate(face)
+    async def t(x_tenant: Annotated[str | None, Header()] = None) -> JSONResponse:
+        return JSONResponse(calls(tenant=x_tenant))
+
+    app.include_router(router)
+    async with client(app) as c:
+        for tenant in ("acme", "globex"):
+            got = await c.get("/t", headers={"x-tenant": tenant})
+            assert got.json()["tenant"] == tenant
+            # Starlette 1.x's router sets scope["route"] itself: the route is known there.
+            assert got.headers["x-cache-status"] in ("BYPASS", "MISS")
