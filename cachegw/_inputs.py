@@ -367,4 +367,6 @@ def overrides_for(scope: Mapping[str, Any]) -> Mapping[Any, Any] | None:
         if context is not None and getattr(context, "original_route", None) is route:
             provider = getattr(context, "dependency_overrides_provider", provider)
     overrides = getattr(provider, "dependency_overrides", None)
-    return overrides if isinstance(overrides, Mapping) and overrides else None
+    if not overrides:  # the common case, first
+        return None
+    return overrides if isinstance(overrides, Mapping) else None
