@@ -204,9 +204,17 @@ async def test_a_header_model_that_takes_every_header(face: str, backend: Backen
     async def h(headers: Annotated[Extras, Header()]) -> dict[str, Any]:
         return calls(session=(headers.model_extra or {}).get("x-session"))
 
+    @app.get("/c")
+    @decorate(face)
+    async def c_(cookies: Annotated[Extras, Cookie()]) -> dict[str, Any]:
+        return calls(session=(cookies.model_extra or {}).get("session"))
+
     async with client(app) as c:
         assert (await c.get("/h", headers={"x-session": "alice"})).json()["session"] == "alice"
         assert (await c.get("/h", headers={"x-session": "bob"})).json()["session"] == "bob"
+        for user in ("alice", "bob"):
+            got = await c.get("/c", headers={"cookie": f"session={user}"})
+            assert got.json()["session"] == user
 
 
 class AuthRoute(APIRoute):
