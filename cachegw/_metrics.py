@@ -211,6 +211,15 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         info.labels(version).set(1)
+        # When the gateway started (the earliest live worker): `cachegw top --once` turns
+        # counters into figures since then when its own window saw no requests.
+        started = Gauge(
+            "cachegw_start_time_seconds",
+            "Unix time the gateway (its earliest live worker) started.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        started.set(time.time())
         # Per worker ("liveall": a pid label in multi-process mode), so a scrape shows
         # whether every worker took a reload: min() and max() agree once they all have.
         self._generation = Gauge(

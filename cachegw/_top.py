@@ -125,6 +125,7 @@ class View:
     l1: dict[str, float]
     sort: str = "rps"
     error: str | None = None
+    note: str | None = None  # what the figures cover, when not the last interval
 
 
 def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
@@ -316,6 +317,8 @@ def header(view: View) -> Text:
         text.append(f"memory {_bounded(view.memory)}  ")
     if view.l1:
         text.append(f"L1 {_bounded(view.l1)}")
+    if view.note:
+        text.append(f"\n{clean(view.note)}", style="yellow")
     if view.error:
         text.append(f"\n{clean(view.error)}", style="bold red")
     return text
@@ -407,12 +410,46 @@ def client_for() -> httpx.Client:
 
 
 def once(url: str, token: str | None, interval: float, sort: str, width: int) -> str:
-    """One frame: two scrapes ``interval`` apart, as text."""
+    """One frame: two scrapes ``interval`` apart, as text; when no request arrived in
+    between, the figures since the gateway started (see `since_start`)."""
     with client_for() as client:
         before = fetch(client, url, token)
         time.sleep(interval)
         now = fetch(client, url, token)
-    return as_text(compute(before, now, url, sort), width)
+    view = compute(before, now, url, sort)
+    if not _requests(view):
+        view = since_start(now, url, sort, interval) or view
+    return as_text(view, width)
+
+
+def since_start(now: Scrape, url: str, sort: str, interval: float) -> View | None:
+    """The view from the gateway's start to ``now`` (its counters against zero), noted
+    as such: what `once` shows right after traffic rather than a frame of zeros. None if
+    the gateway does not say when it started, or had no requests."""
+    started = now.values("cachegw_start_time_seconds")
+    if not started:
+        return None
+    uptime = max(time.time() - min(started), 1e-3)
+    view = compute(Scrape(now.at - uptime, {}), now, url, sort)
+    if not _requests(view):
+        return None
+    view.note = (
+        f"no requests in the last {interval:g} s: figures since the gateway started "
+        f"{_duration(uptime)} ago"
+    )
+    return view
+
+
+def _requests(view: View) -> float:
+    return sum(total.requests for total, _ in view.services)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def run(url: str, token: str | None, interval: float, sort: str) -> None:

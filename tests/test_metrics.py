@@ -157,6 +157,7 @@ def test_every_documented_metric_is_exposed() -> None:
         "cachegw_coalesced_waiters",
         "cachegw_purges",
         "cachegw_info",
+        "cachegw_start_time_seconds",
         "cachegw_config_generation",
         "cachegw_config_reloads",
         "cachegw_memory_entries",

@@ -258,3 +258,55 @@ def test_top_sends_the_token_where_a_401_asks_for_it() -> None:
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: cannot reach the gateway at http://127.0.0.1:9/\\x1b[31m")
     assert "\x1b" not in bad.stderr
+
+
+def test_once_right_after_traffic_shows_the_figures_since_the_start() -> None:
+    """`--once` run after the traffic ended: its window has no requests, so it shows the
+    gateway's figures since it started (noted as such), not a frame of zeros."""
+    from cachegw import Gateway, MemoryBackend, Service, create_app
+    from cachegw._server import uvicorn_options
+    from cachegw._top import once
+
+    stub = StubUpstream()
+    stub.route("/items/1", body=b"one")
+    with run_uvicorn(stub) as upstream:
+        service = Service("catalog", upstream, prefix="/catalog", ttl=60).route("/items/{n}")
+        app = create_app(Gateway(services=[service], backend=MemoryBackend()))
+        with run_uvicorn(app, **uvicorn_options(lifespan="on")) as base:
+            statuses = [
+                httpx.get(f"{base}/catalog/items/1").headers["x-cache-status"] for _ in range(4)
+            ]
+            shown = once(base, None, 0.2, "rps", 132)
+    assert statuses == ["MISS", "HIT", "HIT", "HIT"]
+    lines = shown.splitlines()
+    assert any(
+        line.startswith("no requests in the last 0.2 s: figures since the gateway started ")
+        for line in lines
+    ), shown
+    cells = next(line for line in lines if line.startswith("  /items/{n}")).split()
+    assert float(cells[1]) > 0  # req/s averaged since the start
+    assert (cells[2], cells[4]) == ("75.0", "25.0")  # HIT%, MISS%
+
+
+def test_since_start_needs_the_start_time_and_some_requests() -> None:
+    from cachegw._top import since_start
+
+    requests = {
+        (
+            "cachegw_requests_total",
+            (("cache_status", "HIT"), ("route", "/a"), ("service", "s")),
+        ): 9.0,
+        (
+            "cachegw_requests_total",
+            (("cache_status", "MISS"), ("route", "/a"), ("service", "s")),
+        ): 1.0,
+    }
+    assert since_start(Scrape(50.0, requests), "u", "rps", 1.0) is None  # no start time
+    started = {("cachegw_start_time_seconds", ()): time.time() - 100}
+    assert since_start(Scrape(50.0, started), "u", "rps", 1.0) is None  # no requests
+    view = since_start(Scrape(50.0, {**started, **requests}), "u", "rps", 1.0)
+    assert view is not None and view.note is not None
+    assert view.note.startswith("no requests in the last 1 s: figures since the gateway started")
+    [(_total, [route])] = view.services
+    assert route.requests == 10 and route.share("HIT") == pytest.approx(0.9)
+    assert route.rps == pytest.approx(0.1, rel=0.05)
