@@ -824,8 +824,11 @@ def _request_headers(request: Request) -> dict[str, str]:
 
 
 def _find_param(signature: inspect.Signature, annotation: type) -> str | None:
+    """The parameter FastAPI fills with the request (or response): one annotated with the
+    class or a subclass of it, as FastAPI tells them (a second such parameter added by the
+    wrapper would take the request from the handler's)."""
     for param in signature.parameters.values():
-        if param.annotation is annotation:
+        if isinstance(param.annotation, type) and issubclass(param.annotation, annotation):
             return param.name
     return None
 

@@ -592,3 +592,27 @@ async def test_a_route_whose_inputs_cannot_be_found_is_not_shared(
             assert got.json()["tenant"] == tenant
             # Starlette 1.x's router sets scope["route"] itself: the route is known there.
             assert got.headers["x-cache-status"] in ("BYPASS", "MISS")
+
+
+class _AppRequest(Request):
+    """A project's own Request class, as handlers annotate it."""
+
+
+@pytest.mark.parametrize("face", FACES)
+async def test_a_request_subclass_parameter_is_the_request(face: str, backend: Backend) -> None:
+    """FastAPI fills one request parameter: the wrapper's own took it from a handler
+    annotated with a Request subclass (500), and the route was not seen to take one."""
+    calls = Calls()
+    app = new_app(face)
+
+    @app.get("/r")
+    @decorate(face)
+    async def r(req: _AppRequest) -> dict[str, Any]:
+        return calls(user=req.headers.get("authorization"))
+
+    async with client(app) as c:
+        anonymous = await c.get("/r")
+        assert anonymous.status_code == 200 and anonymous.json()["user"] is None
+        alice = await c.get("/r", headers={"authorization": "Bearer alice"})
+        assert alice.json()["user"] == "Bearer alice"  # per-principal: not the shared entry
+        assert (await c.get("/r")).json() == anonymous.json()
