@@ -101,8 +101,9 @@ async def purge(
     all: bool = False,
     soft: bool = False,
     backend: Backend | None = None,
-) -> None:
-    """Take back `@cached` entries before they expire.
+) -> list[str]:
+    """Take back `@cached` entries before they expire; returns the scopes purged, in the
+    admin API's vocabulary (``["tag:item:42"]``, ``["path::/items/42"]``, ``["*"]``).
 
     Usage::
 
@@ -133,6 +134,7 @@ async def purge(
     if backend is None:
         raise ConfigError("purge() needs a backend: call FastAPICache.init(backend) first")
     await engine_for(backend).purge(scopes, soft=soft)
+    return scopes
 
 
 def _strings(values: Iterable[str], what: str) -> list[str]:

@@ -451,3 +451,17 @@ def test_redis_invalidation_records_are_dropped_after_their_keep(redis_url: str)
     assert sorted(times) == [b"hard|*", b"hard|path:svc:/b", b"hard|tag:t"]
     assert sorted(ends) == sorted(times)
     assert ttl > 0  # every key has a TTL
+
+
+async def test_decorator_purge_returns_the_scopes_it_purged() -> None:
+    from fastapi_cache import FastAPICache
+
+    from cachegw import purge
+
+    FastAPICache.init(MemoryBackend(), prefix="purge-result")
+    try:
+        assert await purge(tags=["item:42"]) == ["tag:item:42"]
+        assert await purge(paths=["/items/42"], soft=True) == ["path::/items/42"]
+        assert await purge(tags=["a", "b"], all=True) == ["tag:a", "tag:b", "*"]
+    finally:
+        FastAPICache.reset()
