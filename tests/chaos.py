@@ -296,7 +296,7 @@ class Gateway:
         self.log_path = (log_dir or config.parent) / f"gateway-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> Gateway:
+    def start(self, timeout: float = 60.0) -> Gateway:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cachegw", "serve", str(self.config),
@@ -309,7 +309,7 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cachegw serve exited {self.proc.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError, ValueError):
-                if get(self.port, "/_cachegw/health", timeout=0.5).status == 200:
+                if get(self.port, "/_cachegw/health", timeout=5).status == 200:
                     return self
             time.sleep(0.05)
         self.stop()

@@ -32,7 +32,9 @@ class GatewayProcess:
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        # A deadline for a start that hangs, not a speed test: on a loaded machine the
+        # imports alone can take many seconds (issue 28).
         env = {**os.environ, **self.extra_env}
         self.proc = subprocess.Popen(
             [
@@ -55,7 +57,7 @@ class GatewayProcess:
                 output = self.proc.stdout.read().decode() if self.proc.stdout else ""
                 raise RuntimeError(f"cachegw serve exited with {self.proc.returncode}:\n{output}")
             try:
-                if httpx.get(f"{self.base}/_cachegw/health", timeout=0.5).status_code == 200:
+                if httpx.get(f"{self.base}/_cachegw/health", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
