@@ -340,7 +340,12 @@ class RedisPurges(Purges):
             args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL)],
         )
         epoch = int(raw)
-        same_server, self.server = server == self.server, server
+        known = self.server
+        same_server, self.server = server == known, server
+        if known is not None and not same_server:
+            # Another server (a failover, a restart): its epochs are not the old one's,
+            # even when the numbers meet. Load its whole record (with its fence).
+            self.epoch = -1
         if fenced:
             self.fences += 1
             logger.warning(
@@ -418,6 +423,28 @@ class RedisPurges(Purges):
         node holding the record is unreachable."""
         return not self.failing
 
+    async def _follow_master(self) -> None:
+        """Behind Sentinel: ask the sentinels which server is the master, and drop every
+        connection (idle or in use) to one that is not any more. redis-py asks only when
+        it opens a connection, so pooled ones would keep writing to a demoted master while
+        it still accepts writes (during a failover, until the sentinels reconfigure it):
+        invalidations recorded there would be lost."""
+        pool = getattr(self.client, "connection_pool", None)
+        manager = getattr(pool, "sentinel_manager", None)
+        if pool is None or manager is None:
+            return
+        try:
+            address = await manager.discover_master(pool.service_name)
+        except Exception as exc:  # sentinels unreachable: keep the connections we have
+            logger.debug("cachegw: asking the sentinels for the master failed: %s", exc)
+            return
+        if pool.master_address is not None and pool.master_address != address:
+            logger.warning("cachegw: Sentinel names a new master, %s:%s", *address)
+            pool.master_address = address
+            await pool.disconnect(inuse_connections=True)
+        elif pool.master_address is None:
+            pool.master_address = address
+
     def _breaker(self) -> Breaker | None:
         if self.breaker_for is not None:
             return self.breaker_for(self.keys[0])
@@ -438,6 +465,7 @@ class RedisPurges(Purges):
             return
         try:
             async with asyncio.timeout(self.op_timeout):
+                await self._follow_master()
                 await self.poll()
         except Exception as exc:
             # Not fresh: the next request polls again (one poll at a time) rather than

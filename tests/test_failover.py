@@ -172,12 +172,22 @@ def test_a_new_redis_life_is_fenced_once(mode: str) -> None:
 
             backend = RedisBackend.from_url(redis.url)
             old = RedisPurges(backend.client, "life")
-            # The process that knew the server before:
-            old.state, old.epoch, old.server = first.state, first.epoch, first.server
-            await old.poll()
-            late = RedisPurges(backend.client, "life")  # a process started after
-            await late.poll()
-            assert old.fences >= 1 and late.fences == 0
+            if mode == "restart":
+                # Another process fences the new server first; the one that knew the old
+                # server happens to have applied the same epoch number there: the new
+                # server's record is loaded all the same (its fence with it).
+                late = RedisPurges(backend.client, "life")
+                await late.poll()
+                old.state, old.epoch, old.server = first.state, late.epoch, first.server
+                await old.poll()
+                assert (late.fences, old.fences) == (1, 0)
+            else:
+                # The process that knew the server before:
+                old.state, old.epoch, old.server = first.state, first.epoch, first.server
+                await old.poll()
+                late = RedisPurges(backend.client, "life")  # a process started after
+                await late.poll()
+                assert old.fences >= 1 and late.fences == 0
             for purges in (old, late):
                 assert purges.verdict(["*", "tag:b"], after) is not None
                 assert purges.verdict(["*", "tag:b"], time.time()) is None

@@ -564,7 +564,8 @@ def test_paused_redis_costs_a_cold_request_one_read_budget(
     """Issue 12: with Redis paused (accepting connections, not answering), a cold request
     waits at most one read budget for all its reads together (lookup, purge record, lock)
     and never for its writes (store, landing message, lock release: after the answer).
-    Warm entries in the process's L1 are served as before; nothing fails."""
+    Warm entries are answered too (from the L1 copy only while the purge record can still
+    be read); nothing fails."""
     origin, redis, gateway = faulty.origin, faulty.redis, paused_gateway
     origin.route("/d/pause/warm", body=b"warm")
     cold = [f"/d/pause/cold/{i}" for i in range(400)]
@@ -605,7 +606,10 @@ def test_paused_redis_costs_a_cold_request_one_read_budget(
     for thread in clients:
         thread.join(15)
     sleeper.join(10)
-    assert {(a.status, a.body, a.cache) for a in warm} == {(200, b"warm", "HIT")}
+    # Served from the L1 copy until the purge record cannot be read, then uncached (issue
+    # 23: no copy is served that cannot be checked); answered either way.
+    assert {(a.status, a.body) for a in warm} == {(200, b"warm")}
+    assert {a.cache for a in warm} <= {"HIT", "MISS"}
     assert len(answers) > 8
     assert [a.status for a in answers] == [200] * len(answers), Counter(a.status for a in answers)
     assert {a.body for a in answers} == {b"cold"}
