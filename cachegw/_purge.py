@@ -96,18 +96,11 @@ def scopes_for(service: str, path: str, tags: Iterable[str], route: str | None =
     return scopes
 
 
-def purges_for(backend: CacheBackend, prefix: str, *, relay: str | None = None) -> Purges:
-    """Purges shared through Redis when ``backend`` is shared; else relayed to the other
-    workers of this machine through ``relay`` (a directory, see `_relay`); else per
-    process."""
+def purges_for(backend: CacheBackend, prefix: str) -> Purges:
+    """Purges shared through Redis when ``backend`` is shared, else per process (the
+    gateway relays them between workers: see `_relay`)."""
     client = backend.shared_client
-    if client is not None:
-        return RedisPurges(client, prefix)
-    if relay:
-        from cachegw._relay import RelayPurges
-
-        return RelayPurges(relay)
-    return LocalPurges()
+    return LocalPurges() if client is None else RedisPurges(client, prefix)
 
 
 class PurgeState:

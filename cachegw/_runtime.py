@@ -20,8 +20,9 @@ from cachegw._engine import CacheEngine
 from cachegw._flight import coordinator_for
 from cachegw._gateway import Gateway
 from cachegw._metrics import Metrics
-from cachegw._purge import purges_for
+from cachegw._purge import Purges, purges_for
 from cachegw._relay import ENV_VAR as RELAY_DIR
+from cachegw._relay import RelayPurges
 from cachegw._reload import Reloader
 from cachegw._store import L1
 from cachegw._upstream import Upstream, upstream_for
@@ -65,7 +66,7 @@ class Runtime:
             backend,
             status_header=gateway.status_header,
             metrics=self.metrics,
-            purges=purges_for(backend, gateway.prefix, relay=os.environ.get(RELAY_DIR)),
+            purges=self._purges(backend, gateway.prefix),
             coordinator=coordinator_for(backend, gateway.prefix),
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.
@@ -84,6 +85,15 @@ class Runtime:
         self.metrics.config(self.reloader.generation if self.reloader is not None else 1)
         if self.reload_on_sighup and self.reloader is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    @staticmethod
+    def _purges(backend: CacheBackend, prefix: str) -> Purges:
+        """Through Redis when shared; else relayed between the workers of
+        `cachegw serve --workers N` (see `_relay`); else per process."""
+        relay = os.environ.get(RELAY_DIR)
+        if relay and backend.shared_client is None:
+            return RelayPurges(relay)
+        return purges_for(backend, prefix)
 
     def _on_sighup(self) -> None:
         assert self.reloader is not None
