@@ -16,23 +16,21 @@ until this module knows the language.
 
 from __future__ import annotations
 
-import ast
-import asyncio
+import json
 import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import textwrap
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
-import uvicorn
 
 from cachegw import Gateway
 from cachegw._cli import main as cli
@@ -81,44 +79,63 @@ def test_every_block_is_checked() -> None:
 # --- python ----------------------------------------------------------------------------
 
 
-class _Served(Exception):
-    """Raised by the uvicorn.run stand-in: the block got as far as serving."""
+#: Runs one page's python blocks in a process of its own: blocks configure logging, init
+#: FastAPICache and the like, which must not leak into the rest of the suite.
+_RUNNER = """
+import ast, asyncio, json, sys, types
+import uvicorn
+
+class Served(Exception):
+    pass
+
+served = []
+
+def run(app, *args, **kwargs):
+    served.append(app)
+    raise Served
+
+uvicorn.run = run
+# A module of its own (dataclasses and pydantic look their class's module up).
+module = types.ModuleType("cachegw_docs_page")
+sys.modules[module.__name__] = module
+
+async def execute():
+    for name, code in json.load(sys.stdin):
+        compiled = compile(code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        try:
+            result = eval(compiled, module.__dict__)
+            if asyncio.iscoroutine(result):
+                await result
+        except Served:
+            assert callable(served[-1]), f"{name}: uvicorn.run got {served[-1]!r}"
+
+asyncio.run(execute())
+"""
 
 
-def _run_page(blocks: list[Block], monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[Any] = []
-
-    def run(app: Any, *args: Any, **kwargs: Any) -> None:
-        served.append(app)
-        raise _Served
-
-    monkeypatch.setattr(uvicorn, "run", run)
-    # A module of its own (dataclasses and pydantic look their class's module up).
-    module = types.ModuleType("cachegw_docs_page")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    namespace = module.__dict__
-
-    async def execute() -> None:
-        for block in blocks:
-            code = compile(block.code, str(block), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-            try:
-                result = eval(code, namespace)  # our own documentation
-                if asyncio.iscoroutine(result):
-                    await result
-            except _Served:
-                assert callable(served[-1]), f"{block}: uvicorn.run got {served[-1]!r}"
-
-    asyncio.run(execute())
+def _run_page(blocks: list[Block], cwd: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _RUNNER],
+        input=json.dumps([[str(b), b.code] for b in blocks]),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,  # a deadline for a block that hangs, not a speed test
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 PYTHON_PAGES = sorted({b.page for b in BLOCKS if b.lang == "python"})
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_python_blocks_run(page: Path, tmp_path: Path) -> None:
     blocks = [b for b in BLOCKS if b.lang == "python" and b.page == page]
-    _run_page(blocks, monkeypatch)
+    _run_page(blocks, tmp_path)
 
 
 # --- toml ------------------------------------------------------------------------------
