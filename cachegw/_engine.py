@@ -142,7 +142,7 @@ class CacheEngine:
         *,
         status_header: str = "X-Cache-Status",
         cache_name: str = "cachegw",
-        op_timeout: float = OP_TIMEOUT,
+        op_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         purges: Purges | None = None,
@@ -153,12 +153,16 @@ class CacheEngine:
         l1: L1 | None = None,
         compress_min: int | None = None,
     ) -> None:
-        self.backend = backend = cache_backend(backend, op_timeout=op_timeout)
+        self.backend = backend = cache_backend(backend, op_timeout=op_timeout or OP_TIMEOUT)
         # Stored bodies of at least this many bytes are compressed (see `_encoding`);
         # None: bodies are stored as they came and served as stored.
         self.compress_min = compress_min
         self.status_header = status_header.lower().encode("latin-1")
         self.cache_name = cache_name
+        # Unless given, the backend's own deadline (RedisBackend.from_url(op_timeout=...)),
+        # so the decorator and the gateway honour it; OP_TIMEOUT for any other backend.
+        if op_timeout is None:
+            op_timeout = float(getattr(self.backend, "op_timeout", OP_TIMEOUT))
         self.op_timeout = op_timeout
         self.clock = clock
         self.stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -174,7 +178,8 @@ class CacheEngine:
         # lock expires after lock_ttl. `recheck` backs up the landing message.
         self.lock_timeout = lock_timeout
         self.lock_ttl = lock_ttl
-        self.read_budget = READ_BUDGET
+        # All of one request's reads: never less than one operation's deadline.
+        self.read_budget = max(READ_BUDGET, op_timeout)
         self.recheck = 0.1
         self.store = Store(backend, op_timeout=op_timeout, on_error=self._backend_failed, l1=l1)
         self._share_breaker()

@@ -346,3 +346,21 @@ async def test_a_failed_batch_fails_every_caller_fast(redis_proc_private: RedisP
         assert all(isinstance(r, Exception) for r in results)
     finally:
         await backend.aclose()
+
+
+async def test_the_engine_takes_the_backends_deadline() -> None:
+    """RedisBackend.from_url(op_timeout=...) holds for the decorator's and the gateway's
+    engine too: its reads and writes, unless the engine is given a deadline of its own."""
+    from cachegw._engine import CacheEngine
+
+    patient = RedisBackend.from_url("redis://127.0.0.1:1/0", op_timeout=5)
+    default = RedisBackend.from_url("redis://127.0.0.1:1/0")
+    try:
+        engine = CacheEngine(patient)
+        assert engine.op_timeout == engine.store.op_timeout == engine.read_budget == 5
+        assert engine.store._bounded  # the client's own timeouts bound it: no second timer
+        assert (CacheEngine(default).op_timeout, CacheEngine(default).read_budget) == (0.25, 0.25)
+        assert CacheEngine(patient, op_timeout=1).op_timeout == 1
+    finally:
+        await patient.aclose()
+        await default.aclose()
