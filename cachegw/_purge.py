@@ -238,6 +238,8 @@ class RedisPurges(Purges):
         self.fences = 0
         #: The run_id of the server the record was last read from.
         self.server: bytes | None = None
+        # "1" while the poll may ask the server for its identity (INFO), "0" once refused.
+        self._check_life = "1"
 
     async def purge(
         self, scopes: Iterable[str], *, soft: bool = False, keep: float = RECORD_TTL
@@ -328,11 +330,20 @@ class RedisPurges(Purges):
         Redis that is not the one the record was last written on."""
         now = self.clock()
         log_key, ends_key, times_key = self.keys[2], self.keys[3], self.keys[0]
-        raw, fenced, server = await self._poll_script(
+        raw, fenced, server, *refused = await self._poll_script(
             keys=list(self.keys),
-            args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL)],
+            args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL), self._check_life],
         )
         epoch = int(raw)
+        if refused:
+            self._check_life = "0"
+            logger.warning(
+                "cachegw: Redis refuses INFO to this user (an ACL): a restarted or failed-over "
+                "Redis cannot be recognised, so entries stored before it are not fenced; "
+                "grant +info to fence them"
+            )
+        if not server:
+            server = self.server  # not checked: as before
         known = self.server
         same_server, self.server = server == known, server
         if known is not None and not same_server:
@@ -352,9 +363,9 @@ class RedisPurges(Purges):
             logger.warning("cachegw: the purge record in Redis went back; fencing")
             self.fences += 1
             await self.purge(["*"])
-            raw, _, _ = await self._poll_script(
+            raw, *_ = await self._poll_script(
                 keys=list(self.keys),
-                args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL)],
+                args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL), "0"],
             )
             epoch = int(raw)
             self.epoch = -1  # reload it all
@@ -513,7 +524,8 @@ return record(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], A
 """
 )
 
-# ARGV: time, record ttl, log length, end. Returns {epoch, fence time or false, run_id}.
+# ARGV: time, record ttl, log length, end, "1" to check the server's identity (INFO).
+# Returns {epoch, fence time or false, run_id[, 1 if INFO was refused]}.
 # A primary whose run_id is not the one in `life` is a new server (restarted, or a replica
 # promoted by a failover): its data may predate writes nobody could record, or lack the
 # latest records, so a hard purge of everything is recorded at once. Its time: when the
@@ -525,7 +537,9 @@ _POLL = (
     _RECORD
     + """
 local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
-local info = redis.call('INFO', 'server')
+if ARGV[5] ~= '1' then return {epoch, false, ''} end
+local info = redis.pcall('INFO', 'server')
+if type(info) == 'table' then return {epoch, false, '', 1} end  -- refused (an ACL)
 local id = string.match(info, 'run_id:(%w+)') or '?'
 if redis.call('GET', KEYS[5]) == id then return {epoch, false, id} end
 local repl = redis.call('INFO', 'replication')

@@ -377,6 +377,7 @@ def test_a_rotated_redis_password_never_appears_in_any_output(tmp_path: Any) -> 
                 *acl.split(),
                 "+@connection",
                 "-@dangerous",
+                "+info",  # fencing a restarted Redis (issue 23)
             )
         port = redis_server.port
         routes = (

@@ -230,3 +230,30 @@ def test_pending_invalidations_are_bounded_and_replayed() -> None:
         await backend.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_user_without_info_polls_without_fencing(caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL user refused INFO (-@dangerous): the record is read as before, a warning
+    says restarts are not fenced, and INFO is asked for once only."""
+    with RedisProcess() as redis:
+        with redis.client() as client:
+            client.execute_command(
+                "ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-@dangerous"
+            )
+
+        async def scenario() -> None:
+            backend = RedisBackend.from_url(f"redis://app:pw@127.0.0.1:{redis.port}/0")
+            purges = RedisPurges(backend.client, "acl")
+            await purges.purge(["tag:a"])
+            for _ in range(3):
+                purges.epoch = -1
+                await purges.poll()
+            assert purges.fences == 0
+            assert purges.verdict(["tag:a"], 0.0) is not None
+            await backend.aclose()
+
+        asyncio.run(scenario())
+        with redis.client() as client:
+            refused = [e for e in client.acl_log() if e["object"] == "info"]
+    assert [e["count"] for e in refused] == [1]
+    assert "grant +info" in caplog.text
