@@ -45,6 +45,7 @@ _CACHE_KEYS = frozenset(
         "l1_entries",
         "l1_max_bytes",
         "l1_ttl",
+        "op_timeout",
         "compress",
         "compress_min",
     }
@@ -161,7 +162,7 @@ class _Loader(Generic[G]):
             settings["status_header"] = self._string(
                 cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
             )
-        for name in ("l1_entries", "l1_ttl", "compress", "compress_min"):
+        for name in ("l1_entries", "l1_ttl", "compress", "compress_min", "op_timeout"):
             if name in cache:
                 settings[name] = cache[name]
         if "expose_tag_headers" in cache:

@@ -20,6 +20,7 @@ from fastapi_cache.types import Backend
 from starlette.convertors import Convertor
 from starlette.routing import compile_path
 
+from cachegw._backends._base import OP_TIMEOUT
 from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
 from cachegw._core import SLOW_HEADERS
@@ -272,6 +273,8 @@ class Gateway:
       how long a copy of a Redis entry is used without asking Redis (changes made by
       other gateway processes reach it at once through Redis pub/sub, and after
       ``l1_ttl`` at the latest). ``l1_entries = 0`` turns it off.
+    * **op_timeout** - deadline of each Redis operation (and of all of one request's reads
+      together, at least 250 ms); past it the cache fails open (default 250 ms).
     * **l1_max_bytes** - the most bytes those copies, and the answers built from them, keep
       alive in each process (everything counts: keys, bodies, headers, tags).
     * **expose_tag_headers** - pass the upstream's ``Surrogate-Key`` / ``Cache-Tag``
@@ -299,6 +302,7 @@ class Gateway:
     l1_entries: int = 4096
     l1_max_bytes: int | str = 32 * 1024 * 1024
     l1_ttl: float | str = 1.0
+    op_timeout: float | str = OP_TIMEOUT
     server: ServerLimits = field(default_factory=ServerLimits)
     compress: bool = True
     compress_min: int | str = 1024
@@ -327,6 +331,9 @@ class Gateway:
                 f"l1_entries must be a whole number ≥ 0, got {self.l1_entries!r}{self._in()}"
             )
         self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
+        self.op_timeout = parse_duration(self.op_timeout, what="op_timeout")
+        if self.op_timeout <= 0:
+            raise ConfigError(f"op_timeout must be a duration > 0, got 0{self._in()}")
         self.l1_max_bytes = parse_size(self.l1_max_bytes, what="l1_max_bytes")
         if not isinstance(self.compress, bool):
             raise ConfigError(f"compress must be true or false, got {self.compress!r}{self._in()}")

@@ -66,6 +66,7 @@ _RESTART_ONLY = (
     ("l1_entries", "cache.l1_entries"),
     ("l1_max_bytes", "cache.l1_max_bytes"),
     ("l1_ttl", "cache.l1_ttl"),
+    ("op_timeout", "cache.op_timeout"),
     ("status_header", "cache.status_header"),
     ("expose_tag_headers", "cache.expose_tag_headers"),
     ("compress", "cache.compress"),

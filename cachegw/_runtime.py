@@ -52,7 +52,10 @@ class Runtime:
         gateway = self.gateway
         if isinstance(gateway.backend, str):
             self._owned = backend_from_url(
-                gateway.backend, max_entries=gateway.max_entries, max_bytes=gateway.max_bytes
+                gateway.backend,
+                max_entries=gateway.max_entries,
+                max_bytes=gateway.max_bytes,
+                op_timeout=float(gateway.op_timeout),
             )
             if isinstance(self._owned, RedisBackend):
                 await self._owned.warm()

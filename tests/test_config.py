@@ -414,3 +414,20 @@ def test_not_tables(tmp_path: Path) -> None:
     assert "[[services.routes]]" in message
     message = error(tmp_path, "services = 'a'\n")
     assert "services must be an array of tables: write each service as [[services]]" in message
+
+
+def test_op_timeout_reaches_the_redis_backend(tmp_path: Path) -> None:
+    """[cache] op_timeout: each Redis operation's deadline, for a busy machine or a distant
+    Redis (issue 28); bad values are refused with the key named."""
+    from cachegw._backends import backend_from_url
+
+    text = GOOD.replace("[cache]\n", '[cache]\nop_timeout = "5s"\n', 1)
+    assert "op_timeout" in text
+    gateway = load_gateway(write(tmp_path, text))
+    assert gateway.op_timeout == 5.0
+    assert Gateway(services=gateway.services).op_timeout == 0.25
+    backend = backend_from_url("redis://127.0.0.1:1/0", op_timeout=gateway.op_timeout)
+    assert backend.op_timeout == 5.0
+    for bad in ('"soon"', "0", "-1"):
+        message = error(tmp_path, GOOD.replace("[cache]\n", f"[cache]\nop_timeout = {bad}\n", 1))
+        assert "op_timeout" in message

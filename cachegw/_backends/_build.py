@@ -32,13 +32,17 @@ def cache_backend(
 
 
 def backend_from_url(
-    url: str, *, max_entries: int = 10_000, max_bytes: int | str = 64 * 1024 * 1024
+    url: str,
+    *,
+    max_entries: int = 10_000,
+    max_bytes: int | str = 64 * 1024 * 1024,
+    op_timeout: float = OP_TIMEOUT,
 ) -> MemoryBackend | RedisBackend:
     """``"memory"`` (bounded by ``max_entries`` / ``max_bytes``) or a Redis URL (see
-    `RedisBackend.from_url`)."""
+    `RedisBackend.from_url`, each operation bounded by ``op_timeout``)."""
     if url == "memory":
         return MemoryBackend(max_entries=max_entries, max_bytes=max_bytes)
-    return RedisBackend.from_url(url)
+    return RedisBackend.from_url(url, op_timeout=op_timeout)
 
 
 if TYPE_CHECKING:  # mypy checks that each backend implements the protocol it is used as
