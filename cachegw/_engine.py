@@ -455,6 +455,12 @@ class CacheEngine:
         empty: bool,
     ) -> Served:
         flight = self._flights.get(request.key)
+        if flight is not None and flight.done.is_set():
+            # Ended, its entry still being written (see _lead): its answer serves only
+            # while fresh; else this request leads a fetch of its own.
+            entry = flight.entry
+            if entry is None or entry.ttl_left(self.clock()) <= 0:
+                flight = None
         if flight is not None and self._superseded(request.scopes, request, flight.started):
             # Its fetch started before an invalidation: its answer is not for us.
             flight = None
