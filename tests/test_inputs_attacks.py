@@ -10,69 +10,26 @@ evaluated.
 """
 
 import functools
-import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any
 
-import httpx
 import pytest
-from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Request, Security
+from fastapi import APIRouter, Cookie, Depends, Header, HTTPException, Request, Security
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBearer
-from fastapi_cache import FastAPICache
 from fastapi_cache.types import Backend
 from pydantic import AliasChoices, BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
-from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
+from cachegw import cached
 from cachegw.compat import cache
 
-_prefixes = itertools.count()
-FACES = ["cached", "compat", "early"]
+# The callers, the faces and the backends of tests/test_inputs.py.
+from tests import test_inputs as shared
+from tests.test_inputs import FACES, Calls, client, decorate, new_app
 
-
-def decorate(face: str, **kw: Any) -> Callable[[Callable[..., Any]], Any]:
-    return cache(expire=60, **kw) if face == "compat" else cached(ttl=60, **kw)
-
-
-def new_app(face: str) -> FastAPI:
-    app = FastAPI()
-    if face == "early":
-        app.add_middleware(CachedHits)
-    return app
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    made: Backend
-    if request.param == "memory":
-        made = MemoryBackend()
-    else:
-        made = RedisBackend.from_url(request.getfixturevalue("redis_url"))
-    FastAPICache.reset()
-    FastAPICache.init(made, prefix=f"cgwatk{next(_prefixes)}")
-    try:
-        yield made
-    finally:
-        FastAPICache.reset()
-        if isinstance(made, RedisBackend):
-            await made.aclose()
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")
-
-
-class Calls:
-    """Numbers each handler call: an answer carries the call that made it."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, **seen: Any) -> dict[str, Any]:
-        self.n += 1
-        return {"call": self.n, **seen}
+backend = shared.backend  # the fixture: memory and a real redis-server
 
 
 @pytest.mark.parametrize("face", FACES)
