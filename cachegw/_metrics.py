@@ -29,12 +29,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     multiprocess,
-    values,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from cachegw._errors import ConfigError
+from cachegw._prom import MULTIPROC_ENV, Timings, multiprocess_path
 
 __all__ = [
     "CACHE_STATUSES",
@@ -45,9 +44,6 @@ __all__ = [
     "Metrics",
     "multiprocess_dir",
 ]
-
-#: The environment variable prometheus-client reads to enable multi-process mode.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: ``cache_status`` label values: nginx's vocabulary, plus ``ERROR`` for requests the
 #: gateway refused itself (bad target or headers, no route, method not allowed).
@@ -123,20 +119,7 @@ class Metrics:
     """
 
     def __init__(self, *, version: str = "", memory_stats: MemoryStats | None = None) -> None:
-        path = os.environ.get(MULTIPROC_ENV) or None
-        multiprocess_values = bool(getattr(values.ValueClass, "_multiprocess", False))
-        if path is not None and not multiprocess_values:
-            raise ConfigError(
-                f"{MULTIPROC_ENV}={path!r} was set after prometheus_client was imported in "
-                f"this process; set it before the process starts (cachegw serve --workers "
-                f"does) or unset it for single-process metrics"
-            )
-        if multiprocess_values and (path is None or not os.path.isdir(path)):
-            raise ConfigError(
-                f"{MULTIPROC_ENV} must name an existing directory while prometheus_client "
-                f"runs in multi-process mode, got {path!r}"
-            )
-        self.multiprocess_dir = path if multiprocess_values else None
+        self.multiprocess_dir = multiprocess_path()
         self._memory_stats = memory_stats
         self._l1_stats: MemoryStats | None = None
         self._memory_synced = 0.0
@@ -146,7 +129,35 @@ class Metrics:
         # metrics are then registered nowhere and `render` reads the files instead.
         registry = None if self.multiprocess_dir else CollectorRegistry()
         self._registry = registry
+        self._declare_traffic(registry)
+        self._declare_events(registry)
+        self._declare_gateway(registry, version)
 
+        # Created on first use in multi-process mode: a gateway on Redis has no memory
+        # numbers, and a gauge reports 0 from the moment it exists.
+        self._memory_gauges: dict[str, Gauge] = {}
+        self._l1_gauges: dict[str, Gauge] = {}
+        self._evictions: Counter | None = None
+        if registry is not None:
+            registry.register(_MemoryCollector(self))
+            self._render_registry = registry
+        else:
+            self._render_registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                self._render_registry, path=self.multiprocess_dir
+            )
+
+        # Label children cached by label values: `.labels()` validates and locks on every
+        # call, and `request` runs on every cache hit.
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        # Response times are counted in plain lists on the request path and added to the
+        # histogram when it is read (see `Timings`).
+        self._timings: dict[tuple[str, str], Timings] = {}
+        self._timings_flushed = 0.0
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def _declare_traffic(self, registry: CollectorRegistry | None) -> None:
+        """The metrics of requests, upstream requests and the cache backend."""
         self._requests = Counter(
             "cachegw_requests",
             "Requests answered, by service, route template and cache status.",
@@ -185,6 +196,9 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+
+    def _declare_events(self, registry: CollectorRegistry | None) -> None:
+        """The counters of what happened to requests: stale, coalesced, purges."""
         self._stale = Counter(
             "cachegw_stale_served",
             "Stale entries served, by reason: stale-while-revalidate, stale-if-error, max-stale.",
@@ -203,6 +217,9 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+
+    def _declare_gateway(self, registry: CollectorRegistry | None, version: str) -> None:
+        """The gauges and counters of the gateway itself: version, start, reloads."""
         info = Gauge(
             "cachegw_info",
             "cachegw's version.",
@@ -235,29 +252,6 @@ class Metrics:
             registry=registry,
         )
 
-        # Created on first use in multi-process mode: a gateway on Redis has no memory
-        # numbers, and a gauge reports 0 from the moment it exists.
-        self._memory_gauges: dict[str, Gauge] = {}
-        self._l1_gauges: dict[str, Gauge] = {}
-        self._evictions: Counter | None = None
-        if registry is not None:
-            registry.register(_MemoryCollector(self))
-            self._render_registry = registry
-        else:
-            self._render_registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
-                self._render_registry, path=self.multiprocess_dir
-            )
-
-        # Label children cached by label values: `.labels()` validates and locks on every
-        # call, and `request` runs on every cache hit.
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
-        # Response times are counted in plain lists on the request path and added to the
-        # histogram when it is read (see `_Timings`).
-        self._timings: dict[tuple[str, str], _Timings] = {}
-        self._timings_flushed = 0.0
-        self._upstream_children: dict[str, Histogram] = {}
-
     def __repr__(self) -> str:
         mode = f"multiprocess_dir={self.multiprocess_dir!r}" if self.multiprocess_dir else ""
         return f"Metrics({mode})"
@@ -277,7 +271,7 @@ class Metrics:
         if seconds is not None:
             timings = self._timings.get((service, route))
             if timings is None:
-                timings = _Timings(self._request_seconds.labels(service, route))
+                timings = Timings(self._request_seconds.labels(service, route))
                 self._timings[(service, route)] = timings
             timings.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
             timings.total += seconds
@@ -412,37 +406,6 @@ class Metrics:
             return source()
         except Exception:  # a scrape must not fail because a stats source did
             return None
-
-
-class _Timings:
-    """Response times of one route not yet added to its histogram child.
-
-    ``Histogram.observe`` takes a lock and walks the buckets on every call; on a cache
-    hit that is a measurable share of the work (measured: ~2.7 µs of ~31 µs CPU per hit).
-    A bisect and two additions here, and one `flush` per scrape (and, with several
-    workers, at most once a second), record the same numbers.
-    """
-
-    __slots__ = ("child", "counts", "total")
-
-    def __init__(self, child: Histogram) -> None:
-        self.child = child
-        self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def flush(self) -> None:
-        counts, total = self.counts, self.total
-        if not total and not any(counts):
-            return
-        self.counts = [0] * len(counts)
-        self.total = 0.0
-        # prometheus-client's per-bucket values (non-cumulative, +Inf last) and sum:
-        # what `observe` increments, one bucket per observation.
-        buckets = self.child._buckets
-        for index, count in enumerate(counts):
-            if count:
-                buckets[index].inc(count)
-        self.child._sum.inc(total)
 
 
 class _MemoryCollector:

@@ -259,3 +259,17 @@ def test_fastapi_cache2_internals_are_read_in_its_adapter_only() -> None:
             if _is_private(attr) and ast.unparse(owner).rpartition(".")[2] in bound:
                 readers.add(name)
     assert readers == {"cachegw._fc2"}
+
+
+def test_third_party_internals_are_read_in_their_adapters_only() -> None:
+    # A private name that no cachegw module defines belongs to a library: each library's
+    # are read in one adapter (fastapi-cache2: _fc2; prometheus-client: _prom).
+    modules = _parsed(PACKAGE)
+    ours = set().union(*(_private_definitions(tree) for _, tree in modules.values()))
+    readers: dict[str, set[str]] = {}
+    for name, (_, tree) in modules.items():
+        for _, owner, attr in _attribute_reads(tree):
+            if _is_private(attr) and attr not in ours:
+                readers.setdefault(name, set()).add(f"{ast.unparse(owner)}.{attr}")
+    assert sorted(readers) == ["cachegw._fc2", "cachegw._prom"], readers
+    assert "self.child._buckets" in readers["cachegw._prom"]  # the check sees them
