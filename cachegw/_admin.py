@@ -185,54 +185,112 @@ _ENDPOINTS = (
 )
 
 
+def _index(runtime: Runtime) -> JSONResponse:
+    # An index instead of a 404: what an operator can ask here, and whether the
+    # token-protected endpoints are on (issue 28).
+    variable = runtime.gateway.admin_token_env
+    admin_on = bool(variable and os.environ.get(variable))
+    endpoints = [
+        {
+            "method": method,
+            "path": path,
+            "auth": "bearer token" if token else None,
+            "available": admin_on or not token,
+            "what": what,
+        }
+        for method, path, token, what in _ENDPOINTS
+    ]
+    return JSONResponse(
+        {"service": "cachegw admin", "admin_api": admin_on, "endpoints": endpoints},
+        headers={"cache-control": "no-store"},
+    )
+
+
+def _health(runtime: Runtime) -> JSONResponse:
+    engine = runtime.engine
+    backend = runtime.backend
+    reloader = runtime.reloader
+    info: dict[str, Any] = {
+        "status": "ok",
+        "backend": type(backend).__name__ if backend is not None else None,
+        "services": [s.name for s in runtime.gateway.services],
+        "config": {
+            "generation": reloader.generation if reloader is not None else 1,
+            "digest": reloader.digest if reloader is not None else None,
+            "file": str(reloader.path) if reloader is not None else None,
+        },
+    }
+    if engine is not None:
+        info["circuit"] = "open" if engine.store.circuit_open else "closed"
+        if engine.store.open_nodes:
+            info["circuit_open_nodes"] = engine.store.open_nodes
+        info["stats"] = dict(engine.stats)
+        info["in_flight"] = engine.in_flight()
+    if isinstance(backend, MemoryBackend):
+        info["memory"] = backend.stats()
+    return JSONResponse(info, headers={"cache-control": "no-store"})
+
+
+async def _purge(runtime: Runtime, request: Request) -> Response:
+    refused = _refused(runtime, request)
+    if refused is not None:
+        return refused
+    body = await request.body()
+    if len(body) > _MAX_BODY:
+        return _problem(413, "The purge request is larger than 1 MiB.")
+    try:
+        asked = parse_purge(body, runtime.gateway)
+    except PurgeError as error:
+        return _problem(error.status, error.detail)
+    engine = runtime.engine
+    if engine is None:
+        return _problem(404, "The gateway is starting.")
+    try:
+        await engine.purge(asked.scopes, soft=asked.soft)
+    except Exception as exc:  # the shared purge record is unreachable
+        return _problem(503, f"The purge could not be recorded: the cache backend failed ({exc}).")
+    runtime.metrics.purge(asked.kind)
+    # Answer once every process sharing the backend is guaranteed to see the purge.
+    await asyncio.sleep(engine.purges.propagation)
+    return JSONResponse(
+        {"purged": asked.kind, "scopes": asked.scopes, "soft": asked.soft},
+        headers={"cache-control": "no-store"},
+    )
+
+
+async def _reload(runtime: Runtime, request: Request) -> Response:
+    refused = _refused(runtime, request)
+    if refused is not None:
+        return refused
+    reloader = runtime.reloader
+    if reloader is None:
+        return _problem(
+            409, "This gateway was not started from a file: there is nothing to reload."
+        )
+    result = await reloader.reload()
+    if result.outcome == "rejected":
+        return _problem(
+            422,
+            f"{result.error} (the running configuration, generation "
+            f"{result.generation}, stays in use)",
+            generation=result.generation,
+        )
+    body = result.as_json()
+    body["workers"] = "all" if _fan_out_reload() else "this process"
+    return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
 def admin_router(runtime: Runtime) -> APIRouter:
+    """The ``/_cachegw/`` endpoints of the gateway ``runtime`` runs."""
     router = APIRouter(prefix="/_cachegw")
 
     @router.get("/")
     async def index() -> JSONResponse:
-        # An index instead of a 404: what an operator can ask here, and whether the
-        # token-protected endpoints are on (issue 28).
-        variable = runtime.gateway.admin_token_env
-        admin_on = bool(variable and os.environ.get(variable))
-        endpoints = [
-            {
-                "method": method,
-                "path": path,
-                "auth": "bearer token" if token else None,
-                "available": admin_on or not token,
-                "what": what,
-            }
-            for method, path, token, what in _ENDPOINTS
-        ]
-        return JSONResponse(
-            {"service": "cachegw admin", "admin_api": admin_on, "endpoints": endpoints},
-            headers={"cache-control": "no-store"},
-        )
+        return _index(runtime)
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        engine = runtime.engine
-        backend = runtime.backend
-        reloader = runtime.reloader
-        info: dict[str, Any] = {
-            "status": "ok",
-            "backend": type(backend).__name__ if backend is not None else None,
-            "services": [s.name for s in runtime.gateway.services],
-            "config": {
-                "generation": reloader.generation if reloader is not None else 1,
-                "digest": reloader.digest if reloader is not None else None,
-                "file": str(reloader.path) if reloader is not None else None,
-            },
-        }
-        if engine is not None:
-            info["circuit"] = "open" if engine.store.circuit_open else "closed"
-            if engine.store.open_nodes:
-                info["circuit_open_nodes"] = engine.store.open_nodes
-            info["stats"] = dict(engine.stats)
-            info["in_flight"] = engine.in_flight()
-        if isinstance(backend, MemoryBackend):
-            info["memory"] = backend.stats()
-        return JSONResponse(info, headers={"cache-control": "no-store"})
+        return _health(runtime)
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -241,53 +299,10 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
     @router.post("/purge")
     async def purge(request: Request) -> Response:
-        refused = _refused(runtime, request)
-        if refused is not None:
-            return refused
-        body = await request.body()
-        if len(body) > _MAX_BODY:
-            return _problem(413, "The purge request is larger than 1 MiB.")
-        try:
-            asked = parse_purge(body, runtime.gateway)
-        except PurgeError as error:
-            return _problem(error.status, error.detail)
-        engine = runtime.engine
-        if engine is None:
-            return _problem(404, "The gateway is starting.")
-        try:
-            await engine.purge(asked.scopes, soft=asked.soft)
-        except Exception as exc:  # the shared purge record is unreachable
-            return _problem(
-                503, f"The purge could not be recorded: the cache backend failed ({exc})."
-            )
-        runtime.metrics.purge(asked.kind)
-        # Answer once every process sharing the backend is guaranteed to see the purge.
-        await asyncio.sleep(engine.purges.propagation)
-        return JSONResponse(
-            {"purged": asked.kind, "scopes": asked.scopes, "soft": asked.soft},
-            headers={"cache-control": "no-store"},
-        )
+        return await _purge(runtime, request)
 
     @router.post("/reload")
     async def reload(request: Request) -> Response:
-        refused = _refused(runtime, request)
-        if refused is not None:
-            return refused
-        reloader = runtime.reloader
-        if reloader is None:
-            return _problem(
-                409, "This gateway was not started from a file: there is nothing to reload."
-            )
-        result = await reloader.reload()
-        if result.outcome == "rejected":
-            return _problem(
-                422,
-                f"{result.error} (the running configuration, generation "
-                f"{result.generation}, stays in use)",
-                generation=result.generation,
-            )
-        body = result.as_json()
-        body["workers"] = "all" if _fan_out_reload() else "this process"
-        return JSONResponse(body, headers={"cache-control": "no-store"})
+        return await _reload(runtime, request)
 
     return router
