@@ -137,6 +137,26 @@ class _Loader(Generic[G]):
         self._check_keys(cache, _CACHE_KEYS, "cache")
         self._check_keys(admin, _ADMIN_KEYS, "admin")
         self._check_keys(server, _SERVER_KEYS, "server")
+        settings = {**self._server(server), **self._cache(cache)}
+        if "token_env" in admin:
+            settings["admin_token_env"] = self._string(
+                admin, "token_env", "admin", _ENV_NAME, "an environment variable name"
+            )
+        backend = cache.get("backend", "memory")
+        if not isinstance(backend, str):
+            raise self._error(
+                "cache.backend must be 'memory' or a redis:// URL as a string, "
+                f"got {_toml(backend)}"
+            )
+        with self._at("cache", _CACHE_KEYS, values=cache):
+            gateway = self.gateway(backend=backend, source=self.source, **settings)
+        if backend != "memory":
+            self._check_redis_url(gateway.backend)
+        self._add_services(gateway, data.get("services", []))
+        return gateway
+
+    def _server(self, server: Mapping[str, Any]) -> dict[str, Any]:
+        """The gateway's settings from the ``[server]`` table."""
         settings: dict[str, Any] = {}
         with self._at("server", _SERVER_KEYS, values=server):
             limits = {k: v for k, v in server.items() if k in _LIMIT_KEYS}
@@ -145,6 +165,11 @@ class _Loader(Generic[G]):
             with self._at("server", _SERVER_KEYS, values=server):
                 TrustedProxies(server["trusted_proxies"])
             settings["trusted_proxies"] = server["trusted_proxies"]
+        return settings
+
+    def _cache(self, cache: Mapping[str, Any]) -> dict[str, Any]:
+        """The gateway's settings from the ``[cache]`` table (``backend`` aside)."""
+        settings: dict[str, Any] = {}
         with self._at("cache", _CACHE_KEYS, values=cache):
             if "max_bytes" in cache:
                 settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")
@@ -172,21 +197,9 @@ class _Loader(Generic[G]):
                     f"cache.expose_tag_headers must be true or false, got {_toml(value)}"
                 )
             settings["expose_tag_headers"] = value
-        if "token_env" in admin:
-            settings["admin_token_env"] = self._string(
-                admin, "token_env", "admin", _ENV_NAME, "an environment variable name"
-            )
-        backend = cache.get("backend", "memory")
-        if not isinstance(backend, str):
-            raise self._error(
-                "cache.backend must be 'memory' or a redis:// URL as a string, "
-                f"got {_toml(backend)}"
-            )
-        with self._at("cache", _CACHE_KEYS, values=cache):
-            gateway = self.gateway(backend=backend, source=self.source, **settings)
-        if backend != "memory":
-            self._check_redis_url(gateway.backend)
-        services = data.get("services", [])
+        return settings
+
+    def _add_services(self, gateway: G, services: Any) -> None:
         if services == []:
             raise self._error(
                 "declares no services; add a [[services]] table with name, upstream and "
@@ -202,7 +215,6 @@ class _Loader(Generic[G]):
             # Added one by one so a duplicate name or prefix is blamed on the later service.
             with self._at(f"services[{index}]", ("name", "prefix"), values=values):
                 gateway.add(service)
-        return gateway
 
     def _read(self) -> dict[str, Any]:
         try:
