@@ -60,6 +60,14 @@ class Route:
         }
 
 
+def _check_max_connections(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"max_connections of service {name!r} must be a whole number ≥ 1, got {value!r}"
+        )
+    return value
+
+
 class Service:
     """An upstream service exposed under a path prefix.
 
@@ -138,25 +146,41 @@ class Service:
         self.name = name
         self.upstream = _check_upstream(upstream, name)
         self.prefix = _check_prefix(prefix, name)
-        self.timeout = _positive(timeout, "timeout", name)
-        self.connect_timeout = _positive(connect_timeout, "connect_timeout", name, self.timeout)
-        self.read_timeout = _positive(read_timeout, "read_timeout", name, self.timeout)
-        self.write_timeout = _positive(write_timeout, "write_timeout", name, self.timeout)
-        self.pool_timeout = _positive(pool_timeout, "pool_timeout", name, self.timeout)
-        self.total_timeout = (
-            None if total_timeout is None else _positive(total_timeout, "total_timeout", name)
+        self._set_timeouts(
+            timeout, connect_timeout, read_timeout, write_timeout, pool_timeout, total_timeout
         )
-        if (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or max_connections < 1
-        ):
-            raise ConfigError(
-                f"max_connections of service {name!r} must be a whole number ≥ 1, "
-                f"got {max_connections!r}"
-            )
-        self.max_connections = max_connections
+        self.max_connections = _check_max_connections(max_connections, name)
         self.client = client
+        self._set_headers(hosts, forward_headers, rewrite_redirects, credential_headers)
+        self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
+        self._default_values = dict(defaults)
+        self.routes: list[Route] = []
+
+    def _set_timeouts(
+        self,
+        timeout: float | str,
+        connect: float | str | None,
+        read: float | str | None,
+        write: float | str | None,
+        pool: float | str | None,
+        total: float | str | None,
+    ) -> None:
+        name = self.name
+        self.timeout = _positive(timeout, "timeout", name)
+        self.connect_timeout = _positive(connect, "connect_timeout", name, self.timeout)
+        self.read_timeout = _positive(read, "read_timeout", name, self.timeout)
+        self.write_timeout = _positive(write, "write_timeout", name, self.timeout)
+        self.pool_timeout = _positive(pool, "pool_timeout", name, self.timeout)
+        self.total_timeout = None if total is None else _positive(total, "total_timeout", name)
+
+    def _set_headers(
+        self,
+        hosts: Iterable[str] | None,
+        forward_headers: Iterable[str],
+        rewrite_redirects: bool,
+        credential_headers: Iterable[str],
+    ) -> None:
+        name = self.name
         self.hosts = _check_hosts(hosts, name)
         # Request Host (lower case) -> the listed name it matches; a name listed without a
         # port also matches it with any port.
@@ -179,9 +203,6 @@ class Service:
         self.slow_credentials = (
             frozenset(h.encode("latin-1") for h in self.credentials) - SLOW_HEADERS
         )
-        self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
-        self._default_values = dict(defaults)
-        self.routes: list[Route] = []
 
     @property
     def client_settings(self) -> dict[str, Any]:
