@@ -5,35 +5,31 @@ and latency quantiles over that second, per service and per route, as ``varnishs
 does for Varnish. A gateway with several workers answers a scrape with the figures of
 all of them merged (prometheus-client's multi-process mode), so the view is the host's.
 
-The arithmetic (`Scrape`, `compute`) is pure and separate from the drawing (`render`,
-with rich) and from the terminal loop (`run`), so a recorded sequence of scrapes can be
-checked figure by figure.
+The arithmetic (`Scrape`, `compute`, in cachegw._top_view) is pure and separate from the
+drawing (`render`, with rich) and from the terminal loop (`run`), so a recorded sequence
+of scrapes can be checked figure by figure.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import select
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["SORTS", "Scrape", "View", "compute", "fetch", "render", "run"]
+from cachegw._top_view import Row, Scrape, View, compute, sort_rows
 
-Labels = tuple[tuple[str, str], ...]
+__all__ = ["SORTS", "Scrape", "View", "compute", "fetch", "render", "run"]
 
 #: Sort orders: key pressed in the live view → (name, description).
 SORTS = {
@@ -53,208 +49,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def clean(text: str) -> str:
     """``text`` with every control character shown as ``\\xNN``: safe to print."""
     return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
-
-
-@dataclass(frozen=True)
-class Scrape:
-    """One reading of the metrics endpoint: ``at`` (seconds, any clock) and every sample."""
-
-    at: float
-    samples: Mapping[tuple[str, Labels], float]
-
-    @classmethod
-    def parse(cls, text: str, at: float) -> Scrape:
-        samples: dict[tuple[str, Labels], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = tuple(sorted(sample.labels.items()))
-                samples[(sample.name, labels)] = sample.value
-        return cls(at, samples)
-
-    def by(self, name: str, *keep: str) -> dict[tuple[str, ...], float]:
-        """Samples of ``name`` summed over every label but ``keep`` (as PromQL's
-        ``sum by``): merges a ``pid`` label, for instance."""
-        sums: dict[tuple[str, ...], float] = defaultdict(float)
-        for (sample, labels), value in self.samples.items():
-            if sample == name:
-                found = dict(labels)
-                sums[tuple(found.get(k, "") for k in keep)] += value
-        return dict(sums)
-
-    def values(self, name: str) -> list[float]:
-        return [v for (sample, _), v in self.samples.items() if sample == name]
-
-
-@dataclass
-class Row:
-    """Figures over one interval for a service (``route`` empty) or one of its routes."""
-
-    service: str
-    route: str
-    requests: float = 0.0
-    statuses: dict[str, float] = field(default_factory=dict)
-    buckets: dict[float, float] = field(default_factory=dict)  # le → count (cumulative)
-    seconds: float = 1.0
-    errors: float | None = None
-    timeouts: float | None = None
-    coalesced: float | None = None
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    def share(self, *statuses: str) -> float | None:
-        if not self.requests:
-            return None
-        return sum(self.statuses.get(s, 0.0) for s in statuses) / self.requests
-
-    def quantile(self, q: float) -> float | None:
-        return histogram_quantile(q, self.buckets)
-
-
-@dataclass
-class View:
-    """What one frame shows."""
-
-    url: str
-    seconds: float
-    services: list[tuple[Row, list[Row]]]
-    generations: list[float]
-    circuit_open: bool
-    memory: dict[str, float]
-    l1: dict[str, float]
-    sort: str = "rps"
-    error: str | None = None
-    note: str | None = None  # what the figures cover, when not the last interval
-
-
-def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
-    """The ``q`` quantile of cumulative ``buckets`` (upper bound → count), interpolated
-    linearly within a bucket as Prometheus's ``histogram_quantile`` does; None without
-    observations. A rank in the ``+Inf`` bucket gives the highest finite bound."""
-    bounds = sorted(buckets)
-    if not bounds:
-        return None
-    total = buckets[bounds[-1]]
-    if total <= 0:
-        return None
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank:
-            if math.isinf(bound):
-                return lower
-            if count == below:
-                return bound
-            return lower + (bound - lower) * (rank - below) / (count - below)
-        lower, below = bound, count
-    return lower
-
-
-def _delta(now: float, before: float | None) -> float:
-    # A counter that went down was reset (a worker or the gateway restarted).
-    if before is None or now < before:
-        return now
-    return now - before
-
-
-def _deltas(now: Scrape, before: Scrape, name: str, *keep: str) -> dict[tuple[str, ...], float]:
-    old = before.by(name, *keep)
-    return {key: _delta(value, old.get(key)) for key, value in now.by(name, *keep).items()}
-
-
-def compute(before: Scrape, now: Scrape, url: str = "", sort: str = "rps") -> View:
-    """The view of what happened between two scrapes (pure)."""
-    seconds = max(now.at - before.at, 1e-9)
-    requests = _deltas(now, before, "cachegw_requests_total", "service", "route", "cache_status")
-    buckets = _deltas(
-        now, before, "cachegw_request_duration_seconds_bucket", "service", "route", "le"
-    )
-    errors = _deltas(now, before, "cachegw_upstream_errors_total", "service", "kind")
-    coalesced = _deltas(now, before, "cachegw_coalesced_waiters_total", "service")
-
-    routes: dict[tuple[str, str], Row] = {}
-
-    def row(service: str, route: str) -> Row:
-        found = routes.get((service, route))
-        if found is None:
-            found = routes[(service, route)] = Row(service, route, seconds=seconds)
-        return found
-
-    for (service, route, status), count in requests.items():
-        if not service:
-            continue  # refusals before routing (bad target, no route)
-        target = row(service, route)
-        target.requests += count
-        target.statuses[status] = target.statuses.get(status, 0.0) + count
-    for (service, route, le), count in buckets.items():
-        if service:
-            target = row(service, route)
-            bound = float(le)
-            target.buckets[bound] = target.buckets.get(bound, 0.0) + count
-
-    services: dict[str, Row] = {}
-    for (service, _), route_row in routes.items():
-        total = services.setdefault(service, Row(service, "", seconds=seconds))
-        total.requests += route_row.requests
-        for status, count in route_row.statuses.items():
-            total.statuses[status] = total.statuses.get(status, 0.0) + count
-        for bound, count in route_row.buckets.items():
-            total.buckets[bound] = total.buckets.get(bound, 0.0) + count
-    for (service, kind), count in errors.items():
-        total = services.setdefault(service, Row(service, "", seconds=seconds))
-        total.errors = (total.errors or 0.0) + count
-        if kind == "timeout":
-            total.timeouts = (total.timeouts or 0.0) + count
-    for (service,), count in coalesced.items():
-        total = services.setdefault(service, Row(service, "", seconds=seconds))
-        total.coalesced = (total.coalesced or 0.0) + count
-    for total in services.values():
-        total.errors = total.errors or 0.0
-        total.timeouts = total.timeouts or 0.0
-        total.coalesced = total.coalesced or 0.0
-
-    def gauges(prefix: str) -> dict[str, float]:
-        found = {}
-        for stat in ("entries", "bytes", "max_entries", "max_bytes"):
-            values = now.values(f"{prefix}_{stat}")
-            if values:
-                found[stat] = sum(values)
-        return found
-
-    grouped = [
-        (total, _sorted([r for (s, _), r in routes.items() if s == name], sort))
-        for name, total in services.items()
-    ]
-    ordered = [
-        (total, route_rows)
-        for total in _sorted([t for t, _ in grouped], sort)
-        for t, route_rows in grouped
-        if t is total
-    ]
-    return View(
-        url=url,
-        seconds=seconds,
-        services=ordered,
-        generations=sorted(now.values("cachegw_config_generation")),
-        circuit_open=any(v > 0 for v in now.values("cachegw_backend_circuit_open")),
-        memory=gauges("cachegw_memory"),
-        l1=gauges("cachegw_l1"),
-        sort=sort,
-    )
-
-
-def _sorted(rows: list[Row], sort: str) -> list[Row]:
-    if sort == "name":
-        return sorted(rows, key=lambda r: (r.service, r.route))
-    if sort == "hit":
-        return sorted(rows, key=lambda r: (-(r.share("HIT") or 0.0), r.service, r.route))
-    if sort == "p99":
-        return sorted(rows, key=lambda r: (-(r.quantile(0.99) or 0.0), r.service, r.route))
-    if sort == "errors":
-        return sorted(rows, key=lambda r: (-(r.errors or 0.0), -r.rps, r.service, r.route))
-    return sorted(rows, key=lambda r: (-r.rps, r.service, r.route))
 
 
 # -- drawing ------------------------------------------------------------------------------
@@ -484,8 +278,8 @@ def run(url: str, token: str | None, interval: float, sort: str) -> None:
 
 
 def _resort(view: View, sort: str) -> list[tuple[Row, list[Row]]]:
-    routes = {total.service: _sorted(rows, sort) for total, rows in view.services}
-    return [(t, routes[t.service]) for t in _sorted([t for t, _ in view.services], sort)]
+    routes = {total.service: sort_rows(rows, sort) for total, rows in view.services}
+    return [(t, routes[t.service]) for t in sort_rows([t for t, _ in view.services], sort)]
 
 
 @contextmanager

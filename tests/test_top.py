@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from cachegw._metrics import Metrics
-from cachegw._top import Scrape, as_text, compute, histogram_quantile
+from cachegw._top import as_text
+from cachegw._top_view import Scrape, compute, histogram_quantile
 from tests.gateway_process import GatewayProcess
 from tests.servers import Receive, Scope, Send, StubUpstream, run_uvicorn
 from tests.test_reload import generations
