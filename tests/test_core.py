@@ -12,17 +12,15 @@ from cachegw import CachePolicy
 from cachegw._core import (
     NO_DIRECTIVES,
     Decision,
-    Storing,
-    build_entry,
     decide,
     directives,
-    merge_not_modified,
     stale_if_error_ok,
     validators,
 )
 from cachegw._entry import Entry, HitForMiss
 from cachegw._models import Fetched
 from cachegw._policy import CacheControl
+from cachegw._storing import Storing, build_entry, merge_not_modified
 
 NOW = 1_000_000.0
 POLICY = CachePolicy(ttl=60)
