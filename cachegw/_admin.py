@@ -212,6 +212,8 @@ def _health(runtime: Runtime) -> JSONResponse:
     reloader = runtime.reloader
     info: dict[str, Any] = {
         "status": "ok",
+        # With several workers: which one answered (issue 23).
+        "pid": os.getpid(),
         "backend": type(backend).__name__ if backend is not None else None,
         "services": [s.name for s in runtime.gateway.services],
         "config": {

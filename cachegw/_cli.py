@@ -134,12 +134,14 @@ def serve(
     relay = None
     if gateway.backend == "memory":
         click.echo(
-            f"note: {workers} workers on the memory backend each keep their own cache; "
-            f"purges and invalidations reach every worker before they are answered, but "
-            f"each worker fetches a cold key for itself: use a redis:// backend to share one",
+            f"note: {workers} workers on the memory backend each keep a copy of the cache "
+            f"(max_bytes each); purges and invalidations reach every worker before they "
+            f"are answered, and what one worker fetches is relayed to the others: use a "
+            f"redis:// backend to share one copy between machines",
             err=True,
         )
-        # Purges and invalidations are relayed between the workers (see cachegw._relay).
+        # Purges, invalidations and fetched entries are relayed between the workers, and
+        # one worker fetches a key for all (see cachegw._relay).
         relay = tempfile.mkdtemp(prefix="cachegw-relay-")
         os.environ[RELAY_DIR] = relay
     # Workers are separate processes: each builds its app from the file, found here.

@@ -13,26 +13,49 @@ file all workers map into memory (``counter``, under ``flock``); a worker reads 
 only when the counter moved. An idle worker reads its queue as the messages come (an
 event-loop reader), so it never fills up.
 
-The single-worker path is untouched: without ``CACHEGW_RELAY_DIR`` purges stay local.
+Fetches are shared the same way (`RelayCoordinator`): one upstream request per key for
+the whole machine. A worker about to fetch a key takes the key's lease in a table all
+workers map into memory (``locks``, under ``flock``; a lease names its worker's pid and
+expires, so a worker that died cannot wedge a key); the others wait. Once the leader has
+stored the answer it sends what it stored (the entry, its Vary marker, a hit-for-miss
+marker) to every other worker's second socket, which stores it in its own memory cache
+and wakes its waiters, and only then marks the lease *landed*. A worker that finds a key
+landed by another reads its queue before it decides (the entry is there) instead of
+fetching again. Waiting is bounded like a wait on Redis's lock (the engine's
+``lock_timeout``, then fetch without storing); a landing that cannot be delivered at once
+(the receiver's queue is full) is dropped, costing that worker a fetch of its own, never
+a stale answer: entries are still judged against every purge when read.
+
+The single-worker path is untouched: without ``CACHEGW_RELAY_DIR`` purges stay local and
+every lock is granted.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import secrets
 import socket
+import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from hashlib import blake2b
 
+from cachegw import _entry
+from cachegw._backends import MemoryBackend
+from cachegw._flight import UNLOCKED, Coordinator
 from cachegw._purge import RECORD_TTL, LocalPurges, Verdict
 
-__all__ = ["ENV_VAR", "RelayPurges"]
+__all__ = ["ENV_VAR", "RelayCoordinator", "RelayPurges"]
 
 logger = logging.getLogger("cachegw")
 
@@ -145,5 +168,352 @@ class RelayPurges(LocalPurges):
         self.sock.close()
         self._counter.close()
         os.close(self._lock_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+# --- one fetch per key for the machine ------------------------------------------------
+
+#: Leases: one slot per key being fetched (or just landed), found by the key's digest
+#: with a few probes. A key that finds every probe taken fetches without a lease.
+SLOTS = 4096
+PROBES = 8
+_SLOT = struct.Struct("<QQQdd")  # key digest, token (pid << 32 | n), state, expires, started
+_FREE, _HELD, _LANDED = 0, 1, 2
+#: A landing of at most this many bytes travels in its datagram; a larger one in a
+#: memory file whose descriptor the datagram carries (the kernel bounds a datagram).
+INLINE_MAX = 16 * 1024
+#: What one landing may carry; beyond it, the other workers only hear that it landed.
+RELAY_MAX = 16 * 1024 * 1024
+#: Leases that were found landed and deferred to, remembered to answer `wait` at once.
+_NOTICES = 1024
+
+
+@dataclass(slots=True)
+class _Held:
+    """A lease this task holds, and what it stored under it (to send along)."""
+
+    key: str
+    token: int
+    items: list[tuple[str, float, bytes]] = field(default_factory=list)
+    size: int = 0
+
+
+_HOLDING: ContextVar[_Held | None] = ContextVar("cachegw_relay_holding", default=None)
+
+
+def _digest(key: str) -> int:
+    return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") | 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: it exists
+    return True
+
+
+class RelayCoordinator(Coordinator):
+    """Fetch leases and landings shared by the workers of one machine (see above)."""
+
+    shared = True
+
+    def __init__(self, directory: str, backend: MemoryBackend) -> None:
+        self.directory = directory
+        self.backend = backend
+        self.pid = os.getpid()
+        self.path = os.path.join(directory, f"{self.pid}-{secrets.token_hex(4)}.land")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        # Datagrams in the receivers' queues count against the sender's buffer.
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.sock.bind(self.path)
+        fd = os.open(os.path.join(directory, "locks"), os.O_RDWR | os.O_CREAT, 0o600)
+        size = SLOTS * _SLOT.size
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        self._fd = fd
+        self._table = mmap.mmap(fd, size)
+        self._n = 0
+        self._deferred = [0] * SLOTS  # per slot: the landed lease already deferred to
+        self._notices: dict[str, None] = {}
+        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self._applying = False
+        self._reading = False
+        backend.on_set = self._stored
+        #: Landings received from (and sent to) other workers.
+        self.received = 0
+        self.sent = 0
+
+    # -- the lease table ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # workers read and write it one at a time
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _slot(self, index: int) -> tuple[int, int, int, float, float]:
+        return _SLOT.unpack_from(self._table, index * _SLOT.size)
+
+    def _write_slot(
+        self, index: int, digest: int, token: int, state: int, expires: float, started: float
+    ) -> None:
+        _SLOT.pack_into(self._table, index * _SLOT.size, digest, token, state, expires, started)
+
+    def _find(self, digest: int) -> tuple[int | None, int | None]:
+        """The key's slot, and the first slot free for it (call under `_locked`)."""
+        now = time.monotonic()
+        free = None
+        start = digest % SLOTS
+        for probe in range(PROBES):
+            index = (start + probe) % SLOTS
+            found, token, state, expires, _ = self._slot(index)
+            if found == digest and state != _FREE:
+                return index, free
+            if free is None and (state != _HELD or expires <= now or not _alive(token >> 32)):
+                free = index
+        return None, free
+
+    async def acquire(self, key: str, ttl: float, started: float | None = None) -> str | None:
+        digest = _digest(key)
+        answer: str | None
+        with self._locked():
+            index, free = self._find(digest)
+            deferred = False
+            if index is not None:
+                _, token, state, expires, _ = self._slot(index)
+                if state == _HELD and expires > time.monotonic() and _alive(token >> 32):
+                    index = -1  # another worker is fetching it
+                elif (
+                    state == _LANDED and token >> 32 != self.pid and self._deferred[index] != token
+                ):
+                    # Another worker stored it since this one looked: its landing is
+                    # queued here. Read it rather than fetch (once per landing).
+                    self._deferred[index] = token
+                    deferred = True
+                else:
+                    free = index
+            if index == -1 or deferred:
+                answer = None
+            elif free is None:
+                answer = UNLOCKED  # the table is crowded here: fetch without a lease
+            else:
+                self._n = (self._n + 1) & 0xFFFFFFFF
+                token = self.pid << 32 | self._n
+                self._write_slot(
+                    free,
+                    digest,
+                    token,
+                    _HELD,
+                    time.monotonic() + ttl,
+                    started if started is not None else math.nan,
+                )
+                answer = f"{token:x}"
+        # What was sent before the lease was seen as it is, is queued now.
+        self.drain()
+        if deferred:
+            self._notices[key] = None
+            while len(self._notices) > _NOTICES:
+                del self._notices[next(iter(self._notices))]
+        if answer is not None:
+            _HOLDING.set(_Held(key, int(answer, 16) if answer != UNLOCKED else 0))
+        return answer
+
+    async def holder_started(self, key: str) -> float | None:
+        digest = _digest(key)
+        with self._locked():
+            index, _ = self._find(digest)
+            if index is None:
+                return None
+            _, _, state, expires, started = self._slot(index)
+        if state != _HELD or expires <= time.monotonic() or math.isnan(started):
+            return None
+        return started
+
+    async def release(self, key: str, token: str) -> None:
+        try:
+            number = int(token, 16)
+        except ValueError:
+            return  # UNLOCKED, or the engine's own markers: no lease
+        digest = _digest(key)
+        with self._locked():
+            index, _ = self._find(digest)
+            if index is not None:
+                _, held, state, _, _ = self._slot(index)
+                if held == number and state == _HELD:
+                    self._write_slot(index, 0, 0, _FREE, 0.0, 0.0)
+
+    # -- landings --------------------------------------------------------------------
+
+    def _stored(self, key: str, value: bytes, expire: float | None) -> None:
+        """The memory backend took ``value``: keep it to send with the lease's landing."""
+        held = _HOLDING.get()
+        if held is None or self._applying:
+            return
+        held.size += len(key) + len(value)
+        if held.size <= RELAY_MAX:
+            deadline = math.inf if expire is None else time.time() + expire
+            held.items.append((key, deadline, value))
+
+    async def landed(self, key: str, *, failed: bool = False) -> None:
+        held = _HOLDING.get()
+        if held is None or held.key != key:
+            if failed:
+                self._broadcast(key, failed, [])
+            return  # not a fetch of this task's (an unsafe method's invalidation)
+        _HOLDING.set(None)
+        items = [] if failed or held.size > RELAY_MAX else held.items
+        self._broadcast(key, failed, items)
+        if failed or not held.token:
+            return
+        # Then the lease says so: a worker that sees it landed finds the landing queued.
+        digest = _digest(key)
+        with self._locked():
+            index, _ = self._find(digest)
+            if index is not None:
+                found, token, state, expires, started = self._slot(index)
+                if token == held.token and state == _HELD:
+                    self._write_slot(index, found, token, _LANDED, expires, started)
+
+    def _broadcast(self, key: str, failed: bool, items: list[tuple[str, float, bytes]]) -> None:
+        head: dict[str, object] = {
+            "k": key,
+            "f": failed,
+            "i": [[name, None if math.isinf(at) else at, len(data)] for name, at, data in items],
+        }
+        body = b"".join(data for _, _, data in items)
+        fds: list[int] = []
+        if len(body) > INLINE_MAX:
+            fd = os.memfd_create("cachegw-landing", os.MFD_CLOEXEC)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                os.close(fd)
+                raise
+            head["m"] = len(body)
+            fds, body = [fd], b""
+        data = json.dumps(head).encode() + b"\n" + body
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            logger.warning("cachegw: cannot list the other workers' sockets: %s", exc)
+            names = []
+        try:
+            for name in names:
+                path = os.path.join(self.directory, name)
+                if path == self.path or not name.endswith(".land"):
+                    continue
+                try:
+                    # (socket.send_fds drops the address before Python 3.12.)
+                    self.sock.sendmsg([data], ancillary, 0, path)
+                    self.sent += 1
+                except BlockingIOError:
+                    pass  # its queue is full: it fetches for itself (see above)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)  # a worker that exited
+                except OSError as exc:
+                    logger.debug("cachegw: a landing could not reach worker %s: %s", name, exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def drain(self) -> None:
+        """Store what other workers landed, and wake this worker's waiters."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, INLINE_MAX + (64 << 10), 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # closed
+                return
+            try:
+                self._apply(data, fds)
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                logger.warning("cachegw: ignoring a malformed landing from another worker: %r", exc)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _apply(self, data: bytes, fds: list[int]) -> None:
+        header, _, body = data.partition(b"\n")
+        head = json.loads(header)
+        key = str(head["k"])
+        failed = bool(head["f"])
+        if "m" in head:
+            size = int(head["m"])
+            body = os.pread(fds[0], size, 0) if fds else b""
+            if len(body) != size:
+                raise ValueError("a landing shorter than it says")
+        self.received += 1
+        now = time.time()
+        offset = 0
+        for name, at, length in head["i"]:
+            value = body[offset : offset + int(length)]
+            offset += int(length)
+            ttl = None if at is None else float(at) - now
+            if ttl is not None and ttl <= 0:
+                continue
+            if self._newer_here(str(name), value):
+                continue
+            self._applying = True
+            try:
+                self.backend.set_nowait(str(name), value, ttl)
+            finally:
+                self._applying = False
+        for future in self._waiters.get(key, ()):
+            if not future.done():
+                future.set_result("failed" if failed else "landed")
+
+    def _newer_here(self, key: str, value: bytes) -> bool:
+        """Whether this worker holds a newer item under ``key`` than ``value``."""
+        here = self.backend.get_nowait(key)
+        if here is None:
+            return False
+        mine, theirs = _entry.decode(here), _entry.decode(value)
+        return mine is not None and theirs is not None and mine.stored_at > theirs.stored_at
+
+    async def wait(self, key: str, seconds: float) -> str | None:
+        if key in self._notices:
+            del self._notices[key]
+            return "landed"  # deferred to a landing already read (see acquire)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, [])
+        waiters.append(future)
+        try:
+            try:
+                return await asyncio.wait_for(future, seconds)
+            except TimeoutError:
+                return None
+        finally:
+            waiters.remove(future)
+            if not waiters:
+                del self._waiters[key]
+
+    def start(self) -> None:
+        if not self._reading:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self.drain)
+            self._reading = True
+
+    async def aclose(self) -> None:
+        if self._reading:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._reading = False
+        if self.backend.on_set == self._stored:
+            self.backend.on_set = None
+        self.sock.close()
+        self._table.close()
+        os.close(self._fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)

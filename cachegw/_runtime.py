@@ -17,12 +17,12 @@ from cachegw._backends import (
     cache_backend,
 )
 from cachegw._engine import CacheEngine
-from cachegw._flight import coordinator_for
+from cachegw._flight import Coordinator, coordinator_for
 from cachegw._gateway import Gateway
 from cachegw._metrics import Metrics
 from cachegw._purge import Purges, purges_for
 from cachegw._relay import ENV_VAR as RELAY_DIR
-from cachegw._relay import RelayPurges
+from cachegw._relay import RelayCoordinator, RelayPurges
 from cachegw._reload import Reloader
 from cachegw._store import L1
 from cachegw._upstream import Upstream, upstream_for
@@ -65,12 +65,19 @@ class Runtime:
         self.backend = backend
         if isinstance(backend, MemoryBackend):
             self.metrics.watch_memory(backend.stats)
+        purges = self._purges(backend, gateway.prefix)
+        coordinator: Coordinator
+        if isinstance(purges, RelayPurges) and isinstance(backend, MemoryBackend):
+            # Workers of one machine: one fetch per key for all of them (see `_relay`).
+            coordinator = RelayCoordinator(purges.directory, backend)
+        else:
+            coordinator = coordinator_for(backend, gateway.prefix)
         self.engine = CacheEngine(
             backend,
             status_header=gateway.status_header,
             metrics=self.metrics,
-            purges=self._purges(backend, gateway.prefix),
-            coordinator=coordinator_for(backend, gateway.prefix),
+            purges=purges,
+            coordinator=coordinator,
             expose_tag_headers=gateway.expose_tag_headers,
             # A lock outlives the slowest upstream exchange it protects.
             lock_ttl=max((s.exchange_bound for s in gateway.services), default=10.0) + 1.0,

@@ -1,17 +1,23 @@
-"""Several workers on one machine without Redis (issue 23): `cachegw serve --workers 2`
-on the memory backend keeps a cache per worker, and a write's invalidation and a purge
-(admin API, `cachegw purge`) reach every worker before they are answered (the workers
-relay purges over Unix datagram sockets, see cachegw/_relay.py).
+"""Several workers on one machine without Redis (issue 23): `cachegw serve --workers N`
+on the memory backend keeps a cache per worker, and the workers keep them coherent
+(cachegw/_relay.py): a write's invalidation and a purge (admin API, `cachegw purge`) reach
+every worker before they are answered, and what one worker fetches lands in every
+worker's cache (one upstream request per key for the machine).
 
-Which worker answers a connection is the kernel's choice: the tests open a new
-connection per request and wait until the upstream shows that both workers fetched.
+Which worker answers a connection is the kernel's choice. A test learns which one it
+talks to from the health endpoint's ``pid`` on the same keep-alive connection, and opens
+new connections until it has talked to every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -42,52 +48,91 @@ ttl = 60
 PATH = "/api/items/1"
 
 
-def get(base: str) -> httpx.Response:
-    """On a connection of its own: any worker may take it."""
-    with httpx.Client(timeout=10) as client:
-        return client.get(base + PATH, headers={"connection": "close"})
+def answered_by(base: str, path: str = PATH) -> tuple[int, httpx.Response]:
+    """A GET on a connection of its own, and the pid of the worker that answered it."""
+    with httpx.Client(timeout=30) as client:
+        pid = client.get(base + "/_cachegw/health").json()["pid"]
+        return pid, client.get(base + path)  # the same connection: the same worker
 
 
-def until_every_worker_fetched(base: str, upstream: VersionedItems, gets: int) -> None:
-    """GETs on new connections until the upstream has seen ``gets`` GETs in all (each
-    worker fetches once into its own cache)."""
+def from_every_worker(base: str, workers: int, path: str = PATH) -> dict[int, httpx.Response]:
+    """A GET answered by each worker (new connections until every worker has answered)."""
+    seen: dict[int, httpx.Response] = {}
     for _ in range(400):
-        assert get(base).status_code == 200
-        if upstream.gets >= gets:
-            break
-    assert upstream.gets == gets, "the kernel never gave the second worker a connection"
+        pid, response = answered_by(base, path)
+        assert response.status_code == 200, response.text
+        seen.setdefault(pid, response)
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"the kernel gave only workers {sorted(seen)} a connection")
+
+
+def health_of_every_worker(base: str, workers: int) -> dict[int, dict[str, object]]:
+    seen: dict[int, dict[str, object]] = {}
+    for _ in range(400):
+        with httpx.Client(timeout=30) as client:
+            body = client.get(base + "/_cachegw/health", headers={"connection": "close"}).json()
+        seen.setdefault(body["pid"], body)
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"the kernel gave only workers {sorted(seen)} a connection")
+
+
+Gateway = Callable[..., tuple[str, VersionedItems, Path, str]]
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Starts `cachegw serve --workers N` before a versioned upstream; yields the
+    gateway's base URL, the upstream, the file and the upstream's URL."""
     monkeypatch.setenv("TEST_WORKERS_TOKEN", TOKEN)
-    upstream = VersionedItems()
-    with run_uvicorn(upstream) as origin:
-        config = tmp_path / "gateway.toml"
-        config.write_text(TOML.format(upstream=origin))
-        with gateway_processes(config, args=["--workers", "2", "--no-access-log"]) as [gw]:
-            yield gw, upstream, config
+    with contextlib.ExitStack() as stack:
+
+        def start(workers: int, latency: float = 0.0) -> tuple[str, VersionedItems, Path, str]:
+            upstream = VersionedItems(latency)
+            origin = stack.enter_context(run_uvicorn(upstream))
+            config = tmp_path / "gateway.toml"
+            config.write_text(TOML.format(upstream=origin))
+            [gw] = stack.enter_context(
+                gateway_processes(config, args=["--workers", str(workers), "--no-access-log"])
+            )
+            # Every worker is up (its sockets bound): the first to answer may be alone.
+            health_of_every_worker(gw.base, workers)
+            return gw.base, upstream, config, origin
+
+        yield start
 
 
-def test_a_write_through_one_worker_is_seen_by_every_worker_at_once(two_workers) -> None:  # type: ignore[no-untyped-def]
-    gw, upstream, _ = two_workers
-    until_every_worker_fetched(gw.base, upstream, 2)  # both hold version 0
+def test_what_one_worker_fetched_every_worker_serves(gateway: Gateway) -> None:
+    base, upstream, _, _ = gateway(2)
+    assert answered_by(base)[1].headers["x-cache-status"] == "MISS"
+    seen = from_every_worker(base, 2)
+    assert {r.headers["x-cache-status"] for r in seen.values()} == {"HIT"}
+    assert upstream.gets == 1
+
+
+def test_a_write_through_one_worker_is_seen_by_every_worker_at_once(gateway: Gateway) -> None:
+    base, _, _, _ = gateway(2)
+    from_every_worker(base, 2)  # every worker holds version 0
     with httpx.Client(timeout=10) as client:
-        put = client.put(gw.base + PATH)
+        put = client.put(base + PATH)
     assert put.headers["x-version"] == "1"
-    seen = [get(gw.base) for _ in range(60)]
-    assert {r.headers["x-version"] for r in seen} == {"1"}, [
-        (r.headers["x-version"], r.headers["x-cache-status"]) for r in seen
+    seen = from_every_worker(base, 2)
+    assert {r.headers["x-version"] for r in seen.values()} == {"1"}, [
+        (r.headers["x-version"], r.headers["x-cache-status"]) for r in seen.values()
     ]
 
 
 @pytest.mark.parametrize("how", ["api", "cli"])
-def test_a_purge_through_one_worker_reaches_every_worker(two_workers, how: str) -> None:  # type: ignore[no-untyped-def]
-    gw, upstream, config = two_workers
-    until_every_worker_fetched(gw.base, upstream, 2)
+def test_a_purge_through_one_worker_reaches_every_worker(gateway: Gateway, how: str) -> None:
+    base, _, config, origin = gateway(2)
+    seen = from_every_worker(base, 2)
+    assert {r.headers["x-version"] for r in seen.values()} == {"0"}
+    # A new version the gateway does not know of: only a purge makes it fetch again.
+    assert httpx.put(origin + "/items/1", timeout=10).headers["x-version"] == "1"
     if how == "api":
         answer = httpx.post(
-            f"{gw.base}/_cachegw/purge",
+            f"{base}/_cachegw/purge",
             json={"tags": ["item:1"]},
             headers={"authorization": f"Bearer {TOKEN}"},
             timeout=10,
@@ -104,7 +149,7 @@ def test_a_purge_through_one_worker_reaches_every_worker(two_workers, how: str) 
                 "--tag",
                 "item:1",
                 "--url",
-                gw.base,
+                base,
             ],
             capture_output=True,
             text=True,
@@ -112,5 +157,45 @@ def test_a_purge_through_one_worker_reaches_every_worker(two_workers, how: str) 
             timeout=30,
         )
         assert done.returncode == 0, done.stdout + done.stderr
-    # Every worker fetches again: without the relay one of them would keep its entry.
-    until_every_worker_fetched(gw.base, upstream, 4)
+    # Without the relay, the worker the purge did not go through keeps version 0.
+    seen = from_every_worker(base, 2)
+    assert {r.headers["x-version"] for r in seen.values()} == {"1"}
+
+
+def served_by_worker(base: str, workers: int) -> dict[int, int]:
+    """Responses each worker gave so far (its health counters)."""
+    return {
+        pid: sum(body["stats"][s] for s in ("HIT", "MISS", "STALE", "EXPIRED", "BYPASS"))  # type: ignore[index]
+        for pid, body in health_of_every_worker(base, workers).items()
+    }
+
+
+def test_cold_requests_for_one_key_send_one_request_upstream_per_machine(
+    gateway: Gateway,
+) -> None:
+    """100 concurrent requests for a key no worker holds: one upstream request, however
+    the kernel spreads them over the workers and whatever their timing."""
+    workers = 3
+    base, upstream, _, _ = gateway(workers, latency=0.05)
+    before = served_by_worker(base, workers)
+    keys = 0
+    spread = False
+    while not spread and keys < 5:  # until the requests for one key reached two workers
+        keys += 1
+        path = f"/api/items/{100 + keys}"
+        start = threading.Barrier(100)
+
+        def one(path: str = path, start: threading.Barrier = start) -> httpx.Response:
+            with httpx.Client(timeout=60) as client:
+                start.wait()
+                return client.get(base + path)
+
+        with ThreadPoolExecutor(100) as pool:
+            answers = list(pool.map(lambda _: one(), range(100)))
+        assert [a.status_code for a in answers] == [200] * 100
+        assert {a.headers["x-version"] for a in answers} == {"0"}
+        assert upstream.gets == keys
+        after = served_by_worker(base, workers)
+        spread = sum(after[pid] > before[pid] for pid in after) >= 2
+        before = after
+    assert spread, "the kernel gave one worker every request, five times"

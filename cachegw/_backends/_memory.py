@@ -111,6 +111,9 @@ class MemoryBackend(Backend):
         #: Called with each key the backend lets go of by itself (bounds, expiry, a value
         #: it cannot hold): the engine's store drops its decoded copy.
         self.on_evict: Callable[[str], None] | None = None
+        #: Called with each key, value and time to live the backend took (`set_nowait`):
+        #: ``cachegw serve --workers N`` relays what one worker fetched to the others.
+        self.on_set: Callable[[str, bytes, float | None], None] | None = None
 
     def __repr__(self) -> str:
         return f"MemoryBackend(max_entries={self._max_entries}, max_bytes={self._max_bytes})"
@@ -146,6 +149,8 @@ class MemoryBackend(Backend):
             self._evictions += 1
             if self.on_evict is not None:
                 self.on_evict(old_key)
+        if self.on_set is not None:
+            self.on_set(key, value, expire)
 
     def delete_nowait(self, key: str) -> bool:
         return self._drop(key)
