@@ -82,6 +82,44 @@ def cache(
     * **shared** - cachegw's: ``True`` states that the answer depends only on the inputs
       the route declares, although it takes a ``Request`` (see ``cached``).
     """
+    _check_arguments(
+        expire, coder, key_builder, namespace, injected_dependency_namespace, per_host, shared
+    )
+
+    def make(ttl: float | str) -> CachePolicy:
+        return CachePolicy(ttl=ttl, statuses=DECORATOR_STATUSES)  # type: ignore[arg-type]
+
+    policies = PolicyFor(make, expire)
+    tag = f"namespace:{namespace}" if namespace else ""
+
+    def decorator(func: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
+        face = Face(
+            name="@cache",
+            policy=policies,
+            per_host=per_host,
+            shared=shared,
+            request_param=f"{injected_dependency_namespace}_request",
+            response_param=f"{injected_dependency_namespace}_response",
+            key_builder=_key_function(func, key_builder, namespace),
+            namespace=namespace,
+            key_arguments=True,
+            extra_tags=(tag,) if tag else (),
+            finish=_fastapi_cache_headers,
+        )
+        return wrap(func, face)
+
+    return decorator
+
+
+def _check_arguments(
+    expire: object,
+    coder: object,
+    key_builder: object,
+    namespace: object,
+    injected_dependency_namespace: object,
+    per_host: object,
+    shared: object,
+) -> None:
     if not isinstance(per_host, bool):
         raise TypeError(f"per_host must be True or False, got {per_host!r}")
     if not isinstance(shared, bool):
@@ -103,71 +141,59 @@ def cache(
             f"got {injected_dependency_namespace!r}"
         )
 
-    def make(ttl: float | str) -> CachePolicy:
-        return CachePolicy(ttl=ttl, statuses=DECORATOR_STATUSES)  # type: ignore[arg-type]
 
-    policies = PolicyFor(make, expire)
-    tag = f"namespace:{namespace}" if namespace else ""
+def _key_function(
+    func: Callable[..., Any], key_builder: KeyBuilder | None, namespace: str
+) -> Callable[
+    [Request, Response, tuple[Any, ...], dict[str, Any]], Awaitable[tuple[str, bool] | None]
+]:
+    """How `wrap` asks for a request's key part: fastapi-cache2's call of ``key_builder``
+    (the one given, else ``FastAPICache.init``'s); ``(part, decides identity)``, or None
+    to serve uncached when the key builder fails."""
 
-    def decorator(func: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
-        async def build_key(
-            request: Request,
-            response: Response,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-        ) -> tuple[str, bool] | None:
-            builder = key_builder or _fc2.key_builder()
-            if builder is None or builder is default_key_builder:
-                return f"namespace={namespace}", False
-            # The kwargs fastapi-cache2 passes: the handler's, without the request and
-            # response it receives.
-            passed = {
-                name: value
-                for name, value in kwargs.items()
-                if not isinstance(value, Request | Response)
-            }
-            prefix = _fc2.prefix("")
-            try:
-                key = builder(
-                    func,
-                    f"{prefix}:{namespace}",
-                    request=request,
-                    response=response,
-                    args=args,
-                    kwargs=passed,
-                )
-                if inspect.isawaitable(key):
-                    key = await key
-                if not isinstance(key, str):
-                    raise TypeError(f"it returned {key!r}, not a str")
-            except Exception as exc:
-                logger.error(
-                    "cachegw: key_builder %s raised %s: %s on %s %s; serving uncached",
-                    getattr(builder, "__qualname__", repr(builder)),
-                    type(exc).__name__,
-                    exc,
-                    request.method,
-                    request.url.path,
-                )
-                return None
-            return key, True
+    async def build_key(
+        request: Request,
+        response: Response,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[str, bool] | None:
+        builder = key_builder or _fc2.key_builder()
+        if builder is None or builder is default_key_builder:
+            return f"namespace={namespace}", False
+        # The kwargs fastapi-cache2 passes: the handler's, without the request and
+        # response it receives.
+        passed = {
+            name: value
+            for name, value in kwargs.items()
+            if not isinstance(value, Request | Response)
+        }
+        prefix = _fc2.prefix("")
+        try:
+            key = builder(
+                func,
+                f"{prefix}:{namespace}",
+                request=request,
+                response=response,
+                args=args,
+                kwargs=passed,
+            )
+            if inspect.isawaitable(key):
+                key = await key
+            if not isinstance(key, str):
+                raise TypeError(f"it returned {key!r}, not a str")
+        except Exception as exc:
+            logger.error(
+                "cachegw: key_builder %s raised %s: %s on %s %s; serving uncached",
+                getattr(builder, "__qualname__", repr(builder)),
+                type(exc).__name__,
+                exc,
+                request.method,
+                request.url.path,
+            )
+            return None
+        return key, True
 
-        face = Face(
-            name="@cache",
-            policy=policies,
-            per_host=per_host,
-            shared=shared,
-            request_param=f"{injected_dependency_namespace}_request",
-            response_param=f"{injected_dependency_namespace}_response",
-            key_builder=build_key,
-            namespace=namespace,
-            key_arguments=True,
-            extra_tags=(tag,) if tag else (),
-            finish=_fastapi_cache_headers,
-        )
-        return wrap(func, face)
-
-    return decorator
+    return build_key
 
 
 def _fastapi_cache_headers(
