@@ -7,8 +7,11 @@ cycle there is still two modules that cannot be read (or changed) one without th
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from textwrap import indent
 
 import cachegw
 
@@ -273,3 +276,128 @@ def test_third_party_internals_are_read_in_their_adapters_only() -> None:
                 readers.setdefault(name, set()).add(f"{ast.unparse(owner)}.{attr}")
     assert sorted(readers) == ["cachegw._fc2", "cachegw._prom"], readers
     assert "self.child._buckets" in readers["cachegw._prom"]  # the check sees them
+
+
+# -- functions and modules a reader can hold in their head --------------------------------
+
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 500
+
+#: Today's longer functions, in files other engineers are changing (issues 22, 23, 26, 28);
+#: the list only shrinks, and a new long function anywhere fails the test.
+LONG_FUNCTIONS_TO_SPLIT = {
+    "cachegw._app:_Proxy._handle",
+    "cachegw._app:_fast_hit",
+    "cachegw._decorator:_serve",
+    "cachegw._purge:RedisPurges.poll",
+    "cachegw._upstream:Upstream.fetch",
+}
+#: Today's longer modules, likewise.
+LONG_MODULES_TO_SPLIT = {
+    "cachegw._app",
+    "cachegw._decorator",
+    "cachegw._engine",
+    "cachegw._policy",
+    "cachegw._purge",
+    "cachegw._relay",
+    "cachegw._server",
+    "cachegw._upstream",
+}
+
+
+def _code_lines(source: str) -> set[int]:
+    """The lines holding code: not blank, not only a comment."""
+    lines: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in _NOT_CODE:
+            lines.update(range(token.start[0], token.end[0] + 1))
+    return lines
+
+
+_NOT_CODE = {
+    tokenize.COMMENT,
+    tokenize.NL,
+    tokenize.NEWLINE,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.ENDMARKER,
+}
+
+
+def _docstring_lines(node: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for inner in ast.walk(node):
+        if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
+            first = inner.body[0] if inner.body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    return lines
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """``module:Class.function`` -> its code lines, for every function longer than
+    ``limit``: from its ``def`` line to its end (nested functions included, decorators
+    not), counting neither blank lines, comments nor docstrings."""
+    found: dict[str, int] = {}
+    for name, (path, tree) in _parsed(root).items():
+        _visit(tree, f"{name}:", _code_lines(path.read_text()), limit, found)
+    return found
+
+
+def _visit(node: ast.AST, qualname: str, code: set[int], limit: int, found: dict[str, int]) -> None:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            _visit(child, f"{qualname}{child.name}.", code, limit, found)
+        elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            span = range(child.lineno, (child.end_lineno or child.lineno) + 1)
+            count = len(code.intersection(span) - _docstring_lines(child))
+            if count > limit:
+                found[f"{qualname}{child.name}"] = count
+            _visit(child, f"{qualname}{child.name}.", code, limit, found)
+
+
+def long_modules(root: Path = PACKAGE, limit: int = MAX_MODULE_LINES) -> dict[str, int]:
+    """Module -> its lines (all of them), for every module longer than ``limit``."""
+    found = {}
+    for name, (path, _) in _parsed(root).items():
+        count = len(path.read_text().splitlines())
+        if count > limit:
+            found[name] = count
+    return found
+
+
+def test_no_function_is_over_60_code_lines() -> None:
+    found = long_functions()
+    assert {f: n for f, n in found.items() if f not in LONG_FUNCTIONS_TO_SPLIT} == {}
+    assert set(found) >= LONG_FUNCTIONS_TO_SPLIT, "split: remove it from the list"
+
+
+def test_no_module_is_over_500_lines() -> None:
+    found = long_modules()
+    assert {m: n for m, n in found.items() if m not in LONG_MODULES_TO_SPLIT} == {}
+    assert set(found) >= LONG_MODULES_TO_SPLIT, "split: remove it from the list"
+
+
+def test_the_length_checks_count_code_only(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    body = "".join(f"x{i} = {i}\n" for i in range(59))
+    padding = '"""A docstring\n\nof lines."""\n\n# a comment\n\n'
+    three = "return (\n1\n)"
+    (pkg / "_m.py").write_text(
+        # 60 code lines with its def: not listed, whatever its docstring and comments.
+        f"@decorator\ndef short():\n{indent(padding + body, '    ')}\n"
+        # 63: a statement over three lines is three.
+        f"class C:\n    def long(self):\n{indent(body + three, ' ' * 8)}\n"
+        # 62 with the function inside it (itself 60: not listed).
+        f"    def nested(self):\n        def inner():\n{indent(body, ' ' * 12)}"
+        "        return inner\n"
+    )
+    assert long_functions(pkg) == {"pkg._m:C.long": 63, "pkg._m:C.nested": 62}
+    assert long_modules(pkg, limit=190) == {"pkg._m": 194}
+    assert long_modules(pkg, limit=194) == {}
