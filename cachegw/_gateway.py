@@ -21,7 +21,8 @@ from cachegw._backends._base import OP_TIMEOUT
 from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
 from cachegw._errors import ConfigError, redact
-from cachegw._policy import CachePolicy, parse_duration
+from cachegw._knobs import parse_duration
+from cachegw._policy import CachePolicy
 from cachegw._proxies import TrustedProxies
 from cachegw._server import ServerLimits
 from cachegw._service import Route, Service

@@ -45,7 +45,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from cachegw._entry import Headers
 from cachegw._errors import ConfigError
-from cachegw._policy import parse_duration
+from cachegw._knobs import parse_duration
 
 __all__ = [
     "VERIFIED_UVICORN",

@@ -19,8 +19,9 @@ from starlette.routing import compile_path
 
 from cachegw._core import SLOW_HEADERS
 from cachegw._errors import ConfigError
+from cachegw._knobs import parse_duration
 from cachegw._models import API_KEY_HEADERS
-from cachegw._policy import CachePolicy, parse_duration
+from cachegw._policy import CachePolicy
 from cachegw._upstream import GATEWAY_SET, ROUTING_OVERRIDES, is_override
 
 __all__ = ["Route", "Service"]

@@ -297,7 +297,6 @@ LONG_MODULES_TO_SPLIT = {
     "cachegw._app",
     "cachegw._decorator",
     "cachegw._engine",
-    "cachegw._policy",
     "cachegw._purge",
     "cachegw._relay",
     "cachegw._server",
