@@ -253,7 +253,9 @@ class CacheEngine:
         entry of a route with ``policy`` can be found (see `_purge`)."""
         keep = entry_life(policy) + STORE_WINDOW + _L1_SLACK
         try:
-            async with asyncio.timeout(self.op_timeout):
+            # (A backend in the process has no deadline, 0: relaying the purge to the
+            # other workers bounds itself, see `_relay`.)
+            async with asyncio.timeout(self.op_timeout or None):
                 await self.purges.purge(scopes, keep=keep)
         except Exception as exc:
             # This process applied it already; other processes sharing the backend will

@@ -61,8 +61,10 @@ logger = logging.getLogger("cachegw")
 
 #: The directory of the workers' sockets, set by `cachegw serve --workers N`.
 ENV_VAR = "CACHEGW_RELAY_DIR"
-#: How long a purge waits for a worker whose queue is full before giving up on it.
+#: How long a purge waits for a worker whose queue is full before giving up on it (and
+#: fencing: see `RelayPurges._fence`).
 SEND_TIMEOUT = 1.0
+_FENCE = struct.Struct("<d")  # in the counter file, after the counter
 
 
 class RelayPurges(LocalPurges):
@@ -77,11 +79,13 @@ class RelayPurges(LocalPurges):
         self.sock.bind(self.path)
         counter = os.path.join(directory, "counter")
         fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(fd).st_size < 8:
-            os.ftruncate(fd, 8)
-        self._counter = mmap.mmap(fd, 8)
+        if os.fstat(fd).st_size < 16:
+            os.ftruncate(fd, 16)
+        self._counter = mmap.mmap(fd, 16)
         self._lock_fd = fd
         self._seen = self._counter[0:8]
+        self._fenced = _FENCE.unpack_from(self._counter, 8)[0]
+        self._sending: set[asyncio.Task[None]] = set()
         self._reading = False
         #: Purges received from other workers.
         self.received = 0
@@ -94,6 +98,12 @@ class RelayPurges(LocalPurges):
     def drain(self) -> None:
         """Apply every purge waiting in this worker's queue."""
         self._seen = self._counter[0:8]  # read first: what was sent before it is queued
+        fence = _FENCE.unpack_from(self._counter, 8)[0]
+        if fence > self._fenced:
+            # A purge could not be delivered to some worker: everything fetched before
+            # it is purged everywhere.
+            self._fenced = fence
+            self.state.apply("*", fence, False, fence + RECORD_TTL)
         while True:
             try:
                 data = self.sock.recv(1 << 20)
@@ -122,35 +132,69 @@ class RelayPurges(LocalPurges):
         at = await super().purge(names, soft=soft, keep=keep)
         until = at + min(keep, RECORD_TTL)
         data = json.dumps(["soft" if soft else "hard", at, until, names]).encode()
-        await self._broadcast(data)
+        task = asyncio.get_running_loop().create_task(self._broadcast(data, at))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller stopped waiting (a deadline, a client that left): whatever the
+            # queues still hold, no worker may serve what the purge covers from now on.
+            self._fence(at)
+            self._bump()
+            raise
         return at
 
-    async def _broadcast(self, data: bytes) -> None:
+    async def _broadcast(self, data: bytes, at: float) -> None:
         try:
             names = os.listdir(self.directory)
         except OSError as exc:
             logger.warning("cachegw: cannot list the other workers' sockets: %s", exc)
             return
-        loop = asyncio.get_running_loop()
+        undelivered = False
         for name in names:
             path = os.path.join(self.directory, name)
             if path == self.path or not name.endswith(".sock"):
                 continue
             try:
-                try:
-                    self.sock.sendto(data, path)
-                except BlockingIOError:
-                    # Its queue is full (a busy worker): wait until it has room.
-                    async with asyncio.timeout(SEND_TIMEOUT):
-                        await loop.sock_sendto(self.sock, data, path)
+                await self._send(data, path)
             except (ConnectionRefusedError, FileNotFoundError):
                 # A worker that exited: its socket is left behind.
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             except (TimeoutError, OSError) as exc:
                 logger.warning("cachegw: a purge could not reach worker %s: %s", name, exc)
+                undelivered = True
+        if undelivered:
+            self._fence(at)
         # Then the counter moves: a worker that sees it moved finds the purge queued.
         self._bump()
+
+    async def _send(self, data: bytes, path: str) -> None:
+        """Into ``path``'s queue; while it is full (a busy worker), try again for up to
+        `SEND_TIMEOUT`. (A socket that is not connected polls writable whatever the
+        receiver's queue, and uvloop has no ``sock_sendto``: hence the retries.)"""
+        delay, deadline = 0.0005, time.monotonic() + SEND_TIMEOUT
+        while True:
+            try:
+                self.sock.sendto(data, path)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("its queue stayed full") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+
+    def _fence(self, at: float) -> None:
+        """A worker did not get a purge made at ``at``: every worker treats it as a purge
+        of everything fetched before ``at`` (on its next judgement), so no write is
+        undone whatever that worker missed."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if at > _FENCE.unpack_from(self._counter, 8)[0]:
+                _FENCE.pack_into(self._counter, 8, at)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _bump(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # workers bump it one at a time
@@ -161,6 +205,8 @@ class RelayPurges(LocalPurges):
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     async def aclose(self, grace: float = 5.0) -> None:
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=grace)
         if self._reading:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.sock.fileno())
@@ -248,6 +294,7 @@ class RelayCoordinator(Coordinator):
         #: Landings received from (and sent to) other workers.
         self.received = 0
         self.sent = 0
+        self.dropped = 0
 
     # -- the lease table ---------------------------------------------------------------
 
@@ -418,7 +465,7 @@ class RelayCoordinator(Coordinator):
                     self.sock.sendmsg([data], ancillary, 0, path)
                     self.sent += 1
                 except BlockingIOError:
-                    pass  # its queue is full: it fetches for itself (see above)
+                    self.dropped += 1  # its queue is full: it fetches for itself (see above)
                 except (ConnectionRefusedError, FileNotFoundError):
                     with contextlib.suppress(OSError):
                         os.unlink(path)  # a worker that exited

@@ -195,3 +195,75 @@ async def test_one_worker_uses_no_relay(monkeypatch: pytest.MonkeyPatch) -> None
         assert runtime.backend.on_set is None
     finally:
         await runtime.close()
+
+
+# -- purges: delivered before they are answered, or fenced -----------------------------
+
+
+def fill_queue(purges: RelayPurges) -> int:
+    """Fill ``purges``' socket queue (as a busy worker's would be); how many datagrams."""
+    import socket
+
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+    sent = 0
+    try:
+        while True:
+            sender.sendto(b'["hard", 0, 1, []]', purges.path)
+            sent += 1
+    except BlockingIOError:
+        return sent
+    finally:
+        sender.close()
+
+
+async def test_a_purge_waits_for_a_full_queue_to_take_it(tmp_path: Path) -> None:
+    a, b = RelayPurges(str(tmp_path)), RelayPurges(str(tmp_path))
+    try:
+        fill_queue(b)  # b is busy: it does not read its queue (no reader started)
+        purge = asyncio.create_task(a.purge(["tag:x"]))
+        while not a._sending:  # noqa: ASYNC110 - until a is retrying
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        assert not purge.done()  # not answered while b has not got it
+        b.drain()  # b reads its queue: room again
+        at = await purge
+        assert b.verdict(["tag:x"], at - 1) == ("hard", at)
+        assert b.verdict(["tag:y"], at - 1) is None  # no fence: it was delivered
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_purge_that_cannot_be_delivered_fences_every_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cachegw._relay
+
+    monkeypatch.setattr(cachegw._relay, "SEND_TIMEOUT", 0.05)
+    a, b, c = (RelayPurges(str(tmp_path)) for _ in range(3))
+    try:
+        fill_queue(b)  # b stays busy past the send timeout
+        at = await a.purge(["tag:x"])
+        # Every worker (c got the purge itself, b did not) treats everything fetched
+        # before it as purged, whatever scope: b's queue may have lost it.
+        for worker in (b, c):
+            assert worker.verdict(["*", "tag:y"], at - 1) == ("hard", at)
+            assert worker.verdict(["*", "tag:y"], at + 1) is None
+    finally:
+        for worker in (a, b, c):
+            await worker.aclose()
+
+
+async def test_a_purge_whose_caller_stops_waiting_fences_at_once(tmp_path: Path) -> None:
+    a, b = RelayPurges(str(tmp_path)), RelayPurges(str(tmp_path))
+    try:
+        fill_queue(b)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):
+                await a.purge(["tag:x"])
+        at = a.state.hard["tag:x"]
+        assert b.verdict(["*"], at - 1) == ("hard", at)
+    finally:
+        await a.aclose()
+        await b.aclose()

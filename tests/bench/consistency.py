@@ -5,9 +5,12 @@ popularity and ``Vary: Accept-Language``, 20 % PUT/DELETE) through `cachegw serv
 front of an upstream that versions every item (its own process). Fails (exit status 1)
 on any read that started after a write was acknowledged (plus the visibility window
 across processes) and returned an older version. Memory backend (one gateway process)
-and Redis (two gateway processes sharing a redis-server started here).
+and Redis (two gateway processes sharing a redis-server started here). With
+``--gateway-workers N`` the memory backend runs as one ``cachegw serve --workers N``
+(issue 23: the workers relay purges and fetched entries; no window).
 
     .venv/bin/python tests/bench/consistency.py [--seconds 120] [--backends memory redis]
+        [--gateway-workers 8]        # memory: one `cachegw serve --workers 8`
         [--cachegw-src /work/main]   # run the gateways from another checkout (before/after)
         [--ops 600]                  # a fixed number of operations per worker instead
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,8 +52,17 @@ def upstream_process(port: int, latency: float) -> subprocess.Popen[bytes]:
     raise RuntimeError("the items upstream did not start")
 
 
-def run(backend: str, count: int, workload: Workload, source: str | None, latency: float) -> int:
+def run(
+    backend: str,
+    count: int,
+    workload: Workload,
+    source: str | None,
+    latency: float,
+    serve_workers: int = 1,
+) -> int:
     env = {"PYTHONPATH": source} if source else {}
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before = used.ru_utime + used.ru_stime
     port = free_port()
     origin = upstream_process(port, latency)
     try:
@@ -58,9 +71,10 @@ def run(backend: str, count: int, workload: Workload, source: str | None, latenc
             # gateways elsewhere than a checkout, so that --cachegw-src decides.
             os.chdir(tmp)
             path = config(Path(tmp), f"http://127.0.0.1:{port}", backend, "bench")
-            procs = [
-                GatewayProcess(path, extra_env=env, args=["--no-access-log"]) for _ in range(count)
-            ]
+            args = ["--no-access-log"]
+            if serve_workers > 1:
+                args += ["--workers", str(serve_workers)]
+            procs = [GatewayProcess(path, extra_env=env, args=args) for _ in range(count)]
             try:
                 for proc in procs:
                     proc.start()
@@ -68,13 +82,23 @@ def run(backend: str, count: int, workload: Workload, source: str | None, latenc
                 result = check([p.base + "/api" for p in procs], workload, window=window)
             finally:
                 for proc in procs:
-                    proc.stop()
+                    output = proc.stop()
+                    warnings = [line for line in output.splitlines() if "warning" in line.lower()]
+                    for line in warnings[:5]:
+                        print(f"  gateway: {line}")
     finally:
         origin.terminate()
         origin.wait(10)
     name = "memory" if backend == "memory" else f"redis, {count} gateway processes"
+    if serve_workers > 1:
+        name += f", cachegw serve --workers {serve_workers}"
     print(f"{name} (window {window * 1000:.0f} ms):")
     print(result.report(), flush=True)
+    # CPU of the gateway and upstream processes (waited for: children and grandchildren).
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = used.ru_utime + used.ru_stime - cpu_before
+    ops = result.reads + result.writes
+    print(f"  server-side CPU: {cpu:.1f} s, {1000 * cpu / max(ops, 1):.2f} ms per operation")
     return len(result.violations)
 
 
@@ -91,6 +115,9 @@ def main() -> None:
         "--latency", type=float, default=0.02, help="mean upstream GET time (uniform 0..2x)"
     )
     parser.add_argument("--cachegw-src", default=None, help="import cachegw from this checkout")
+    parser.add_argument(
+        "--gateway-workers", type=int, default=1, help="memory: cachegw serve --workers N"
+    )
     args = parser.parse_args()
     workload = Workload(
         items=args.items, workers=args.workers, seconds=args.seconds, ops_per_worker=args.ops
@@ -100,7 +127,9 @@ def main() -> None:
     violations = 0
     for backend in args.backends:
         if backend == "memory":
-            violations += run("memory", 1, workload, args.cachegw_src, args.latency)
+            violations += run(
+                "memory", 1, workload, args.cachegw_src, args.latency, args.gateway_workers
+            )
         else:
             with RedisProcess() as server:
                 violations += run(server.url, 2, workload, args.cachegw_src, args.latency)
