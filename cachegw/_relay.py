@@ -13,18 +13,20 @@ file all workers map into memory (``counter``, under ``flock``); a worker reads 
 only when the counter moved. An idle worker reads its queue as the messages come (an
 event-loop reader), so it never fills up.
 
-Fetches are shared the same way (`RelayCoordinator`): one upstream request per key for
-the whole machine. A worker about to fetch a key takes the key's lease in a table all
-workers map into memory (``locks``, under ``flock``; a lease names its worker's pid and
-expires, so a worker that died cannot wedge a key); the others wait. Once the leader has
-stored the answer it sends what it stored (the entry, its Vary marker, a hit-for-miss
-marker) to every other worker's second socket, which stores it in its own memory cache
-and wakes its waiters, and only then marks the lease *landed*. A worker that finds a key
-landed by another reads its queue before it decides (the entry is there) instead of
-fetching again. Waiting is bounded like a wait on Redis's lock (the engine's
-``lock_timeout``, then fetch without storing); a landing that cannot be delivered at once
-(the receiver's queue is full) is dropped, costing that worker a fetch of its own, never
-a stale answer: entries are still judged against every purge when read.
+Fetches are shared too (`RelayCoordinator`): one upstream request per key for the whole
+machine. A worker about to fetch a key takes the key's *lease* in a table all workers map
+into memory (``locks``, under ``flock``; a lease names its worker's pid and expires, so a
+worker that died cannot wedge a key). Another worker that misses on the key meanwhile asks
+the holder for it (a *want* on the holder's second socket, ``.land``) and waits; once the
+holder has stored its answer it sends what it stored (the entry, its Vary marker, a
+hit-for-miss marker) to the workers that asked, which store it in their own memory cache
+and wake their waiters, and it marks the lease *landed*. A worker that misses on a key
+some other worker landed asks that worker the same way and gets the entry as it holds it
+now, instead of fetching it from the upstream. Messages go only to workers that asked: a
+miss costs the others nothing. Waiting is bounded like a wait on Redis's lock (the engine's
+``lock_timeout``, then fetch without storing); a message that cannot be delivered at once
+(the receiver's queue is full) is dropped, costing that worker a fetch of its own, never a
+stale answer: entries are still judged against every purge when read.
 
 The single-worker path is untouched: without ``CACHEGW_RELAY_DIR`` purges stay local and
 every lock is granted.
@@ -222,7 +224,7 @@ class RelayPurges(LocalPurges):
 
 #: Leases: one slot per key being fetched (or just landed), found by the key's digest
 #: with a few probes. A key that finds every probe taken fetches without a lease.
-SLOTS = 4096
+SLOTS = 65536
 PROBES = 8
 _SLOT = struct.Struct("<QQQdd")  # key digest, token (pid << 32 | n), state, expires, started
 _FREE, _HELD, _LANDED = 0, 1, 2
@@ -231,8 +233,10 @@ _FREE, _HELD, _LANDED = 0, 1, 2
 INLINE_MAX = 16 * 1024
 #: What one landing may carry; beyond it, the other workers only hear that it landed.
 RELAY_MAX = 16 * 1024 * 1024
-#: Leases that were found landed and deferred to, remembered to answer `wait` at once.
+#: Landings received with nobody waiting yet, remembered to answer `wait` at once.
 _NOTICES = 1024
+#: Keys this worker landed, remembered (with what it stored) to answer other workers.
+_LANDED_KEYS = 16384
 
 
 @dataclass(slots=True)
@@ -252,6 +256,13 @@ def _digest(key: str) -> int:
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") | 1
 
 
+def _number(token: str) -> int:
+    try:
+        return int(token, 16)
+    except ValueError:
+        return -1
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -267,10 +278,10 @@ class RelayCoordinator(Coordinator):
 
     shared = True
 
-    def __init__(self, directory: str, backend: MemoryBackend) -> None:
+    def __init__(self, directory: str, backend: MemoryBackend, *, pid: int | None = None) -> None:
         self.directory = directory
         self.backend = backend
-        self.pid = os.getpid()
+        self.pid = os.getpid() if pid is None else pid
         self.path = os.path.join(directory, f"{self.pid}-{secrets.token_hex(4)}.land")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
@@ -285,13 +296,18 @@ class RelayCoordinator(Coordinator):
         self._fd = fd
         self._table = mmap.mmap(fd, size)
         self._n = 0
-        self._deferred = [0] * SLOTS  # per slot: the landed lease already deferred to
+        self._deferred: dict[int, int] = {}  # slot -> the landed lease already asked for
+        self._holding: dict[str, _Held] = {}  # keys this worker is fetching
+        self._asked: dict[str, set[str]] = {}  # ... and the workers that asked for them
+        self._landed: dict[str, list[str]] = {}  # keys it landed -> the keys it stored
+        self._paths: dict[int, str] = {}  # pid -> the socket of that worker
+        self._marked: set[int] = set()  # leases marked landed, not yet released
         self._notices: dict[str, None] = {}
         self._waiters: dict[str, list[asyncio.Future[str]]] = {}
         self._applying = False
         self._reading = False
         backend.on_set = self._stored
-        #: Landings received from (and sent to) other workers.
+        #: Landings received from other workers, sent to them, and not delivered.
         self.received = 0
         self.sent = 0
         self.dropped = 0
@@ -330,24 +346,28 @@ class RelayCoordinator(Coordinator):
 
     async def acquire(self, key: str, ttl: float, started: float | None = None) -> str | None:
         digest = _digest(key)
-        answer: str | None
+        now = time.monotonic()
+        owner = 0  # the worker to ask for the key instead of fetching it
         with self._locked():
             index, free = self._find(digest)
-            deferred = False
             if index is not None:
                 _, token, state, expires, _ = self._slot(index)
-                if state == _HELD and expires > time.monotonic() and _alive(token >> 32):
-                    index = -1  # another worker is fetching it
+                holder = token >> 32
+                if state == _HELD and expires > now and _alive(holder):
+                    owner = holder  # it is fetching the key: ask it for the answer
                 elif (
-                    state == _LANDED and token >> 32 != self.pid and self._deferred[index] != token
+                    state == _LANDED
+                    and holder != self.pid
+                    and self._deferred.get(index) != token
+                    and self._path_of(holder) is not None
                 ):
-                    # Another worker stored it since this one looked: its landing is
-                    # queued here. Read it rather than fetch (once per landing).
+                    # It stored the key: ask it for its entry (once per landing), rather
+                    # than ask the upstream again.
                     self._deferred[index] = token
-                    deferred = True
+                    owner = holder
                 else:
                     free = index
-            if index == -1 or deferred:
+            if owner:
                 answer = None
             elif free is None:
                 answer = UNLOCKED  # the table is crowded here: fetch without a lease
@@ -359,18 +379,16 @@ class RelayCoordinator(Coordinator):
                     digest,
                     token,
                     _HELD,
-                    time.monotonic() + ttl,
+                    now + ttl,
                     started if started is not None else math.nan,
                 )
                 answer = f"{token:x}"
-        # What was sent before the lease was seen as it is, is queued now.
-        self.drain()
-        if deferred:
-            self._notices[key] = None
-            while len(self._notices) > _NOTICES:
-                del self._notices[next(iter(self._notices))]
+        if owner and owner != self.pid:
+            self._want(owner, key)
         if answer is not None:
-            _HOLDING.set(_Held(key, int(answer, 16) if answer != UNLOCKED else 0))
+            held = _Held(key, int(answer, 16) if answer != UNLOCKED else 0)
+            _HOLDING.set(held)
+            self._holding[key] = held
         return answer
 
     async def holder_started(self, key: str) -> float | None:
@@ -385,22 +403,36 @@ class RelayCoordinator(Coordinator):
         return started
 
     async def release(self, key: str, token: str) -> None:
-        try:
-            number = int(token, 16)
-        except ValueError:
+        held = self._holding.get(key)
+        if held is not None and (
+            held.token == _number(token) or (not held.token and token == UNLOCKED)
+        ):
+            self._let_go(key)
+        number = _number(token)
+        if number < 0:
             return  # UNLOCKED, or the engine's own markers: no lease
+        if number in self._marked:
+            self._marked.discard(number)
+            return  # marked landed: it stays so (see landed)
         digest = _digest(key)
         with self._locked():
             index, _ = self._find(digest)
             if index is not None:
-                _, held, state, _, _ = self._slot(index)
-                if held == number and state == _HELD:
+                _, holder, state, _, _ = self._slot(index)
+                if holder == number and state == _HELD:
                     self._write_slot(index, 0, 0, _FREE, 0.0, 0.0)
 
-    # -- landings --------------------------------------------------------------------
+    def _let_go(self, key: str) -> None:
+        """This worker no longer fetches ``key``: whoever asked hears that (no entry)."""
+        self._holding.pop(key, None)
+        asked = self._asked.pop(key, None)
+        if asked:
+            self._send(self._landing(key, False, []), asked)
+
+    # -- landings ----------------------------------------------------------------------
 
     def _stored(self, key: str, value: bytes, expire: float | None) -> None:
-        """The memory backend took ``value``: keep it to send with the lease's landing."""
+        """The memory backend took ``value``: note it, to send with the lease's landing."""
         held = _HOLDING.get()
         if held is None or self._applying:
             return
@@ -412,15 +444,19 @@ class RelayCoordinator(Coordinator):
     async def landed(self, key: str, *, failed: bool = False) -> None:
         held = _HOLDING.get()
         if held is None or held.key != key:
-            if failed:
-                self._broadcast(key, failed, [])
             return  # not a fetch of this task's (an unsafe method's invalidation)
         _HOLDING.set(None)
+        self._holding.pop(key, None)
         items = [] if failed or held.size > RELAY_MAX else held.items
-        self._broadcast(key, failed, items)
-        if failed or not held.token:
+        asked = self._asked.pop(key, None)
+        if asked:
+            self._send(self._landing(key, failed, items), asked)
+        if failed or not held.token or not items:
             return
-        # Then the lease says so: a worker that sees it landed finds the landing queued.
+        self._landed[key] = [name for name, _, _ in items]
+        while len(self._landed) > _LANDED_KEYS:
+            del self._landed[next(iter(self._landed))]
+        # Then the lease says so: a worker that misses on the key asks this one for it.
         digest = _digest(key)
         with self._locked():
             index, _ = self._find(digest)
@@ -428,8 +464,50 @@ class RelayCoordinator(Coordinator):
                 found, token, state, expires, started = self._slot(index)
                 if token == held.token and state == _HELD:
                     self._write_slot(index, found, token, _LANDED, expires, started)
+                    self._marked.add(token)
+                    if len(self._marked) > _LANDED_KEYS:  # (released leases never linger)
+                        self._marked.clear()
 
-    def _broadcast(self, key: str, failed: bool, items: list[tuple[str, float, bytes]]) -> None:
+    def _answer(self, key: str, path: str) -> None:
+        """Another worker asks for ``key``: it hears when this worker's fetch lands, or
+        gets what this worker holds of it now."""
+        if key in self._holding:
+            self._asked.setdefault(key, set()).add(path)
+            return
+        items = []
+        for name in self._landed.get(key, ()):
+            found = self.backend.get_with_deadline_nowait(name)
+            if found is not None:
+                value, left = found
+                items.append((name, math.inf if left is None else time.time() + left, value))
+        self._send(self._landing(key, False, items), [path])
+
+    def _want(self, pid: int, key: str) -> None:
+        path = self._path_of(pid)
+        if path is not None:
+            data = json.dumps({"w": key, "r": self.path}).encode()
+            self._send((data, []), [path])
+
+    def _path_of(self, pid: int) -> str | None:
+        """The landing socket of worker ``pid`` (None: it has none, it exited)."""
+        path = self._paths.get(pid)
+        if path is not None and os.path.exists(path):
+            return path
+        self._paths.pop(pid, None)
+        prefix = f"{pid}-"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.directory):
+                if name.startswith(prefix) and name.endswith(".land"):
+                    path = self._paths[pid] = os.path.join(self.directory, name)
+                    return path
+        return None
+
+    @staticmethod
+    def _landing(
+        key: str, failed: bool, items: list[tuple[str, float, bytes]]
+    ) -> tuple[bytes, list[int]]:
+        """A landing message: its bytes and the descriptors it carries (a memory file
+        holding the items when they are larger than `INLINE_MAX`)."""
         head: dict[str, object] = {
             "k": key,
             "f": failed,
@@ -448,35 +526,27 @@ class RelayCoordinator(Coordinator):
                 raise
             head["m"] = len(body)
             fds, body = [fd], b""
-        data = json.dumps(head).encode() + b"\n" + body
+        return json.dumps(head).encode() + b"\n" + body, fds
+
+    def _send(self, message: tuple[bytes, list[int]], paths: Iterable[str]) -> None:
+        data, fds = message
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            names = os.listdir(self.directory)
-        except OSError as exc:
-            logger.warning("cachegw: cannot list the other workers' sockets: %s", exc)
-            names = []
-        try:
-            for name in names:
-                path = os.path.join(self.directory, name)
-                if path == self.path or not name.endswith(".land"):
-                    continue
+            for path in paths:
                 try:
                     # (socket.send_fds drops the address before Python 3.12.)
                     self.sock.sendmsg([data], ancillary, 0, path)
                     self.sent += 1
                 except BlockingIOError:
-                    self.dropped += 1  # its queue is full: it fetches for itself (see above)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)  # a worker that exited
-                except OSError as exc:
-                    logger.debug("cachegw: a landing could not reach worker %s: %s", name, exc)
+                    self.dropped += 1  # its queue is full: it fetches for itself
+                except OSError as exc:  # a worker that exited
+                    logger.debug("cachegw: a landing could not reach %s: %s", path, exc)
         finally:
             for fd in fds:
                 os.close(fd)
 
     def drain(self) -> None:
-        """Store what other workers landed, and wake this worker's waiters."""
+        """Answer other workers' questions, store what they sent, wake the waiters."""
         while True:
             try:
                 data, fds, _, _ = socket.recv_fds(self.sock, INLINE_MAX + (64 << 10), 1)
@@ -487,7 +557,7 @@ class RelayCoordinator(Coordinator):
             try:
                 self._apply(data, fds)
             except (ValueError, TypeError, KeyError, OSError) as exc:
-                logger.warning("cachegw: ignoring a malformed landing from another worker: %r", exc)
+                logger.warning("cachegw: ignoring a malformed message from another worker: %r", exc)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -495,6 +565,9 @@ class RelayCoordinator(Coordinator):
     def _apply(self, data: bytes, fds: list[int]) -> None:
         header, _, body = data.partition(b"\n")
         head = json.loads(header)
+        if "w" in head:
+            self._answer(str(head["w"]), str(head["r"]))
+            return
         key = str(head["k"])
         failed = bool(head["f"])
         if "m" in head:
@@ -518,7 +591,14 @@ class RelayCoordinator(Coordinator):
                 self.backend.set_nowait(str(name), value, ttl)
             finally:
                 self._applying = False
-        for future in self._waiters.get(key, ()):
+        waiters = self._waiters.get(key)
+        if not waiters:
+            # Nobody waits yet (the answer came before the wait began): the next wait
+            # for the key returns at once.
+            self._notices[key] = None
+            while len(self._notices) > _NOTICES:
+                del self._notices[next(iter(self._notices))]
+        for future in waiters or ():
             if not future.done():
                 future.set_result("failed" if failed else "landed")
 
@@ -533,7 +613,7 @@ class RelayCoordinator(Coordinator):
     async def wait(self, key: str, seconds: float) -> str | None:
         if key in self._notices:
             del self._notices[key]
-            return "landed"  # deferred to a landing already read (see acquire)
+            return "landed"  # it came before this wait began
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(key, [])
         waiters.append(future)

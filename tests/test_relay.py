@@ -30,9 +30,7 @@ POLICY = CachePolicy(ttl=60)
 class Worker:
     def __init__(self, directory: str, pid: int | None = None) -> None:
         self.backend = MemoryBackend()
-        self.coordinator = RelayCoordinator(directory, self.backend)
-        if pid is not None:
-            self.coordinator.pid = pid
+        self.coordinator = RelayCoordinator(directory, self.backend, pid=pid)
         self.purges = RelayPurges(directory)
         self.engine = CacheEngine(self.backend, purges=self.purges, coordinator=self.coordinator)
 
@@ -93,20 +91,27 @@ async def test_waiters_in_another_worker_get_the_leaders_answer(workers) -> None
     assert dict(again.headers)[b"x-cache-status"] == b"HIT"
 
 
-async def test_a_worker_that_comes_after_the_landing_reads_it_instead_of_fetching(
-    workers,  # type: ignore[no-untyped-def]
-) -> None:
+async def test_a_worker_that_misses_after_the_landing_asks_for_the_entry(workers) -> None:  # type: ignore[no-untyped-def]
     a, b = workers
-    # Worker b is busy: its event loop does not read its queue as landings come.
-    asyncio.get_running_loop().remove_reader(b.coordinator.sock.fileno())
     upstream = Upstream()
     await a.engine.serve(req(), POLICY, upstream)
-    # Worker b has not read its queue: the landing waits there. Its lookup misses, the
-    # lease says "landed": it reads its queue and serves the entry it finds.
-    assert b.backend.get_nowait("t:k") is None
+    assert b.backend.get_nowait("t:k") is None  # nothing is sent to workers that did not ask
     served = await b.engine.serve(req(), POLICY, upstream)
     assert served.body == b"hello"
     assert upstream.calls == 1
+    assert b.backend.get_nowait("t:k") is not None  # b holds its own copy now
+    assert (a.coordinator.sent, b.coordinator.received) == (1, 1)
+
+
+async def test_a_worker_that_no_longer_holds_the_entry_says_so(workers) -> None:  # type: ignore[no-untyped-def]
+    a, b = workers
+    upstream = Upstream()
+    await a.engine.serve(req(), POLICY, upstream)
+    a.backend.delete_nowait("t:k")  # evicted
+    served = await b.engine.serve(req(), POLICY, upstream)
+    assert served.body == b"hello"
+    assert upstream.calls == 2  # b fetched for itself, after a's empty answer
+    assert b.coordinator.received == 1
 
 
 async def test_large_answers_travel_in_a_memory_file(workers) -> None:  # type: ignore[no-untyped-def]
@@ -114,15 +119,12 @@ async def test_large_answers_travel_in_a_memory_file(workers) -> None:  # type: 
     body = os.urandom(INLINE_MAX * 4)
     upstream = Upstream(body)
     await a.engine.serve(req(), POLICY, upstream)
-    b.coordinator.drain()
-    data = b.backend.get_nowait("t:k")
-    assert data is not None
-    entry = decode(data)
-    assert isinstance(entry, Entry)
-    assert b.coordinator.received == 1
     served = await b.engine.serve(req(), POLICY, upstream)
     assert served.body == body
     assert upstream.calls == 1
+    data = b.backend.get_nowait("t:k")
+    assert data is not None
+    assert isinstance(decode(data), Entry)
 
 
 async def test_a_lease_is_exclusive_and_released(workers) -> None:  # type: ignore[no-untyped-def]
@@ -167,7 +169,8 @@ async def test_a_relayed_entry_is_judged_against_purges(workers) -> None:  # typ
     a, b = workers
     upstream = Upstream()
     await a.engine.serve(req(), POLICY, upstream)
-    b.coordinator.drain()
+    await b.engine.serve(req(), POLICY, upstream)  # b holds a's entry now
+    assert upstream.calls == 1
     data = b.backend.get_nowait("t:k")
     assert data is not None
     entry = decode(data)
@@ -177,6 +180,24 @@ async def test_a_relayed_entry_is_judged_against_purges(workers) -> None:  # typ
     served = await b.engine.serve(req(), POLICY, upstream)
     assert served.body == b"new"
     assert upstream.calls == 2
+
+
+async def test_the_landing_of_a_worker_that_exited_is_not_waited_for(tmp_path: Path) -> None:
+    gone = Worker(str(tmp_path))
+    live = Worker(str(tmp_path), pid=os.getppid())
+    upstream = Upstream()
+    try:
+        await gone.engine.serve(req(), POLICY, upstream)
+    finally:
+        await gone.aclose()  # its socket goes with it
+    live.engine.start()
+    try:
+        served = await live.engine.serve(req(), POLICY, upstream)
+        assert served.body == b"hello"
+        assert upstream.calls == 2
+        assert dict(served.headers)[b"x-cache-status"] == b"MISS"
+    finally:
+        await live.aclose()
 
 
 async def test_one_worker_uses_no_relay(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,6 +152,14 @@ class MemoryBackend(Backend):
         if self.on_set is not None:
             self.on_set(key, value, expire)
 
+    def get_with_deadline_nowait(self, key: str) -> tuple[bytes, float | None] | None:
+        """The value of ``key`` and the seconds it has left (None: no expiry), or None."""
+        value = self.get_nowait(key)
+        if value is None:
+            return None
+        deadline = self._data[key][1]
+        return value, None if deadline is None else deadline - self._clock()
+
     def delete_nowait(self, key: str) -> bool:
         return self._drop(key)
 
