@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 import string
 
+from cachegw._errors import redact
 from cachegw._gateway import Gateway, policy_table
+from cachegw._knobs import defaults_of, settings_of
 from cachegw._policy import KNOB_SPECS
 
-__all__ = ["budget_line", "lint", "plural", "route_table"]
+__all__ = ["budget_line", "lint", "plural", "route_table", "settings_lines"]
 
 
 _COLUMNS = ("SERVICE", "PATH", "UPSTREAM", *(k.column for k in KNOB_SPECS.values()))
@@ -27,6 +29,19 @@ def route_table(gateway: Gateway) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def settings_lines(gateway: Gateway) -> list[str]:
+    """A line per table, ``[cache]`` then ``[server]``, naming the settings it sets to
+    something other than their defaults (none: no line); passwords in a URL redacted."""
+    values: dict[str, list[str]] = {"cache": [], "server": []}
+    for owner in (gateway, gateway.server):
+        defaults = defaults_of(type(owner))
+        for name, declared in settings_of(type(owner)).items():
+            value = getattr(owner, name)
+            if value != defaults[name]:
+                values[declared.table].append(f"{name}={declared.cell(value)}")
+    return [redact(f"[{table}] {' '.join(found)}") for table, found in values.items() if found]
 
 
 def budget_line(gateway: Gateway) -> str:

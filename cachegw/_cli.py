@@ -18,26 +18,48 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import httpx
 import uvicorn
 
 from cachegw._accesslog import log_config
-from cachegw._checks import budget_line, lint, plural, route_table
+from cachegw._checks import budget_line, lint, plural, route_table, settings_lines
 from cachegw._errors import ConfigError
 from cachegw._gateway import Gateway
+from cachegw._knobs import settings_of
+from cachegw._limits import ServerLimits
 from cachegw._metrics import multiprocess_dir
 from cachegw._relay import ENV_VAR as RELAY_DIR
 from cachegw._reload import ReloadingSupervisor
 from cachegw._server import uvicorn_options
 from cachegw._version import __version__
 
-__all__ = ["main"]
+__all__ = ["main", "server_flags"]
 
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_flags(limits: type = ServerLimits) -> Callable[[F], F]:
+    """``cachegw serve``'s flags that override the ``[server]`` limits: one per setting of
+    ``limits`` declared with a flag (`cachegw._knobs.Setting`), named after it."""
+
+    def apply(command: F) -> F:
+        # click lists options in the reverse order of their decorators: the last first.
+        for name, declared in reversed(settings_of(limits).items()):
+            if declared.flag is not None:
+                kind, text = declared.flag
+                option = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)
+                command = option(command)
+        return command
+
+    return apply
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,31 +91,7 @@ def main() -> None:
     show_default=True,
     help="One JSON line per request on stdout, with its cache status.",
 )
-@click.option(
-    "--header-timeout",
-    type=float,
-    help="Seconds to receive a request head (overrides [server] header_timeout; default 10).",
-)
-@click.option(
-    "--body-timeout",
-    type=float,
-    help="Seconds between two reads of a request body (overrides [server]; default 30).",
-)
-@click.option(
-    "--keepalive-timeout",
-    type=float,
-    help="Seconds an idle connection is kept between requests (overrides [server]; default 20).",
-)
-@click.option(
-    "--send-timeout",
-    type=float,
-    help="Seconds a client may take no response bytes (overrides [server]; default 30).",
-)
-@click.option(
-    "--max-header-fields",
-    type=int,
-    help="Most header fields in a request; more is a 431 (overrides [server]; default 100).",
-)
+@server_flags()
 def serve(
     file: Path,
     host: str,
@@ -180,6 +178,8 @@ def check(file: Path) -> None:
     found = lint(gateway)
     for warning in found:
         click.echo(f"warning: {file}: {warning}", err=True)
+    for line in settings_lines(gateway):
+        click.echo(line)
     click.echo(budget_line(gateway))
     routes = sum(len(service.routes) for service in gateway.services)
     click.echo(

@@ -11,6 +11,7 @@ name becomes the dotted key of the file, so ``ttl must be ..., got -5`` reads::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import json
@@ -24,37 +25,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from redis.asyncio.connection import parse_url
 
-from cachegw._backends._memory import MemoryBackend, parse_size
 from cachegw._backends._redis import check_url
 from cachegw._errors import ConfigError
+from cachegw._knobs import Setting, settings_of
+from cachegw._limits import ServerLimits
 from cachegw._policy import KNOBS
-from cachegw._proxies import TrustedProxies
-from cachegw._server import ServerLimits
 
-__all__ = ["load_gateway"]
+__all__ = ["load_gateway", "setting_tables"]
 
 _TABLES = frozenset({"cache", "admin", "server", "services"})
-_CACHE_KEYS = frozenset(
-    {
-        "backend",
-        "prefix",
-        "max_entries",
-        "max_bytes",
-        "status_header",
-        "expose_tag_headers",
-        "l1_entries",
-        "l1_max_bytes",
-        "l1_ttl",
-        "op_timeout",
-        "compress",
-        "compress_min",
-    }
-)
 _ADMIN_KEYS = frozenset({"token_env"})
-_LIMIT_KEYS = frozenset(
-    {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "max_header_fields"}
-)
-_SERVER_KEYS = _LIMIT_KEYS | {"trusted_proxies"}
 _UPSTREAM_KEYS = frozenset(
     {
         "timeout",
@@ -134,10 +114,14 @@ class _Loader(Generic[G]):
         cache = self._table(data, "cache")
         admin = self._table(data, "admin")
         server = self._table(data, "server")
-        self._check_keys(cache, _CACHE_KEYS, "cache")
+        declared = setting_tables(self.gateway)
+        self._check_keys(cache, declared["cache"], "cache")
         self._check_keys(admin, _ADMIN_KEYS, "admin")
-        self._check_keys(server, _SERVER_KEYS, "server")
-        settings = {**self._server(server), **self._cache(cache)}
+        self._check_keys(server, declared["server"], "server")
+        settings = {
+            **self._server(server, declared["server"]),
+            **self._settings("cache", cache, declared["cache"]),
+        }
         if "token_env" in admin:
             settings["admin_token_env"] = self._string(
                 admin, "token_env", "admin", _ENV_NAME, "an environment variable name"
@@ -148,55 +132,33 @@ class _Loader(Generic[G]):
                 "cache.backend must be 'memory' or a redis:// URL as a string, "
                 f"got {_toml(backend)}"
             )
-        with self._at("cache", _CACHE_KEYS, values=cache):
+        with self._at("cache", declared["cache"], values=cache):
             gateway = self.gateway(backend=backend, source=self.source, **settings)
         if backend != "memory":
             self._check_redis_url(gateway.backend)
         self._add_services(gateway, data.get("services", []))
         return gateway
 
-    def _server(self, server: Mapping[str, Any]) -> dict[str, Any]:
-        """The gateway's settings from the ``[server]`` table."""
-        settings: dict[str, Any] = {}
-        with self._at("server", _SERVER_KEYS, values=server):
-            limits = {k: v for k, v in server.items() if k in _LIMIT_KEYS}
-            settings["server"] = ServerLimits(**limits)
-        if "trusted_proxies" in server:
-            with self._at("server", _SERVER_KEYS, values=server):
-                TrustedProxies(server["trusted_proxies"])
-            settings["trusted_proxies"] = server["trusted_proxies"]
+    def _server(self, server: Mapping[str, Any], declared: Mapping[str, Setting]) -> dict[str, Any]:
+        """The gateway's settings from the ``[server]`` table: its own, and the limits on
+        client connections (`ServerLimits`, or what the gateway's ``server`` holds)."""
+        limits = _limits_class(self.gateway)
+        own = {k: v for k, v in declared.items() if k not in settings_of(limits)}
+        settings = self._settings("server", server, own)
+        with self._at("server", declared, values=server):
+            settings["server"] = limits(**{k: v for k, v in server.items() if k not in own})
         return settings
 
-    def _cache(self, cache: Mapping[str, Any]) -> dict[str, Any]:
-        """The gateway's settings from the ``[cache]`` table (``backend`` aside)."""
+    def _settings(
+        self, table: str, values: Mapping[str, Any], declared: Mapping[str, Setting]
+    ) -> dict[str, Any]:
+        """The gateway's settings of ``table`` (``cache.backend`` aside: `load` reads it),
+        each checked by its declaration (the gateway checks them again, in Python too)."""
         settings: dict[str, Any] = {}
-        with self._at("cache", _CACHE_KEYS, values=cache):
-            if "max_bytes" in cache:
-                settings["max_bytes"] = parse_size(cache["max_bytes"], what="max_bytes")
-            if "l1_max_bytes" in cache:
-                settings["l1_max_bytes"] = parse_size(cache["l1_max_bytes"], what="l1_max_bytes")
-            if "max_entries" in cache:
-                # The memory backend owns the rule for its bounds; building one costs nothing.
-                MemoryBackend(max_entries=cache["max_entries"])
-                settings["max_entries"] = cache["max_entries"]
-        if "prefix" in cache:
-            settings["prefix"] = self._string(
-                cache, "prefix", "cache", _KEY_PREFIX, "a non-empty string without spaces or braces"
-            )
-        if "status_header" in cache:
-            settings["status_header"] = self._string(
-                cache, "status_header", "cache", _TOKEN, "a header name like 'X-Cache-Status'"
-            )
-        for name in ("l1_entries", "l1_ttl", "compress", "compress_min", "op_timeout"):
-            if name in cache:
-                settings[name] = cache[name]
-        if "expose_tag_headers" in cache:
-            value = cache["expose_tag_headers"]
-            if not isinstance(value, bool):
-                raise self._error(
-                    f"cache.expose_tag_headers must be true or false, got {_toml(value)}"
-                )
-            settings["expose_tag_headers"] = value
+        with self._at(table, declared, values=values):
+            for key, value in values.items():
+                if key in declared and key != "backend":
+                    settings[key] = declared[key].parse(value, key)
         return settings
 
     def _add_services(self, gateway: G, services: Any) -> None:
@@ -346,6 +308,25 @@ class _Loader(Generic[G]):
                 message = message.replace(suffix, "")
             located = _locate(message, where, keys, inherited or {}, values or {})
             raise self._error(located) from None
+
+
+def setting_tables(gateway: object) -> dict[str, dict[str, Setting]]:
+    """The keys of the ``[cache]`` and ``[server]`` tables and their declarations: the
+    settings of ``gateway`` (the class) and of the `ServerLimits` its ``server`` holds."""
+    tables: dict[str, dict[str, Setting]] = {"cache": {}, "server": {}}
+    for owner in (gateway, _limits_class(gateway)):
+        for name, declared in settings_of(owner).items():
+            tables[declared.table][name] = declared
+    return tables
+
+
+def _limits_class(gateway: object) -> Callable[..., Any]:
+    """What the gateway's ``server`` field holds: `ServerLimits` (or a subclass)."""
+    if dataclasses.is_dataclass(gateway):
+        for f in dataclasses.fields(gateway):
+            if f.name == "server" and f.default_factory is not dataclasses.MISSING:
+                return f.default_factory
+    return ServerLimits
 
 
 def _locate(

@@ -18,16 +18,62 @@ from typing import Any
 from fastapi_cache.types import Backend
 
 from cachegw._backends._base import OP_TIMEOUT
-from cachegw._backends._memory import parse_size
 from cachegw._config import load_gateway
 from cachegw._errors import ConfigError, redact
-from cachegw._knobs import parse_duration
+from cachegw._knobs import (
+    as_bytes,
+    as_duration,
+    as_flag,
+    as_matching,
+    as_positive_duration,
+    as_whole,
+    flag_cell,
+    list_cell,
+    seconds_cell,
+    setting,
+    settings_of,
+    size_cell,
+)
+from cachegw._limits import ServerLimits
 from cachegw._policy import CachePolicy
 from cachegw._proxies import TrustedProxies
-from cachegw._server import ServerLimits
 from cachegw._service import Route, Service
 
 __all__ = ["Gateway", "Route", "Service"]
+
+
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+
+
+def _backend(value: object, what: str) -> object:
+    """``"memory"``, a Redis URL with its ``${NAME}`` references replaced, or a ready
+    fastapi-cache2 backend (not checked)."""
+    if not isinstance(value, str):
+        return value
+    value = _expand_env(value, what, "")
+    if not (value == "memory" or value.split("://", 1)[0] in _SCHEMES):
+        raise ConfigError(
+            f"{what} must be 'memory' or a redis://, rediss://, unix://, "
+            f"redis+cluster:// or redis+sentinel:// URL, got {value!r}"
+        )
+    return value
+
+
+# Braces would turn into Redis Cluster hash tags.
+_key_prefix = as_matching(r"^[^\s{}]+$", "a non-empty string without spaces or braces")
+_header_name = as_matching(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "a header name like 'X-Cache-Status'")
+
+
+def _trusted_proxies(value: object, what: str) -> tuple[str, ...]:
+    return tuple(str(n) for n in TrustedProxies(value, what=what).networks)  # type: ignore[arg-type]
 
 
 @dataclass(kw_only=True, repr=False)
@@ -76,21 +122,63 @@ class Gateway:
     """
 
     services: list[Service] = field(default_factory=list)
-    backend: str | Backend = "memory"
-    prefix: str = "cachegw"
-    max_entries: int = 10_000
-    max_bytes: int | str = 64 * 1024 * 1024
+    # The [cache] and [server] settings: each declared once, here or on ServerLimits (see
+    # cachegw._knobs.Setting); the TOML keys, validation, `cachegw check`'s settings
+    # line, `cachegw serve`'s flags and the reload rule follow from the declaration.
+    backend: str | Backend = field(
+        default="memory", metadata=setting("cache", _backend, "string", '`"memory"`')
+    )
+    prefix: str = field(
+        default="cachegw", metadata=setting("cache", _key_prefix, "string", '`"cachegw"`')
+    )
+    max_entries: int = field(
+        default=10_000, metadata=setting("cache", as_whole(1), "integer", "`10000`")
+    )
+    max_bytes: int | str = field(
+        default=64 * 1024 * 1024,
+        metadata=setting("cache", as_bytes, "size", '`"64MiB"`', cell=size_cell),
+    )
     admin_token_env: str | None = None
-    status_header: str = "X-Cache-Status"
-    expose_tag_headers: bool = False
-    l1_entries: int = 4096
-    l1_max_bytes: int | str = 32 * 1024 * 1024
-    l1_ttl: float | str = 1.0
-    op_timeout: float | str = OP_TIMEOUT
+    status_header: str = field(
+        default="X-Cache-Status",
+        metadata=setting("cache", _header_name, "string", '`"X-Cache-Status"`'),
+    )
+    expose_tag_headers: bool = field(
+        default=False,
+        metadata=setting("cache", as_flag, "boolean", "`false`", cell=flag_cell),
+    )
+    l1_entries: int = field(
+        default=4096, metadata=setting("cache", as_whole(0), "integer", "`4096`")
+    )
+    l1_max_bytes: int | str = field(
+        default=32 * 1024 * 1024,
+        metadata=setting("cache", as_bytes, "size", '`"32MiB"`', cell=size_cell),
+    )
+    l1_ttl: float | str = field(
+        default=1.0, metadata=setting("cache", as_duration, "duration", "`1`", cell=seconds_cell)
+    )
+    op_timeout: float | str = field(
+        default=OP_TIMEOUT,
+        metadata=setting("cache", as_positive_duration, "duration", "`250ms`", cell=seconds_cell),
+    )
     server: ServerLimits = field(default_factory=ServerLimits)
-    compress: bool = True
-    compress_min: int | str = 1024
-    trusted_proxies: Iterable[str] = ()
+    compress: bool = field(
+        default=True, metadata=setting("cache", as_flag, "boolean", "`true`", cell=flag_cell)
+    )
+    compress_min: int | str = field(
+        default=1024, metadata=setting("cache", as_bytes, "size", '`"1KiB"`', cell=size_cell)
+    )
+    trusted_proxies: Iterable[str] = field(
+        default=(),
+        metadata=setting(
+            "server",
+            _trusted_proxies,
+            "list of addresses / CIDRs",
+            "`[]`",
+            cell=list_cell,
+            live=True,
+        ),
+    )
     source: str | None = None  # the file this came from, for messages
     trusted: TrustedProxies = field(init=False, repr=False, compare=False)
 
@@ -106,52 +194,15 @@ class Gateway:
                 raise ConfigError(f"service prefix {prefix!r} is used twice{self._in()}")
             if prefix == "/_cachegw" or prefix.startswith("/_cachegw/"):
                 raise ConfigError(f"service prefix {prefix!r} is reserved for the admin API")
-        if (
-            isinstance(self.l1_entries, bool)
-            or not isinstance(self.l1_entries, int)
-            or (self.l1_entries < 0)
-        ):
-            raise ConfigError(
-                f"l1_entries must be a whole number ≥ 0, got {self.l1_entries!r}{self._in()}"
-            )
-        self.l1_ttl = parse_duration(self.l1_ttl, what="l1_ttl")
-        self.op_timeout = parse_duration(self.op_timeout, what="op_timeout")
-        if self.op_timeout <= 0:
-            raise ConfigError(f"op_timeout must be a duration > 0, got 0{self._in()}")
-        self.l1_max_bytes = parse_size(self.l1_max_bytes, what="l1_max_bytes")
-        if not isinstance(self.compress, bool):
-            raise ConfigError(f"compress must be true or false, got {self.compress!r}{self._in()}")
-        try:
-            self.compress_min = parse_size(self.compress_min, what="compress_min")
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}{self._in()}") from None
-        try:
-            self.trusted = TrustedProxies(self.trusted_proxies)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}{self._in()}") from None
-        self.trusted_proxies = tuple(str(n) for n in self.trusted.networks)
+        for name, declared in settings_of(type(self)).items():
+            try:
+                setattr(self, name, declared.parse(getattr(self, name), name))
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}{self._in()}") from None
+        self.trusted = TrustedProxies(self.trusted_proxies)
         # Longest prefix first: computed once, not per request.
         self._ordered = sorted(self.services, key=lambda s: len(s.prefix), reverse=True)
         self._matches: dict[str, tuple[Service, Route, str, dict[str, Any]] | None] = {}
-        if isinstance(self.backend, str):
-            self.backend = _expand_env(self.backend, "backend", self._in())
-        if isinstance(self.backend, str) and not (
-            self.backend == "memory"
-            or self.backend.split("://", 1)[0]
-            in (
-                "redis",
-                "rediss",
-                "unix",
-                "redis+cluster",
-                "rediss+cluster",
-                "redis+sentinel",
-                "rediss+sentinel",
-            )
-        ):
-            raise ConfigError(
-                f"backend must be 'memory' or a redis://, rediss://, unix://, "
-                f"redis+cluster:// or redis+sentinel:// URL, got {self.backend!r}{self._in()}"
-            )
 
     def _in(self) -> str:
         return f" in {self.source}" if self.source else ""

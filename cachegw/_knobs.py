@@ -1,13 +1,16 @@
 """Declaring a configuration knob once: its parser, its `cachegw check` cell, its docs.
 
-A `CachePolicy` field carries ``metadata=knob(...)`` (cachegw._policy); the parsers and
-cells here are shared by every declaration. A parser takes the value as given and its
+A `CachePolicy` field carries ``metadata=knob(...)`` (cachegw._policy); a `Gateway` field
+of the ``[cache]`` or ``[server]`` table, or a `ServerLimits` one, ``metadata=setting(...)``
+(cachegw._gateway, cachegw._limits). The parsers and cells here are shared by every
+declaration. A parser takes the value as given and its
 name, and returns the value held or raises `ConfigError` whose message starts with the
 name ("ttl must be ...").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -18,21 +21,30 @@ from cachegw._errors import ConfigError
 
 __all__ = [
     "Knob",
+    "Setting",
     "as_beta",
+    "as_bytes",
     "as_duration",
     "as_flag",
     "as_fraction",
     "as_header_names",
+    "as_matching",
     "as_methods",
     "as_optional_duration",
+    "as_positive_duration",
     "as_size",
     "as_statuses",
     "as_str_list",
+    "as_whole",
+    "defaults_of",
+    "flag_cell",
     "knob",
     "list_cell",
     "number_cell",
     "parse_duration",
     "seconds_cell",
+    "setting",
+    "settings_of",
     "size_cell",
 ]
 
@@ -189,3 +201,108 @@ def knob(
     decorator: bool = True,
 ) -> dict[str, Knob]:
     return {"knob": Knob(parse, column, cell, default_doc, decorator)}
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one gateway-wide setting appears everywhere else. Declared with its field, on
+    `Gateway` or on `ServerLimits` (``field(metadata=setting(...))``), so that its TOML
+    table and key (its name), validation, ``cachegw check`` line, ``cachegw serve`` flag,
+    reload rule and docs row all come from one place; tests/test_knobs.py fails when one
+    of them is missing.
+    """
+
+    table: str  # its TOML table: "cache" or "server"
+    parse: Callable[[Any, str], Any]  # validates and normalises; ConfigError naming it
+    type_doc: str  # its type as docs/gateway.md's TOML reference writes it
+    default_doc: str  # its default, likewise
+    cell: Callable[[Any], str] = str  # its value in `cachegw check`'s settings line
+    live: bool = False  # a reload applies a change (else the reload asks for a restart)
+    flag: tuple[type, str] | None = None  # `cachegw serve --<name>`: click type and help
+
+
+def setting(
+    table: str,
+    parse: Callable[[Any, str], Any],
+    type_doc: str,
+    default_doc: str,
+    *,
+    cell: Callable[[Any], str] = str,
+    live: bool = False,
+    flag: tuple[type, str] | None = None,
+) -> dict[str, Setting]:
+    return {"setting": Setting(table, parse, type_doc, default_doc, cell, live, flag)}
+
+
+def settings_of(cls: object) -> dict[str, Setting]:
+    """The settings a dataclass declares, in declaration order, by field name."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {
+        f.name: f.metadata["setting"] for f in dataclasses.fields(cls) if "setting" in f.metadata
+    }
+
+
+def defaults_of(cls: object) -> dict[str, Any]:
+    """The defaults of the settings a dataclass declares."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if "setting" in f.metadata:
+            if f.default_factory is not dataclasses.MISSING:
+                found[f.name] = f.default_factory()
+            else:
+                found[f.name] = f.default
+    return found
+
+
+# -- parsers of settings ---------------------------------------------------------------------
+
+
+def as_bytes(value: object, what: str) -> int:
+    """A size: a number of bytes, or a string like ``"64MiB"``."""
+    from cachegw._backends._memory import parse_size
+
+    return parse_size(value, what=what)  # type: ignore[arg-type]  # it checks the type
+
+
+def as_whole(low: int, high: int | None = None) -> Callable[[object, str], int]:
+    """A whole number from ``low`` (to ``high``)."""
+
+    def parse(value: object, what: str) -> int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            span = f"≥ {low}" if high is None else f"from {low} to {high}"
+            raise ConfigError(f"{what} must be a whole number {span}, got {value!r}")
+        return value
+
+    return parse
+
+
+def as_positive_duration(value: object, what: str) -> float:
+    """A duration > 0."""
+    seconds = parse_duration(value, what=what)
+    if seconds <= 0:
+        raise ConfigError(f"{what} must be a duration > 0, got 0")
+    return seconds
+
+
+def as_matching(pattern: str, form: str) -> Callable[[object, str], str]:
+    """A string matching ``pattern``, described as ``form`` in the error."""
+    compiled = re.compile(pattern)
+
+    def parse(value: object, what: str) -> str:
+        if not isinstance(value, str) or not compiled.match(value):
+            raise ConfigError(f"{what} must be {form}, got {value!r}")
+        return value
+
+    return parse
+
+
+def flag_cell(value: bool) -> str:
+    return "true" if value else "false"

@@ -40,6 +40,7 @@ from uvicorn.supervisors import Multiprocess
 
 from cachegw._errors import ConfigError, redact
 from cachegw._gateway import Gateway, Service
+from cachegw._knobs import settings_of
 from cachegw._upstream import Upstream, upstream_for
 
 if TYPE_CHECKING:
@@ -56,22 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cachegw")
-
-# Settings a running gateway cannot change: they shape the backend and every stored key.
-_RESTART_ONLY = (
-    ("backend", "cache.backend"),
-    ("prefix", "cache.prefix"),
-    ("max_entries", "cache.max_entries"),
-    ("max_bytes", "cache.max_bytes"),
-    ("l1_entries", "cache.l1_entries"),
-    ("l1_max_bytes", "cache.l1_max_bytes"),
-    ("l1_ttl", "cache.l1_ttl"),
-    ("op_timeout", "cache.op_timeout"),
-    ("status_header", "cache.status_header"),
-    ("expose_tag_headers", "cache.expose_tag_headers"),
-    ("compress", "cache.compress"),
-    ("compress_min", "cache.compress_min"),
-)
 
 
 class ReloadError(Exception):
@@ -112,16 +97,20 @@ def stale_scopes(old: Gateway, new: Gateway) -> list[str]:
 
 def restart_needed(old: Gateway, new: Gateway) -> str | None:
     """Why ``new`` cannot replace ``old`` without a restart, or None."""
-    for attribute, key in _RESTART_ONLY:
-        before, after = getattr(old, attribute), getattr(new, attribute)
-        if before != after:
+    # A setting not declared live shapes the backend and every stored key ([cache]), or
+    # what uvicorn's protocol was given when it started ([server]).
+    for name, declared in settings_of(type(old)).items():
+        before, after = getattr(old, name), getattr(new, name)
+        if not declared.live and before != after:
             # redact: a changed Redis URL is most often a rotated password.
             return redact(
-                f"{key} changed from {before!r} to {after!r}; the [cache] table is fixed "
-                f"when the gateway starts: restart the gateway (cachegw serve) to change it"
+                f"{declared.table}.{name} changed from {before!r} to {after!r}; the "
+                f"[{declared.table}] table is fixed when the gateway starts: restart the "
+                f"gateway (cachegw serve) to change it"
             )
     # The [server] table's client limits go to uvicorn's protocol when it starts.
-    if old.server != new.server:
+    limits = settings_of(type(old.server)).items()
+    if any(not d.live and getattr(old.server, n) != getattr(new.server, n) for n, d in limits):
         return (
             f"the [server] table changed from {old.server!r} to {new.server!r}; client "
             f"connection limits are fixed when the gateway starts, as its listen address "

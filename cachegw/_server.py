@@ -30,7 +30,6 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -44,8 +43,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from cachegw._entry import Headers
-from cachegw._errors import ConfigError
-from cachegw._knobs import parse_duration
+from cachegw._limits import ServerLimits
 
 __all__ = [
     "VERIFIED_UVICORN",
@@ -97,46 +95,6 @@ MAX_HEAD_BYTES = 64 * 1024
 #: Seconds a client may take no bytes of a streamed response while the upstream
 #: connection it holds is wanted by other requests (the service's pool is full).
 STALLED_CONTENDED = 1.0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ServerLimits:
-    """Limits on client connections, enforced by `cachegw serve` (the ``[server]`` table).
-
-    * **header_timeout** - seconds to receive a whole request head, counted from the
-      connection's start or the request's first byte (nginx ``client_header_timeout``,
-      60 s). Also bounds a connection that sends nothing at all.
-    * **body_timeout** - seconds between two reads of a request body (nginx
-      ``client_body_timeout``, 60 s).
-    * **keepalive_timeout** - seconds an idle connection is kept open between requests
-      (nginx ``keepalive_timeout``, 75 s).
-    * **send_timeout** - seconds a client may go without accepting any bytes of a
-      response being written (nginx ``send_timeout``, 60 s).
-    * **max_header_fields** - most header fields in one request; more is a 431 (nginx
-      bounds the size of headers, not their number; Apache ``LimitRequestFields``, 100).
-    """
-
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 20.0
-    send_timeout: float = 30.0
-    max_header_fields: int = 100
-
-    def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
-            value = getattr(self, name)
-            seconds = parse_duration(value, what=name)
-            if seconds <= 0:
-                raise ConfigError(
-                    f"{name} must be a number of seconds > 0 (or a string like '30s'), "
-                    f"got {value!r}"
-                )
-            object.__setattr__(self, name, seconds)
-        fields = self.max_header_fields
-        if isinstance(fields, bool) or not isinstance(fields, int) or not 1 <= fields <= 10_000:
-            raise ConfigError(
-                f"max_header_fields must be a whole number from 1 to 10000, got {fields!r}"
-            )
 
 
 _DEFAULT_LIMITS = ServerLimits()

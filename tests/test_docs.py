@@ -14,8 +14,11 @@ from pathlib import Path
 
 import cachegw
 from cachegw import Gateway
-from cachegw._config import _ADMIN_KEYS, _CACHE_KEYS, _ROUTE_KEYS, _SERVER_KEYS, _SERVICE_KEYS
+from cachegw._config import _ADMIN_KEYS, _ROUTE_KEYS, _SERVICE_KEYS, setting_tables
 from cachegw._policy import KNOBS
+
+_CACHE_KEYS = frozenset(setting_tables(Gateway)["cache"])
+_SERVER_KEYS = frozenset(setting_tables(Gateway)["server"])
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cachegw._server import ServerLimits
+from cachegw._limits import ServerLimits
 from tests.gateway_process import GatewayProcess
 from tests.hostile import HostileOrigin, read_response, send_raw
 

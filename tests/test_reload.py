@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachegw import Gateway, Service
+from cachegw._limits import ServerLimits
 from cachegw._reload import restart_needed, route_scope, stale_scopes
-from cachegw._server import ServerLimits
 from tests.gateway_process import GatewayProcess
 from tests.reload_load import Load
 from tests.servers import StubUpstream, run_uvicorn
