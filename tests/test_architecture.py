@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import tokenize
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -414,3 +415,20 @@ def test_the_length_checks_count_code_only(tmp_path: Path) -> None:
     assert long_functions(pkg) == {"pkg._m:C.long": 63, "pkg._m:C.nested": 62}
     assert long_modules(pkg, limit=190) == {"pkg._m": 194}
     assert long_modules(pkg, limit=194) == {}
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    # docs/architecture.md's module table is the map a newcomer reads first: every module
+    # of the package is in it, and nothing that is not one.
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = page.partition("## Modules")[2].partition("\n## ")[0]
+    named = {
+        name
+        for row in table.splitlines()
+        if row.startswith("|") and row.count("|") >= 4
+        for name in re.findall(r"`(\w+)`", row.split("|")[2])
+    }
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {
+        p.parent.name for p in PACKAGE.glob("*/__init__.py")
+    }
+    assert named == modules - {"__init__", "__main__"}
