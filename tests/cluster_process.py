@@ -1,4 +1,5 @@
-"""Start and stop a real 3-master Redis Cluster (no replicas) for the test suite.
+"""Start and stop a real 3-master Redis Cluster (with ``replicas=1``: one replica each)
+for the test suite and benches.
 
 Three ``redis-server`` processes with ``--cluster-enabled yes`` on free loopback ports,
 joined with ``CLUSTER ADDSLOTS`` and ``CLUSTER MEET`` (what ``redis-cli --cluster create``
@@ -38,10 +39,14 @@ class RedisCluster3:
     manager that always tears down, even when starting failed halfway.
     """
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, replicas: int = 0) -> None:
         self.extra_args = extra_args
+        self.replicas_per_master = replicas
         self.server = redis_server_binary()
+        #: The masters' ports (as started: after a failover, see `masters`).
         self.nodes: list[int] = []
+        #: The replicas' ports, ``replicas`` per master in master order.
+        self.replicas: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -61,13 +66,16 @@ class RedisCluster3:
         self._tmpdir = tempfile.TemporaryDirectory(prefix="cachegw-cluster-")
         workdir = self._tmpdir.name
         try:
-            self.nodes = self._pick_ports(3)
-            for port in self.nodes:
+            ports = self._pick_ports(3 * (1 + self.replicas_per_master))
+            self.nodes, self.replicas = ports[:3], ports[3:]
+            for port in ports:
                 self._spawn(port, workdir)
-            for port in self.nodes:
+            for port in ports:
                 self._wait_for_ping(port)
             self._create()
             self._wait_until_ok()
+            if self.replicas:
+                self._replicate()
         except BaseException as exc:
             logs = self._logs()
             self.stop()
@@ -129,8 +137,54 @@ class RedisCluster3:
                 # Distinct epochs, as redis-cli sets them: no collision to resolve later.
                 node.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
         with self.client(self.nodes[0]) as first:
-            for port in self.nodes[1:]:
+            for port in self.nodes[1:] + self.replicas:
                 first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+
+    def _replicate(self) -> None:
+        """Make each replica follow its master, and wait until every one has synced."""
+        ids = {}
+        for port in self.nodes:
+            with self.client(port) as node:
+                ids[port] = node.execute_command("CLUSTER", "MYID").decode()
+        per = self.replicas_per_master
+        for index, port in enumerate(self.replicas):
+            master = self.nodes[index // per]
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:  # until the replica has heard of its master through gossip
+                try:
+                    with self.client(port) as node:
+                        node.execute_command("CLUSTER", "REPLICATE", ids[master])
+                    break
+                except redis.exceptions.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(self._synced(port) for port in self.replicas):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicas did not sync with their masters")
+            time.sleep(0.05)
+        self._wait_until_ok()
+
+    def _synced(self, port: int) -> bool:
+        try:
+            with self.client(port) as node:
+                info = node.info("replication")
+        except redis.exceptions.RedisError:
+            return False
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def masters(self) -> list[int]:
+        """The nodes that are masters now (a failover promotes a replica)."""
+        found = []
+        for port in self.nodes + self.replicas:
+            try:
+                with self.client(port) as node:
+                    if node.info("replication").get("role") == "master":
+                        found.append(port)
+            except redis.exceptions.RedisError:
+                continue
+        return found
 
     def _wait_until_ok(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -152,18 +206,39 @@ class RedisCluster3:
             fields.get("cluster_state") == "ok"
             and fields.get("cluster_slots_assigned") == str(SLOTS)
             and fields.get("cluster_slots_ok") == str(SLOTS)
-            and fields.get("cluster_known_nodes") == str(len(self.nodes))
+            and fields.get("cluster_known_nodes") == str(len(self.nodes) + len(self.replicas))
         )
+
+    def wait_until_ok(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every slot is served by a live master again (after a failover: a replica
+        promoted) and the live nodes all say the cluster is ok."""
+        deadline = time.monotonic() + timeout
+        ports = self.nodes + self.replicas
+        live = [port for port, proc in zip(ports, self._procs, strict=True) if proc.poll() is None]
+        while True:
+            if len(self.masters()) == len(self.nodes) and all(map(self._serving, live)):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not recover")
+            time.sleep(0.05)
+
+    def _serving(self, port: int) -> bool:
+        try:
+            with self.client(port) as node:
+                fields = {str(k): str(v) for k, v in dict(node.cluster("INFO")).items()}
+        except redis.exceptions.RedisError:
+            return False
+        return fields.get("cluster_state") == "ok" and fields.get("cluster_slots_ok") == str(SLOTS)
 
     def kill(self, port: int) -> None:
         """Kill one node (SIGKILL): a shard outage."""
-        proc = self._procs[self.nodes.index(port)]
+        proc = self._procs[(self.nodes + self.replicas).index(port)]
         proc.kill()
         proc.wait()
 
     def flushall(self) -> None:
         """Empty every node (between tests)."""
-        for port in self.nodes:
+        for port in self.masters() if self.replicas else self.nodes:
             with self.client(port) as node:
                 node.flushall()
 

@@ -8,14 +8,20 @@ Scenarios (each on real servers started here, on loopback ports):
 * ``sentinel-kill``: master + replica + three sentinels, the master killed (SIGKILL);
 * ``sentinel-graceful``: the same, ``SENTINEL FAILOVER``;
 * ``cluster-shard``: a 3-master cluster (``cluster-require-full-coverage no``), one master
-  that holds neither the purge record nor the landing channel killed for good.
+  that holds neither the purge record nor the landing channel killed for good;
+* ``cluster-failover``: 3 masters with a replica each (``cluster-require-full-coverage
+  no``), such a master killed; the event lasts until its replica serves its slots. This
+  one reads ``/items/{n}`` (no Vary: an item is one key), so that each read is known to
+  belong to the dead shard or to a live one.
 
 For each: reads older than an acknowledged write beyond the 200 ms window (violations),
 non-2xx answers, hit ratio before / during-and-after the event, and the slowest request
-once the event has been over for 1 s.
+once the event has been over for 1 s. ``cluster-failover`` adds a second table: the hit
+ratio of reads of the live shards' keys, healthy (before) and during the outage, and the
+slowest request that started after the recovery.
 
     .venv/bin/python tests/bench/failover.py [--seconds 15] [--workers 8]
-        [--scenarios restart sentinel-kill sentinel-graceful cluster-shard]
+        [--scenarios restart sentinel-kill sentinel-graceful cluster-shard cluster-failover]
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ from tests.sentinel_process import SentinelSetup  # noqa: E402
 from tests.test_consistency import WINDOW, config  # noqa: E402
 
 
-async def workload_ops(bases: list[str], workload: Workload) -> tuple[list[Op], list[float]]:
+async def workload_ops(
+    bases: list[str], workload: Workload, resource: str = "vitems"
+) -> tuple[list[Op], list[float]]:
     """The consistency workload; every completed op, and the start times of failures."""
     weights = list(
         itertools.accumulate(1 / (k**workload.zipf) for k in range(1, workload.items + 1))
@@ -69,7 +77,7 @@ async def workload_ops(bases: list[str], workload: Workload) -> tuple[list[Op], 
             try:
                 async with session.request(
                     method,
-                    f"{r.choice(bases)}/vitems/{item}",
+                    f"{r.choice(bases)}/{resource}/{item}",
                     headers={"accept-language": r.choice(LANGS)},
                 ) as response:
                     await response.read()
@@ -91,7 +99,18 @@ async def workload_ops(bases: list[str], workload: Workload) -> tuple[list[Op], 
     return ops, failures
 
 
-def run(name: str, backend: str, event: Callable[[], None], workload: Workload) -> str:
+def run(
+    name: str,
+    backend: str,
+    event: Callable[[], None],
+    workload: Workload,
+    *,
+    resource: str = "vitems",
+    live: Callable[[int], bool] | None = None,
+    extra: list[str] | None = None,
+) -> str:
+    """One scenario's row. ``live(item)``: whether the item's key is on a shard that
+    stays up (then a row of the live-shard table is appended to ``extra``)."""
     port = free_port()
     origin = upstream_process(port, 0.02)
     try:
@@ -113,7 +132,7 @@ def run(name: str, backend: str, event: Callable[[], None], workload: Workload) 
                 thread = threading.Thread(target=disrupt)
                 thread.start()
                 ops, failures = asyncio.run(
-                    workload_ops([p.base + "/api" for p in procs], workload)
+                    workload_ops([p.base + "/api" for p in procs], workload, resource)
                 )
                 thread.join()
             finally:
@@ -133,6 +152,15 @@ def run(name: str, backend: str, event: Callable[[], None], workload: Workload) 
     before = [op for op in ops if op.start < start]
     after = [op for op in ops if op.start >= start]
     settled = [op.end - op.start for op in ops if op.start >= end + 1.0]
+    if live is not None and extra is not None:
+        alive = [op for op in ops if live(op.item)]
+        outage = [op for op in alive if start <= op.start < end]
+        recovered = [op.end - op.start for op in ops if op.start >= end]
+        extra.append(
+            f"| {name} | {ratio([op for op in alive if op.start < start])} | {ratio(outage)} "
+            f"({sum(not op.write for op in outage)} reads) | "
+            f"{max(recovered) * 1000 if recovered else 0:.0f} ms |"
+        )
     return (
         f"| {name} | {end - start:.1f} s | {len(ops)} | {len(result.violations)} | "
         f"{len(failures)} | {ratio(before)} | {ratio(after)} | "
@@ -152,7 +180,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     workload = Workload(items=args.items, workers=args.workers, seconds=args.seconds)
-    rows = []
+    rows: list[str] = []
+    extra: list[str] = []
     for scenario in args.scenarios:
         if scenario == "restart":
             with RedisProcess("--appendonly", "yes", "--appendfsync", "everysec") as redis:
@@ -189,6 +218,8 @@ def main() -> None:
                 rows.append(
                     run(scenario, cluster.url, lambda v=victim: cluster.kill(v), workload)  # type: ignore[misc]
                 )
+        elif scenario == "cluster-failover":
+            rows.append(cluster_failover(workload, extra))
         else:
             parser.error(f"unknown scenario {scenario!r}")
     print(
@@ -199,6 +230,69 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(row)
+    if extra:
+        print()
+        print(
+            "| scenario | hits on the live shards' keys, healthy | during the outage | "
+            "slowest request after the recovery |"
+        )
+        print("|---|---:|---:|---:|")
+        for row in extra:
+            print(row)
+
+
+def cluster_failover(workload: Workload, extra: list[str]) -> str:
+    """3 masters + 3 replicas; one master (holding neither the purge record nor the
+    landing channel) killed until its replica takes over."""
+    from cachegw._keys import hash_parts
+
+    with RedisCluster3("--cluster-require-full-coverage", "no", replicas=1) as cluster:
+        share = -(-16384 // 3)
+        with cluster.client(cluster.nodes[0]) as node:
+
+            def shard(key: str) -> int:
+                return int(node.cluster("KEYSLOT", key)) // share
+
+            busy = {shard(key) for key in ("{fo:purge}:times", "fo:landed")}
+            victim = next(i for i in range(3) if i not in busy)
+            # The gateway's key of GET /api/items/{n} (service, path, query, key extra,
+            # scheme, host: see cachegw._app): which shard each item lives on.
+            dead = {
+                item
+                for item in range(1, workload.items + 1)
+                if shard(hash_parts("fo", ("api", f"/items/{item}", "", "", "http", ""))) == victim
+            }
+
+        def failover() -> None:
+            cluster.kill(cluster.nodes[victim])
+            cluster.wait_until_ok()
+
+        row = run(
+            "cluster-failover",
+            cluster.url,
+            failover,
+            workload,
+            resource="items",
+            live=lambda item: item not in dead,
+            extra=extra,
+        )
+        # The keys were what we said: most items' keys hold an entry at the end.
+        from redis.cluster import RedisCluster
+
+        client = RedisCluster(host="127.0.0.1", port=cluster.masters()[0])
+        try:
+            held = sum(
+                bool(client.exists(hash_parts("fo", ("api", f"/items/{n}", "", "", "http", ""))))
+                for n in range(1, workload.items + 1)
+            )
+        finally:
+            client.close()
+        print(
+            f"cluster-failover: {len(dead)} of {workload.items} items on the killed shard; "
+            f"{held} items' keys hold an entry at the end",
+            flush=True,
+        )
+        return row
 
 
 if __name__ == "__main__":
