@@ -329,7 +329,6 @@ class RedisPurges(Purges):
         """Apply purges made since the last poll (all of them, the first time); fence a
         Redis that is not the one the record was last written on."""
         now = self.clock()
-        log_key, ends_key, times_key = self.keys[2], self.keys[3], self.keys[0]
         raw, fenced, server, *refused = await self._poll_script(
             keys=list(self.keys),
             args=[repr(now), RECORD_TTL, LOG_LENGTH, repr(now + RECORD_TTL), self._check_life],
@@ -371,6 +370,12 @@ class RedisPurges(Purges):
             self.epoch = -1  # reload it all
         if epoch == self.epoch:
             return
+        await self._catch_up(epoch)
+
+    async def _catch_up(self, epoch: int) -> None:
+        """Apply the record's changes up to ``epoch``: those logged since the last poll,
+        or, the first time or when too far behind for the log, the whole record."""
+        log_key, ends_key, times_key = self.keys[2], self.keys[3], self.keys[0]
         entries: list[tuple[bytes, float]] = []
         if self.epoch >= 0:
             entries = await self.client.zrangebyscore(

@@ -305,7 +305,6 @@ LONG_FUNCTIONS_TO_SPLIT = {
     "cachegw._app:_Proxy._handle",
     "cachegw._app:_fast_hit",
     "cachegw._decorator:_serve",
-    "cachegw._purge:RedisPurges.poll",
     "cachegw._upstream:Upstream.fetch",
 }
 #: Today's longer modules, likewise.
