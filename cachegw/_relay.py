@@ -1,4 +1,4 @@
-"""Purges shared by the workers of one machine on the memory backend (issue 23).
+"""Purges and fetches shared by the workers of one machine on the memory backend (issue 23).
 
 ``cachegw serve --workers N`` without Redis keeps one memory cache per worker. So that a
 write's invalidation, a purge (``POST /_cachegw/purge``, ``cachegw purge``) and a reload's
@@ -11,7 +11,10 @@ request that starts after the write's answer sees the write in every worker: no 
 So that judging costs no system call, the sender then increments a counter in a small
 file all workers map into memory (``counter``, under ``flock``); a worker reads its queue
 only when the counter moved. An idle worker reads its queue as the messages come (an
-event-loop reader), so it never fills up.
+event-loop reader). A busy one may let it fill up: the sender then tries again for up to
+`SEND_TIMEOUT`, and if the purge still cannot be queued (or the purging request stops
+waiting) it sets a *fence* in the same file: every worker treats everything fetched
+before that purge as purged. A purge is thus never lost, at worst it costs a cold cache.
 
 Fetches are shared too (`RelayCoordinator`): one upstream request per key for the whole
 machine. A worker about to fetch a key takes the key's *lease* in a table all workers map
