@@ -64,12 +64,13 @@ logger = logging.getLogger("cachegw")
 # the cache stores, and the range is cut from it here (see `_ranges`).
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 _BUFFERED_BODY = 64 * 1024
-# Keys and purge scopes are memoised per request target, for at most _MEMO_SIZE targets
-# of at most _MEMO_PART_MAX bytes each (longer ones are computed every time): together at
-# most MEMO_BYTES, whatever the targets clients send.
+# Keys, purge scopes and checked paths are memoised per request target, for at most
+# _MEMO_SIZE targets of at most _MEMO_PART_MAX bytes each (longer ones are computed every
+# time): together at most MEMO_BYTES, whatever the targets clients send.
 _MEMO_SIZE = 4096
 _MEMO_PART_MAX = 256
-MEMO_BYTES = _MEMO_SIZE * 3072  # a key's memo under 1 KiB, a path's scopes under 2 KiB
+# A key's memo under 1 KiB, a path's scopes under 2 KiB, a checked path under 768 bytes.
+MEMO_BYTES = _MEMO_SIZE * 3840
 #: Bytes counted in the L1 for a fast-path answer besides its own bytes: the memo object
 #: and the access-log tail kept with it (for targets and User-Agents of at most
 #: _TAIL_MEMO_MAX bytes together).
@@ -222,6 +223,19 @@ class _Proxy:
         self.runtime = runtime
         self._keys: dict[tuple[str, str, bytes, str, str, str], str] = {}
         self._scope_memo: dict[tuple[str, str, str], list[str]] = {}
+        self._paths: dict[bytes, str] = {}
+
+    def path(self, raw_path: bytes) -> str:
+        """`check_target` of a request path, memoised for accepted paths like keys (a
+        pass-through GET is checked by the fast path, then by the ordinary one)."""
+        path = self._paths.get(raw_path)
+        if path is None:
+            path = check_target({"raw_path": raw_path})
+            if len(raw_path) <= _MEMO_PART_MAX:
+                if len(self._paths) >= _MEMO_SIZE:  # bounded: a flood can't grow it
+                    self._paths.clear()
+                self._paths[raw_path] = path
+        return path
 
     def forget(self) -> None:
         """Drop what was memoised from the previous configuration (after a reload)."""
@@ -279,7 +293,12 @@ class _Proxy:
     async def _handle(self, scope: Scope, receive: Receive, trace: _Trace) -> Served:
         try:
             length = check_headers(scope)  # of the body: None when chunked
-            path = check_target(scope)
+            raw_path = scope.get("raw_path")
+            target = scope.get("extensions", {}).get("cachegw.request_target")
+            if raw_path is None or (target is not None and not target.startswith(b"/")):
+                path = check_target(scope)  # refuses an absolute-form target
+            else:
+                path = self.path(raw_path)
         except BadTarget as bad:
             return _refusal(bad.status, _TITLES.get(bad.status, "Bad Request"), bad.detail)
         matched = self.runtime.gateway.match(path)
@@ -582,7 +601,7 @@ def _fast_hit(
         return None
     raw_path, _, query = target.partition(b"?")
     try:
-        path = check_target({"raw_path": raw_path})
+        path = proxy.path(raw_path)
     except BadTarget:
         return None
     if b"#" in query:

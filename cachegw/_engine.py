@@ -171,6 +171,7 @@ class CacheEngine:
         hidden = (frozenset() if expose_tag_headers else _TAG_HEADERS) | {b"surrogate-control"}
         self._unstored = _UNSTORED | hidden
         self._unpassed = frozenset({b"x-cache-status", b"cache-status"}) | hidden
+        self._passed_headers: dict[tuple[str, str], Headers] = {}
         self.purges = purges or LocalPurges(clock)
         self.coordinator = coordinator or Coordinator()
         # Waiters give up on another process's fetch after lock_timeout (nginx's
@@ -993,8 +994,15 @@ class CacheEngine:
         return Served(entry.status, headers + extra, body, cache_status=cache_status)
 
     def _passed(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
-        headers = [(n, v) for n, v in fetched.headers if n not in self._unpassed]
-        headers += self._cache_headers(cache_status, detail)
+        unpassed = self._unpassed
+        headers = [h for h in fetched.headers if h[0] not in unpassed]
+        # A few fixed (status, detail) pairs reach here: their headers are built once.
+        extra = self._passed_headers.get((cache_status, detail))
+        if extra is None:
+            extra = self._passed_headers[cache_status, detail] = self._cache_headers(
+                cache_status, detail
+            )
+        headers += extra
         return Served(
             fetched.status, headers, fetched.body or b"", fetched.stream, cache_status=cache_status
         )

@@ -33,7 +33,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import httpx
 import yarl
-from multidict import CIMultiDict
 
 from cachegw._errors import ConfigError
 from cachegw._models import Fetched
@@ -120,6 +119,10 @@ OVERRIDES = ROUTING_OVERRIDES | frozenset(
         b"front-end-https",
     }
 )
+# Removed from every forwarded request and response (checked first: one set lookup).
+_REQUEST_DROP = _HOP_BY_HOP | GATEWAY_SET
+_RESPONSE_DROP = _HOP_BY_HOP
+_RESPONSE_DROP_LENGTH = _HOP_BY_HOP | {b"content-length"}
 _VIA = b"1.1 cachegw"
 # RFC 9110 §7.6.3: a forwarded request's Via names the protocol version the gateway
 # received it in (the upstream is always spoken to in HTTP/1.1, so responses say 1.1).
@@ -244,17 +247,28 @@ def request_headers(
     unkeyed. nginx ignores every such name by default (``underscores_in_headers off``).
     """
     raw: Headers = scope["headers"]
-    drop = _HOP_BY_HOP | GATEWAY_SET | _connection_named(raw)
+    drop = _REQUEST_DROP
     out = []
     for name, value in raw:
         lower = name.lower()
-        if lower in drop or (is_override(lower) and lower not in allow):
+        if lower in drop:
+            if lower == b"connection":
+                drop = _REQUEST_DROP | _connection_named(raw)  # and what it names
             continue
+        if (lower in OVERRIDES or lower.startswith(b"x-forwarded-")) and lower not in allow:
+            continue  # `is_override`, inline: it runs for every header of every request
         if b"_" in lower:
             dashed = lower.replace(b"_", b"-")
             if dashed in drop or is_override(dashed):
                 continue
         out.append((name, value))
+    if drop is not _REQUEST_DROP:
+        # A Connection header may name headers that came before it.
+        out = [
+            (n, v)
+            for n, v in out
+            if n.lower() not in drop and n.lower().replace(b"_", b"-") not in drop
+        ]
     out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
     if host is not None:
         out.append((b"x-forwarded-host", host.encode("latin-1")))
@@ -262,18 +276,29 @@ def request_headers(
     return out
 
 
-def response_headers(raw: Headers) -> Headers:
-    """Upstream headers to send on: lower-case, end-to-end only, our `Via` appended."""
-    drop = _HOP_BY_HOP | _connection_named(raw)
+def response_headers(raw: Headers, content_length: int | None = None) -> Headers:
+    """Upstream headers to send on: lower-case, end-to-end only, our `Via` appended; with
+    ``content_length``, the upstream's Content-Length replaced by it (placed last)."""
+    drop = _RESPONSE_DROP
+    if content_length is not None:
+        drop = _RESPONSE_DROP_LENGTH
     out: Headers = []
     via: list[bytes] = []
+    named = False
     for name, value in raw:
         name = name.lower()
         if name == b"via":
             via.append(value)
         elif name not in drop:
             out.append((name, value))
-    out.append((b"via", b", ".join([*via, _VIA])))
+        elif name == b"connection":
+            named = True
+    if named:
+        connection = _connection_named(raw)
+        out = [(n, v) for n, v in out if n not in connection]
+    out.append((b"via", b", ".join(via) + b", " + _VIA if via else _VIA))
+    if content_length is not None:
+        out.append((b"content-length", str(content_length).encode()))
     return out
 
 
@@ -667,17 +692,18 @@ class Upstream:
         finally:
             if not streamed:
                 release()
-        out = response_headers(response.raw_headers)
         if streamed:
+            out = response_headers(response.raw_headers)
             # The permit goes with the stream: the connection is held until it is closed.
             stream = _Stream(response, chunks, rest, release, deadline, self)
             return Fetched(response.status, out, None, stream, response_time=arrived)
         await response.aclose()
-        data = b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if method != "HEAD" and response.status not in (204, 304):
             # The body is exactly what we send on: say so, whatever the upstream declared.
-            out = [h for h in out if h[0] != b"content-length"]
-            out.append((b"content-length", str(len(data)).encode()))
+            out = response_headers(response.raw_headers, len(data))
+        else:
+            out = response_headers(response.raw_headers)
         return Fetched(response.status, out, data, response_time=arrived)
 
     async def _send(
@@ -735,6 +761,7 @@ class Upstream:
             query_string=raw_query.decode("latin-1"),
             encoded=True,
         )
+        # A list, not a CIMultiDict: aiohttp builds its own from it either way.
         plain = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in headers
@@ -744,7 +771,7 @@ class Upstream:
             response = await self._transport.session().request(
                 method,
                 target,
-                headers=CIMultiDict(plain),
+                headers=plain,
                 data=body,
                 allow_redirects=False,
                 timeout=self._aiohttp_timeout,

@@ -104,6 +104,28 @@ def test_request_headers() -> None:
     assert passed == [(b"x-forwarded-prefix", b"/evil"), (b"x-original-host", b"evil")]
 
 
+def test_request_headers_connection_names_earlier_headers() -> None:
+    # The Connection header may come after the headers it names (issue 26 builds the
+    # list in one pass): they are removed all the same, in either spelling.
+    scope = {
+        "headers": [
+            (b"host", b"gw"),
+            (b"x-early", b"1"),
+            (b"x_under", b"2"),
+            (b"x-kept", b"3"),
+            (b"connection", b"X-Early, x_under, x-late"),
+            (b"x-late", b"4"),
+        ]
+    }
+    out = request_headers(scope, client_ip="1.2.3.4", proto="http", host=None)
+    assert [name for name, _ in out] == [
+        b"x-kept",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"via",
+    ]
+
+
 #: Override headers common frameworks honour (Rails, Django, Express, Symfony, IIS, Spring).
 OVERRIDE_HEADERS = [
     (b"x-forwarded-scheme", b"http"),
@@ -142,6 +164,29 @@ def test_response_headers() -> None:
         (b"content-length", b"5"),
         (b"date", b"Mon, 01 Jan 2024 00:00:00 GMT"),
         (b"via", b"1.0 origin, 1.1 cachegw"),
+    ]
+
+
+def test_response_headers_with_the_length_sent() -> None:
+    # The length of the body as read replaces the upstream's, last; a Connection header
+    # after the headers it names removes them too.
+    raw = [
+        (b"X-Hop", b"1"),
+        (b"Content-Length", b"999"),
+        (b"Via", b"1.0 a"),
+        (b"Connection", b"x-hop"),
+        (b"Via", b"1.0 b"),
+        (b"ETag", b'"e"'),
+    ]
+    assert response_headers(raw, 5) == [
+        (b"etag", b'"e"'),
+        (b"via", b"1.0 a, 1.0 b, 1.1 cachegw"),
+        (b"content-length", b"5"),
+    ]
+    assert response_headers(raw) == [
+        (b"content-length", b"999"),
+        (b"etag", b'"e"'),
+        (b"via", b"1.0 a, 1.0 b, 1.1 cachegw"),
     ]
 
 
