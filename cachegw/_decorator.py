@@ -35,7 +35,7 @@ from cachegw import _fc2
 from cachegw._backends import cache_backend
 from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
-from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched_dependant, overrides_for
+from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
 from cachegw._models import Fetched, RequestInfo, Served
 from cachegw._policy import DEFAULT_STATUSES, KNOB_SPECS, CachePolicy, KeyFunc
@@ -453,12 +453,8 @@ async def _serve(
     backend = _fc2.backend()
     headers = _request_headers(request)
     route = request.scope.get("route")
-    dependant = matched_dependant(request.scope)
-    inputs = (
-        NO_INPUTS
-        if dependant is None
-        else inputs_of(dependant, own_params, overrides_for(request.scope))
-    )
+    dependant, overrides = matched(request.scope)
+    inputs = NO_INPUTS if dependant is None else inputs_of(dependant, own_params, overrides)
     template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
     if (
         request.method not in ("GET", "HEAD")

@@ -29,7 +29,7 @@ from starlette.requests import cookie_parser
 
 from cachegw._models import CREDENTIAL_HEADERS
 
-__all__ = ["NO_INPUTS", "RouteInputs", "inputs_of", "matched_dependant", "overrides_for"]
+__all__ = ["NO_INPUTS", "RouteInputs", "inputs_of", "matched", "matched_dependant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +335,10 @@ def _name(call: Any) -> str:
     return getattr(call, "__qualname__", None) or type(call).__name__
 
 
-def matched_dependant(scope: Mapping[str, Any]) -> Dependant | None:
-    """The dependency tree FastAPI solves for the route this request matched.
+def matched(scope: Mapping[str, Any]) -> tuple[Dependant | None, Mapping[Any, Any] | None]:
+    """The dependency tree FastAPI solves for the route this request matched, and the
+    ``dependency_overrides`` it applies to it (the app's, through the route's provider;
+    None when there are none).
 
     Read from FastAPI's scope in this one place. Up to FastAPI 0.13x an included route is
     a copy of the router's route carrying the include's dependencies; later versions keep
@@ -345,28 +347,24 @@ def matched_dependant(scope: Mapping[str, Any]) -> Dependant | None:
     (tests/test_inputs.py is the contract on the oldest and newest FastAPI allowed).
     """
     route = scope.get("route")
+    provider = getattr(route, "dependency_overrides_provider", None)
+    dependant = None
     state = scope.get("fastapi")
     if isinstance(state, dict):
         context = state.get("effective_route_context")
         if context is not None and getattr(context, "original_route", None) is route:
             dependant = getattr(context, "dependant", None)
-            if isinstance(dependant, Dependant):
-                return dependant
-    dependant = getattr(route, "dependant", None)
-    return dependant if isinstance(dependant, Dependant) else None
-
-
-def overrides_for(scope: Mapping[str, Any]) -> Mapping[Any, Any] | None:
-    """The ``dependency_overrides`` FastAPI applies to the route this request matched
-    (the app's, through the route's provider), or None."""
-    route = scope.get("route")
-    provider = getattr(route, "dependency_overrides_provider", None)
-    state = scope.get("fastapi")
-    if isinstance(state, dict):
-        context = state.get("effective_route_context")
-        if context is not None and getattr(context, "original_route", None) is route:
             provider = getattr(context, "dependency_overrides_provider", provider)
+    if not isinstance(dependant, Dependant):
+        dependant = getattr(route, "dependant", None)
+        if not isinstance(dependant, Dependant):
+            dependant = None
     overrides = getattr(provider, "dependency_overrides", None)
-    if not overrides:  # the common case, first
-        return None
-    return overrides if isinstance(overrides, Mapping) else None
+    if not overrides or not isinstance(overrides, Mapping):  # the common case, first
+        return dependant, None
+    return dependant, overrides
+
+
+def matched_dependant(scope: Mapping[str, Any]) -> Dependant | None:
+    """The dependency tree of the route this request matched (see `matched`)."""
+    return matched(scope)[0]

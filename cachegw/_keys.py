@@ -35,12 +35,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 def hash_parts(prefix: str, parts: Iterable[str]) -> str:
     """``{prefix}:{sha256 hex}`` of the parts, each length-prefixed."""
-    digest = hashlib.sha256()
+    chunks: list[bytes] = []
     for part in parts:
         data = part.encode("utf-8", "surrogateescape")
-        digest.update(b"%d:" % len(data))
-        digest.update(data)
-    return f"{prefix}:{digest.hexdigest()}"
+        chunks += (b"%d:" % len(data), data)
+    return f"{prefix}:{hashlib.sha256(b''.join(chunks)).hexdigest()}"
 
 
 def origin(scope: Mapping[str, Any]) -> str:
@@ -63,6 +62,14 @@ def origin(scope: Mapping[str, Any]) -> str:
     if port is None or port == _DEFAULT_PORTS.get(scheme):
         return f"{scheme}://{address}"
     return f"{scheme}://{address}:{port}"
+
+
+#: `handler_key` results are memoised for at most _KEY_MEMO_SIZE requests whose variable
+#: parts (path, query, Host, declared inputs, key part) hold at most _KEY_MEMO_PART_MAX
+#: bytes together: under 2 MiB whatever clients send; longer ones are computed each time.
+_KEY_MEMO_SIZE = 1024
+_KEY_MEMO_PART_MAX = 512
+_key_memo: dict[tuple[Any, ...], str] = {}
 
 
 def handler_key(
@@ -88,20 +95,58 @@ def handler_key(
     result of the route's ``key`` function and, unless ``per_host`` is off, the request's
     `origin` (a handler that builds links with ``url_for`` answers differently per host).
     The ``vary`` headers select a variant below this key (see the engine).
+
+    Memoised on everything it reads (bounded, see ``_KEY_MEMO_SIZE``).
     """
-    return hash_parts(
+    inputs = tuple(inputs)
+    root_path: str = scope.get("root_path", "")
+    path: str = scope.get("path", "")
+    query: bytes = scope.get("query_string", b"")
+    host = None
+    if per_host:
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+                break
+    try:
+        memo: tuple[Any, ...] | None = (
+            prefix,
+            route,
+            root_path,
+            template,
+            path,
+            query,
+            key_extra,
+            inputs,
+            tuple(path_params.items()),
+            per_host and (scope.get("scheme", "http"), host, host is None and scope.get("server")),
+        )
+        found = _key_memo.get(memo)  # type: ignore[arg-type]
+    except TypeError:  # a path param of an unhashable type: not memoised
+        memo = found = None
+    if found is not None:
+        return found
+    key = hash_parts(
         prefix,
         (
             route,
-            scope.get("root_path", "") + template,
-            scope.get("root_path", "") + "\x00" + scope.get("path", ""),
+            root_path + template,
+            root_path + "\x00" + path,
             *(f"{k}={path_params[k]}" for k in sorted(path_params)),
-            canonical_query(scope.get("query_string", b"")),
+            canonical_query(query),
             *inputs,
             key_extra,
             origin(scope) if per_host else "",
         ),
     )
+    if memo is not None and (
+        len(path) + len(query) + len(key_extra) + len(host or b"") + sum(map(len, inputs))
+        <= _KEY_MEMO_PART_MAX
+    ):
+        if len(_key_memo) >= _KEY_MEMO_SIZE:
+            _key_memo.clear()
+        _key_memo[memo] = key
+    return key
 
 
 def canonical_query(raw: bytes) -> str:

@@ -7,7 +7,10 @@ import sys
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cachegw import _keys
 from cachegw._keys import (
     canonical_query,
     format_tag,
@@ -235,3 +238,80 @@ def test_vary_values_case_normalised_only_where_values_are_caseless() -> None:
     assert vary_values(["accept-language"], {"accept-language": "en, de"}) != vary_values(
         ["accept-language"], {"accept-language": "de, en"}
     )
+
+
+# -- handler_key's memo ------------------------------------------------------------------
+
+_small = st.sampled_from(["", "a", "b", "é", "a/b", "%2F", "1", "1.0"])
+_handler_args = st.fixed_dictionaries(
+    {
+        "prefix": st.sampled_from(["p", "q"]),
+        "route": st.sampled_from(["m:get_item", "m:get_other"]),
+        "template": st.sampled_from(["/items/{id}", "/items/{id:int}"]),
+        "root_path": st.sampled_from(["", "/v2"]),
+        "path": _small.map(lambda s: "/items/" + s),
+        "query": st.sampled_from([b"", b"a=1", b"a=1&b=2", b"b=2&a=1", b"a=%31"]),
+        "params": st.dictionaries(
+            st.sampled_from(["id", "x"]),
+            st.one_of(_small, st.integers(0, 2), st.floats(0, 2)),
+            max_size=2,
+        ),
+        "key_extra": _small,
+        "inputs": st.lists(_small, max_size=3),
+        "per_host": st.booleans(),
+        "scheme": st.sampled_from(["http", "https"]),
+        "host": st.sampled_from([None, b"a.example", b"a.example:80", b"A.example"]),
+        "server": st.sampled_from([("127.0.0.1", 80), ("127.0.0.1", 8080), None]),
+    }
+)
+
+
+def _handler_key(args: dict[str, Any]) -> str:
+    headers = [] if args["host"] is None else [(b"host", args["host"])]
+    scope = {
+        "type": "http",
+        "root_path": args["root_path"],
+        "path": args["path"],
+        "query_string": args["query"],
+        "scheme": args["scheme"],
+        "server": args["server"],
+        "headers": headers,
+    }
+    return handler_key(
+        args["prefix"],
+        scope,
+        args["route"],
+        args["template"],
+        args["params"],
+        args["key_extra"],
+        args["inputs"],
+        per_host=args["per_host"],
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_handler_args, _handler_args)
+def test_handler_key_memo_answers_what_computing_answers(
+    a: dict[str, Any], b: dict[str, Any]
+) -> None:
+    """The memo never hands one request's key to another: keys read through a warm memo
+    equal keys computed with an empty one, whatever two requests differ in."""
+    warm = (_handler_key(a), _handler_key(b), _handler_key(a))
+    _keys._key_memo.clear()
+    cold_a = _handler_key(a)
+    _keys._key_memo.clear()
+    cold_b = _handler_key(b)
+    assert warm == (cold_a, cold_b, cold_a)
+
+
+def test_handler_key_memo_is_bounded() -> None:
+    _keys._key_memo.clear()
+    for n in range(_keys._KEY_MEMO_SIZE * 3):
+        handler_key("p", _scope(path=f"/items/{n}"), "m:f", "/items/{id}", {"id": n})
+    assert 0 < len(_keys._key_memo) <= _keys._KEY_MEMO_SIZE
+    _keys._key_memo.clear()
+    long = "/" + "x" * _keys._KEY_MEMO_PART_MAX
+    assert handler_key("p", _scope(path=long), "m:f", "/{x}", {}) == handler_key(
+        "p", _scope(path=long), "m:f", "/{x}", {}
+    )
+    assert not _keys._key_memo  # long targets are computed each time, never kept
