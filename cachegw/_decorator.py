@@ -262,8 +262,8 @@ class PolicyFor:
     def fixed(cls, policy: CachePolicy) -> PolicyFor:
         return cls(lambda _ttl: policy, 0)
 
-    def __call__(self) -> CachePolicy:
-        expire = _fc2.expire()
+    def __call__(self, expire: float | None) -> CachePolicy:
+        """The policy while ``FastAPICache.init(expire=...)`` is ``expire``."""
         if not self._follows_init or expire is None:
             return self._own
         policy = self._by_expire.get(expire)
@@ -286,7 +286,7 @@ class Face:
     drives the shared machinery below."""
 
     name: str  # in messages: "@cached", "@cache"
-    policy: Callable[[], CachePolicy]
+    policy: PolicyFor
     per_host: bool = True
     # The answer depends only on declared inputs, whatever the route can read.
     shared: bool = False
@@ -449,8 +449,8 @@ async def _serve(
     route_id: str,
     own_params: frozenset[str],
 ) -> Response:
-    policy = face.policy()
-    backend = _fc2.backend()
+    backend, enabled, prefix, expire = _fc2.settings()
+    policy = face.policy(expire)
     headers = _request_headers(request)
     route = request.scope.get("route")
     dependant, overrides = matched(request.scope)
@@ -489,7 +489,7 @@ async def _serve(
             template,
         )
         return await _uncached(fetch, "fwd=bypass; detail=no-backend")
-    if not _fc2.enabled():  # FastAPICache.init(..., enable=False)
+    if not enabled:  # FastAPICache.init(..., enable=False)
         return await _uncached(fetch, "fwd=bypass; detail=disabled")
     if dependant is None:
         # The route that matched is unknown (a route class whose ``matches`` leaves
@@ -534,7 +534,6 @@ async def _serve(
 
     engine = engine_for(backend)
     path_params = request.path_params
-    prefix = _fc2.prefix()
     if face.namespace:
         prefix = f"{prefix}:{face.namespace}"
     if own_key:

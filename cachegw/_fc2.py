@@ -19,6 +19,7 @@ __all__ = [
     "expire",
     "key_builder",
     "prefix",
+    "settings",
     "status_header",
 ]
 
@@ -39,6 +40,17 @@ def enabled() -> bool:
 def prefix(default: str = DEFAULT_PREFIX) -> str:
     """``FastAPICache.init(prefix=...)``, or ``default`` when it is unset or empty."""
     return FastAPICache._prefix or default
+
+
+def settings() -> tuple[Backend | None, bool, str, float | None]:
+    """``backend()``, ``enabled()``, ``prefix()`` and ``expire()`` in one read: what a
+    decorated route's request needs, per request (``init`` may run again)."""
+    return (
+        FastAPICache._backend,
+        FastAPICache._enable,
+        FastAPICache._prefix or DEFAULT_PREFIX,
+        FastAPICache._expire,
+    )
 
 
 def expire() -> float | None:

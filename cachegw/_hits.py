@@ -131,8 +131,8 @@ class _RouterHits:
         await self.app(scope, receive, send)
 
     async def _hit(self, scope: Scope) -> Served | None:
-        backend = _fc2.backend()
-        if backend is None or not _fc2.enabled():
+        backend, enabled, prefix, expire = _fc2.settings()
+        if backend is None or not enabled:
             return None
         host: bytes | None = None
         for name, value in scope["headers"]:
@@ -144,11 +144,11 @@ class _RouterHits:
         if found is None:
             return None
         route, mark, path_params = found
-        policy = mark.face.policy()
+        policy = mark.face.policy(expire)
         if policy.key is not None or policy.early_refresh:
             return None
         engine = engine_for(backend)
-        key = self._key(scope, route, mark, path_params, host)
+        key = self._key(scope, route, mark, path_params, host, prefix)
         info = RequestInfo(method=scope["method"], key=key, headers=_NO_HEADERS)
         if engine.store.inline:
             entry = await self._lookup(engine, info, scope)
@@ -185,12 +185,13 @@ class _RouterHits:
         mark: Marked,
         path_params: dict[str, Any],
         host: bytes | None,
+        prefix: str,
     ) -> str:
         """`handler_key`, memoised on everything it reads (bounded)."""
         face = mark.face
-        prefix = _fc2.prefix()
         memo = (
             prefix,
+            mark.route_id,
             scope.get("root_path", ""),
             route.path,
             scope["path"],
@@ -216,7 +217,7 @@ class _RouterHits:
                 per_host=face.per_host,
             )
             # Bounded in bytes too (issue 24): long targets are not kept.
-            if len(scope["path"]) + len(memo[4]) + len(host or b"") <= _MEMO_PART_MAX:
+            if len(scope["path"]) + len(memo[5]) + len(host or b"") <= _MEMO_PART_MAX:
                 if len(self._keys) >= _MEMO_SIZE:
                     self._keys.clear()
                 self._keys[memo] = key
