@@ -108,22 +108,21 @@ def handler_key(
             if name == b"host":
                 host = value
                 break
-    try:
-        memo: tuple[Any, ...] | None = (
-            prefix,
-            route,
-            root_path,
-            template,
-            path,
-            query,
-            key_extra,
-            inputs,
-            tuple(path_params.items()),
-            per_host and (scope.get("scheme", "http"), host, host is None and scope.get("server")),
-        )
-        found = _key_memo.get(memo)  # type: ignore[arg-type]
-    except TypeError:  # a path param of an unhashable type: not memoised
-        memo = found = None
+    params = tuple(f"{k}={path_params[k]}" for k in sorted(path_params))
+    memo = (
+        prefix,
+        route,
+        root_path,
+        template,
+        path,
+        query,
+        key_extra,
+        inputs,
+        params,
+        # The server address may be a list (ASGI says iterable): a tuple in the memo.
+        per_host and (scope.get("scheme", "http"), host, host or tuple(scope.get("server") or ())),
+    )
+    found = _key_memo.get(memo)
     if found is not None:
         return found
     key = hash_parts(
@@ -132,17 +131,15 @@ def handler_key(
             route,
             root_path + template,
             root_path + "\x00" + path,
-            *(f"{k}={path_params[k]}" for k in sorted(path_params)),
+            *params,
             canonical_query(query),
             *inputs,
             key_extra,
             origin(scope) if per_host else "",
         ),
     )
-    if memo is not None and (
-        len(path) + len(query) + len(key_extra) + len(host or b"") + sum(map(len, inputs))
-        <= _KEY_MEMO_PART_MAX
-    ):
+    variable = (path, query, key_extra, host or b"", *inputs, *params)
+    if sum(map(len, variable)) <= _KEY_MEMO_PART_MAX:
         if len(_key_memo) >= _KEY_MEMO_SIZE:
             _key_memo.clear()
         _key_memo[memo] = key

@@ -261,7 +261,9 @@ _handler_args = st.fixed_dictionaries(
         "per_host": st.booleans(),
         "scheme": st.sampled_from(["http", "https"]),
         "host": st.sampled_from([None, b"a.example", b"a.example:80", b"A.example"]),
-        "server": st.sampled_from([("127.0.0.1", 80), ("127.0.0.1", 8080), None]),
+        "server": st.sampled_from(
+            [("127.0.0.1", 80), ("127.0.0.1", 8080), None, ["127.0.0.1", 81]]
+        ),
     }
 )
 
