@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_typed_signature
 from fastapi.routing import APIRoute, APIRouter, serialize_response
 from fastapi.security import SecurityScopes
@@ -37,7 +38,7 @@ from cachegw._engine import CacheEngine
 from cachegw._errors import ConfigError
 from cachegw._inputs import NO_INPUTS, RouteInputs, inputs_of, matched
 from cachegw._keys import format_tag, handler_key, hash_parts, origin, principal
-from cachegw._models import Fetched, RequestInfo, Served
+from cachegw._models import Fetch, Fetched, RequestInfo, Served
 from cachegw._policy import DEFAULT_STATUSES, KNOB_SPECS, CachePolicy, KeyFunc
 from cachegw._purge import purges_for, scopes_for
 from cachegw._store import L1
@@ -449,13 +450,71 @@ async def _serve(
     route_id: str,
     own_params: frozenset[str],
 ) -> Response:
+    """A decorated route's request: answered through the engine under its key, or
+    uncached (``BYPASS``) when it cannot be keyed by everything its answer depends on."""
     backend, enabled, prefix, expire = _fc2.settings()
     policy = face.policy(expire)
-    headers = _request_headers(request)
     route = request.scope.get("route")
     dependant, overrides = matched(request.scope)
     inputs = NO_INPUTS if dependant is None else inputs_of(dependant, own_params, overrides)
     template = route.path if isinstance(route, APIRoute) else request.scope.get("path", "")
+    fetch = _fetcher(call, route, sub_response)
+    refused = _unservable(request, face, warned, route, template, backend, enabled, dependant)
+    if refused is not None or backend is None:
+        return await _uncached(fetch, refused or "fwd=bypass")
+    key_extra, keyed, own_key = await _key_part(request, sub_response, face, policy, args, kwargs)
+    if key_extra is None:
+        return await _uncached(fetch, "fwd=bypass")
+    headers = _request_headers(request)
+    refused, keyed = _sharing(request, face, policy, warned, template, inputs, headers, keyed)
+    if refused is not None:
+        return await _uncached(fetch, refused)
+    if face.key_arguments and not own_key:
+        key_extra += _arguments_key(kwargs, own_params, warned, face, template)
+    if face.namespace:
+        prefix = f"{prefix}:{face.namespace}"
+    primary = _primary_key(request, face, prefix, route_id, template, key_extra, own_key, inputs)
+    tags = [format_tag(t, request.path_params) for t in policy.tags]
+    scopes = scopes_for("", request.url.path, [*tags, *face.extra_tags])
+    info = RequestInfo(
+        method=request.method,
+        key=primary,
+        headers=headers,
+        per_principal=keyed,
+        scopes=scopes,
+        target=scopes[2],  # the path: every query, variant and principal
+        read_deadline=request.scope.get(READ_DEADLINE),
+        credentials=inputs.credentials,
+    )
+    return await _answer(engine_for(backend), info, policy, fetch, face, request, inputs)
+
+
+def _fetcher(call: Callable[[], Awaitable[Any]], route: Any, sub_response: Response) -> Fetch:
+    """The engine's fetch for a decorated route: run the handler, buffer its response."""
+
+    async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
+        # A handler cannot answer a conditional request: it always gives the full response.
+        response = await _to_response(await call(), route, sub_response)
+        body = getattr(response, "body", None)
+        if not isinstance(body, bytes):
+            raise _Unbuffered(response)
+        return Fetched(response.status_code, list(response.raw_headers), body)
+
+    return fetch
+
+
+def _unservable(
+    request: Request,
+    face: Face,
+    warned: _Warned,
+    route: Any,
+    template: str,
+    backend: Backend | None,
+    enabled: bool,
+    dependant: Dependant | None,
+) -> str | None:
+    """Why no request of this route can use the cache now (the ``Cache-Status`` detail, a
+    warning once), or None."""
     if (
         request.method not in ("GET", "HEAD")
         and isinstance(route, APIRoute)
@@ -469,15 +528,6 @@ async def _serve(
             "/".join(sorted(route.methods or ())),
             template,
         )
-
-    async def fetch(validators: Sequence[tuple[bytes, bytes]] = ()) -> Fetched:
-        # A handler cannot answer a conditional request: it always gives the full response.
-        response = await _to_response(await call(), route, sub_response)
-        body = getattr(response, "body", None)
-        if not isinstance(body, bytes):
-            raise _Unbuffered(response)
-        return Fetched(response.status_code, list(response.raw_headers), body)
-
     if backend is None:
         warned.once(
             "init",
@@ -488,9 +538,9 @@ async def _serve(
             request.method,
             template,
         )
-        return await _uncached(fetch, "fwd=bypass; detail=no-backend")
+        return "fwd=bypass; detail=no-backend"
     if not enabled:  # FastAPICache.init(..., enable=False)
-        return await _uncached(fetch, "fwd=bypass; detail=disabled")
+        return "fwd=bypass; detail=disabled"
     if dependant is None:
         # The route that matched is unknown (a route class whose ``matches`` leaves
         # ``scope["route"]`` unset): so are its inputs, and nothing can be keyed by them.
@@ -502,73 +552,104 @@ async def _serve(
             request.method,
             template,
         )
-        return await _uncached(fetch, "fwd=bypass; detail=route")
+        return "fwd=bypass; detail=route"
+    return None
 
-    key_extra: str | None = ""
-    keyed = own_key = False
+
+async def _key_part(
+    request: Request,
+    sub_response: Response,
+    face: Face,
+    policy: CachePolicy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[str | None, bool, bool]:
+    """The key's own part from a key builder (compat) or the route's ``key`` function, or
+    None to serve uncached (it failed); whether it keys the principal; whether it is the
+    user's own key (it replaces the default key's parts)."""
     if face.key_builder is not None:
         built = await face.key_builder(request, sub_response, args, kwargs)
-        key_extra, own_key = built if built is not None else (None, False)
-        keyed = own_key
-    elif policy.key is not None:
-        key_extra = await principal(policy.key, request)
-        keyed = True
-    if key_extra is None:
-        return await _uncached(fetch, "fwd=bypass")
+        if built is None:
+            return None, False, False
+        return built[0], built[1], built[1]
+    if policy.key is not None:
+        return await principal(policy.key, request), True, False
+    return "", False, False
+
+
+def _sharing(
+    request: Request,
+    face: Face,
+    policy: CachePolicy,
+    warned: _Warned,
+    template: str,
+    inputs: RouteInputs,
+    headers: dict[str, str],
+    keyed: bool,
+) -> tuple[str | None, bool]:
+    """Whether this request's answer can be keyed by everything it depends on: the
+    ``Cache-Status`` detail when not (None when it can), and whether its entries are per
+    principal."""
     declares = face.shared or bool(policy.vary) or keyed
     if inputs.unseen and not declares:
         # Who the caller is cannot be seen, so no entry can be keyed by it nor shared.
         _warn_unseen(warned, face, request.method, template, inputs)
-        return await _uncached(fetch, "fwd=bypass; detail=principal")
+        return "fwd=bypass; detail=principal", keyed
     undeclared = bool(inputs.opaque) and not declares
     if undeclared:
         _warn_undeclared(warned, face, request.method, template, inputs)
     if (inputs.body or inputs.opaque) and _has_body(headers):
         # The answer may depend on the body, which is not in the key.
-        return await _uncached(fetch, "fwd=bypass; detail=body")
+        return "fwd=bypass; detail=body", keyed
     # Declared credentials are keyed: each principal gets its own entries. A route that
     # can read undeclared inputs does not count on it (docs/decorator.md).
-    keyed = keyed or (inputs.keys_principal and not undeclared)
-    if face.key_arguments and not own_key:
-        key_extra += _arguments_key(kwargs, own_params, warned, face, template)
+    return None, keyed or (inputs.keys_principal and not undeclared)
 
-    engine = engine_for(backend)
-    path_params = request.path_params
-    if face.namespace:
-        prefix = f"{prefix}:{face.namespace}"
+
+def _primary_key(
+    request: Request,
+    face: Face,
+    prefix: str,
+    route_id: str,
+    template: str,
+    key_extra: str,
+    own_key: bool,
+    inputs: RouteInputs,
+) -> str:
+    scope = request.scope
     if own_key:
         # The user's key builder decides what the key is made of; the route, the declared
         # inputs (a builder that leaves out the caller of a Security route must not share
         # one caller's answer) and the origin (issue 18) are kept. Its key leads, so
         # FastAPICache.clear(key=...) finds the entry (see compat).
-        parts = [route_id, request.scope.get("root_path", "") + template, request.url.path]
-        parts += inputs.parts(request.scope["headers"])
+        parts = [route_id, scope.get("root_path", "") + template, request.url.path]
+        parts += inputs.parts(scope["headers"])
         if face.per_host:
-            parts.append(origin(request.scope))
-        primary = hash_parts(key_extra, parts)
-    else:
-        primary = handler_key(
-            prefix,
-            request.scope,
-            route_id,
-            template,
-            path_params,
-            key_extra,
-            inputs.parts(request.scope["headers"]),
-            per_host=face.per_host,
-        )
-    tags = [format_tag(t, path_params) for t in policy.tags]
-    scopes = scopes_for("", request.url.path, [*tags, *face.extra_tags])
-    info = RequestInfo(
-        method=request.method,
-        key=primary,
-        headers=headers,
-        per_principal=keyed,
-        scopes=scopes,
-        target=scopes[2],  # the path: every query, variant and principal
-        read_deadline=request.scope.get(READ_DEADLINE),
-        credentials=inputs.credentials,
+            parts.append(origin(scope))
+        return hash_parts(key_extra, parts)
+    return handler_key(
+        prefix,
+        scope,
+        route_id,
+        template,
+        request.path_params,
+        key_extra,
+        inputs.parts(scope["headers"]),
+        per_host=face.per_host,
     )
+
+
+async def _answer(
+    engine: CacheEngine,
+    info: RequestInfo,
+    policy: CachePolicy,
+    fetch: Fetch,
+    face: Face,
+    request: Request,
+    inputs: RouteInputs,
+) -> Response:
+    """The engine's answer as the route's response (a streaming handler's own response,
+    an exception's answer marked like every other)."""
     try:
         served = await engine.serve(info, policy, fetch)
     except _Unbuffered as unbuffered:
