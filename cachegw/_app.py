@@ -673,7 +673,7 @@ def _fast_hit(
         memo = fresh
     engine.stats["HIT"] += 1  # rendered once per second for a key: counted per answer here
     runtime.metrics.request(service.name, route.path, "HIT", time.perf_counter() - began)
-    sink = _accesslog._hot or access_sink()  # no call while a buffered handler takes lines
+    sink = _accesslog.hot_sink or access_sink()  # no call while a buffered handler takes lines
     if sink is not None:
         # The line after its time is the same from one hit of a client to the next: kept
         # with the answer for the last client (address, request target, User-Agent).
