@@ -551,7 +551,10 @@ local repl = redis.call('INFO', 'replication')
 if not string.find(repl, 'role:master', 1, true) then return {epoch, false, id} end
 local at = tonumber(ARGV[1])
 if (string.match(repl, 'second_repl_offset:(%-?%d+)') or '-1') == '-1' then
-  at = at - tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
+  -- uptime_in_seconds counts whole seconds between whole-second clock readings: now minus
+  -- it can be up to 1 s before the start, so 1 s is added (never later than now).
+  local since = at - tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0') + 1
+  if since < at then at = since end
 end
 at = string.format('%.6f', at)
 epoch = record('hard', at, tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], {'*'}, 1)
