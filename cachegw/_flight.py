@@ -22,12 +22,45 @@ from typing import Any
 from cachegw._backends import OP_TIMEOUT, CacheBackend, RedisBackend, close_redis
 from cachegw._store import Breaker, read_time_left
 
-__all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "coordinator_for"]
+__all__ = ["UNLOCKED", "Coordinator", "RedisCoordinator", "Waiters", "coordinator_for"]
 
 #: The token of a fetch that went ahead without a lock because Redis failed.
 UNLOCKED = "unlocked"
 
 logger = logging.getLogger("cachegw")
+
+
+class Waiters:
+    """Requests waiting in this process for a key's flight in another process to land."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, list[asyncio.Future[str]]] = {}
+
+    async def wait(self, key: str, seconds: float) -> str | None:
+        """What became of the flight ("landed", "failed"), or None after ``seconds``."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters = self._by_key.setdefault(key, [])
+        waiters.append(future)
+        try:
+            try:
+                return await asyncio.wait_for(future, seconds)
+            except TimeoutError:
+                return None
+        finally:
+            waiters.remove(future)
+            if not waiters:
+                del self._by_key[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def wake(self, key: str, outcome: str) -> bool:
+        """Tell ``key``'s waiters ``outcome``; whether anyone was waiting."""
+        waiters = self._by_key.get(key)
+        for future in waiters or ():
+            if not future.done():
+                future.set_result(outcome)
+        return bool(waiters)
 
 
 class Coordinator:
@@ -80,7 +113,7 @@ class RedisCoordinator(Coordinator):
         self.client = client
         self.channel = f"{prefix}:landed"
         self.op_timeout = op_timeout
-        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self._waiters = Waiters()
         self._task: asyncio.Task[None] | None = None
         #: Called with every key another process (or this one) announces as changed.
         self.on_landed: Callable[[str], None] | None = None
@@ -154,27 +187,14 @@ class RedisCoordinator(Coordinator):
                 await self.client.publish(self.channel, f"!{key}" if failed else key)
 
     async def wait(self, key: str, seconds: float) -> str | None:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(key, [])
-        waiters.append(future)
-        try:
-            try:
-                return await asyncio.wait_for(future, seconds)
-            except TimeoutError:
-                return None
-        finally:
-            waiters.remove(future)
-            if not waiters:
-                del self._waiters[key]
+        return await self._waiters.wait(key, seconds)
 
     def _wake(self, message: str) -> None:
         failed = message.startswith("!")
         key = message[1:] if failed else message
         if self.on_landed is not None:
             self.on_landed(key)
-        for future in self._waiters.get(key, ()):
-            if not future.done():
-                future.set_result("failed" if failed else "landed")
+        self._waiters.wake(key, "failed" if failed else "landed")
 
     async def _listen(self) -> None:
         # A cluster client subscribes on the node owning the channel's slot; classic

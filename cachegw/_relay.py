@@ -57,7 +57,7 @@ from hashlib import blake2b
 
 from cachegw import _entry
 from cachegw._backends import MemoryBackend
-from cachegw._flight import UNLOCKED, Coordinator
+from cachegw._flight import UNLOCKED, Coordinator, Waiters
 from cachegw._purge import RECORD_TTL, LocalPurges, Verdict
 
 __all__ = ["ENV_VAR", "RelayCoordinator", "RelayPurges"]
@@ -306,7 +306,7 @@ class RelayCoordinator(Coordinator):
         self._paths: dict[int, str] = {}  # pid -> the socket of that worker
         self._marked: set[int] = set()  # leases marked landed, not yet released
         self._notices: dict[str, None] = {}
-        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self._waiters = Waiters()
         self._applying = False
         self._reading = False
         backend.on_set = self._stored
@@ -594,16 +594,12 @@ class RelayCoordinator(Coordinator):
                 self.backend.set_nowait(str(name), value, ttl)
             finally:
                 self._applying = False
-        waiters = self._waiters.get(key)
-        if not waiters:
+        if not self._waiters.wake(key, "failed" if failed else "landed"):
             # Nobody waits yet (the answer came before the wait began): the next wait
             # for the key returns at once.
             self._notices[key] = None
             while len(self._notices) > _NOTICES:
                 del self._notices[next(iter(self._notices))]
-        for future in waiters or ():
-            if not future.done():
-                future.set_result("failed" if failed else "landed")
 
     def _newer_here(self, key: str, value: bytes) -> bool:
         """Whether this worker holds a newer item under ``key`` than ``value``."""
@@ -617,18 +613,7 @@ class RelayCoordinator(Coordinator):
         if key in self._notices:
             del self._notices[key]
             return "landed"  # it came before this wait began
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(key, [])
-        waiters.append(future)
-        try:
-            try:
-                return await asyncio.wait_for(future, seconds)
-            except TimeoutError:
-                return None
-        finally:
-            waiters.remove(future)
-            if not waiters:
-                del self._waiters[key]
+        return await self._waiters.wait(key, seconds)
 
     def start(self) -> None:
         if not self._reading:
