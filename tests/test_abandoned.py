@@ -22,6 +22,7 @@ from tests.hostile import HostileOrigin, read_response
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 
 [[services]]
 name = "ab"

@@ -12,7 +12,7 @@ import pytest
 import redis
 from fastapi_cache.types import Backend
 from redis.asyncio import Redis, RedisCluster
-from redis_process import RedisProcess
+from redis_process import HEALTHY, RedisProcess
 
 from cachegw._backends import RedisBackend
 from cachegw._backends._redis import CLUSTER_REDIS_PY, require_redis_py
@@ -193,16 +193,14 @@ async def test_stalled_server_times_out_within_op_timeout(
         await backend.set("k1", b"one")
         await backend.set("k2", b"two")  # the pool's connection is now open
 
-        # CLIENT PAUSE (every version; DEBUG is off by default since Redis 7): the server
-        # accepts commands and answers none of them for 1 s.
-        with redis_proc_private.client() as client:
-            client.execute_command("CLIENT", "PAUSE", "1000", "ALL")
-        started = time.monotonic()
-        with pytest.raises(redis.exceptions.TimeoutError):
-            await backend.get("k1")
-        elapsed = time.monotonic() - started
-        assert elapsed < 0.9, elapsed  # not the whole 1 s pause: no retries
-        await asyncio.sleep(max(0.0, started + 1.1 - time.monotonic()))
+        # The server stopped (SIGSTOP) for as long as the GET takes: only the timeout can
+        # end it, however slow the machine is (issue 28: no test depends on its speed).
+        with redis_proc_private.frozen():
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await backend.get("k1")
+            elapsed = time.monotonic() - started
+        assert elapsed < 30, elapsed  # the deadline ended it (no retries: see the next test)
         # The late reply to GET k1 must not be read as the answer to GET k2.
         assert await backend.get("k2") == b"two"
     finally:
@@ -300,8 +298,8 @@ async def test_store_reuses_decoding_of_identical_bytes_only(redis_url: str) -> 
     from cachegw._entry import Entry, encode
     from cachegw._store import L1, Store
 
-    backend = RedisBackend.from_url(redis_url)
-    store = Store(backend, l1=L1(max_entries=0, max_bytes=0, ttl=0))  # no in-process copies
+    backend = RedisBackend.from_url(redis_url, op_timeout=HEALTHY)
+    store = Store(backend, op_timeout=HEALTHY, l1=L1(max_entries=0, max_bytes=0, ttl=0))
     try:
         entry = Entry(status=200, headers=[], body=b"one", stored_at=1.0, lifetime=60)
         await store.set("k", entry, 60)
@@ -320,7 +318,7 @@ async def test_store_reuses_decoding_of_identical_bytes_only(redis_url: str) -> 
 async def test_concurrent_gets_share_one_round_trip(redis_url: str, raw: redis.Redis) -> None:
     """GETs asked for in the same turn of the event loop go out as one MGET, and each
     caller gets its own key's value."""
-    backend = RedisBackend.from_url(redis_url)
+    backend = RedisBackend.from_url(redis_url, op_timeout=HEALTHY)
     try:
         for n in range(20):
             await backend.set(f"k{n}", b"v%d" % n)

@@ -23,6 +23,7 @@ from tests.hostile import HostileOrigin, read_response
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 max_entries = 100
 max_bytes = "8MiB"
 l1_max_bytes = "8MiB"

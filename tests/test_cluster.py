@@ -226,6 +226,7 @@ async def test_lock_is_exclusive_and_released_only_by_its_holder(
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 prefix = "cl"
 
 [admin]

@@ -25,6 +25,7 @@ from test_decorator_host import raw_get
 
 from cachegw import MemoryBackend, RedisBackend, cached, purge
 from cachegw.compat import cache
+from tests.redis_process import HEALTHY
 
 COUNTS: Counter[str] = Counter()
 CALLS: list[dict[str, Any]] = []
@@ -267,7 +268,7 @@ def test_evil_host_never_reaches_a_clean_client(
     if backend_kind == "memory":
         backend = MemoryBackend()
     else:
-        backend = RedisBackend.from_url(request.getfixturevalue("redis_url"))
+        backend = RedisBackend.from_url(request.getfixturevalue("redis_url"), op_timeout=HEALTHY)
     init(backend)
     try:
         status, evil = raw_get(base, path, "evil.example")

@@ -28,11 +28,13 @@ from cachegw._server import uvicorn_options
 from tests.consistency_check import Workload, check
 from tests.gateway_process import gateway_processes
 from tests.items_upstream import Hold, VersionedItems
+from tests.redis_process import HEALTHY
 from tests.servers import run_uvicorn
 
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 prefix = "{prefix}"
 
 [[services]]
@@ -259,7 +261,7 @@ def test_cached_route_write_is_not_undone_by_a_concurrent_miss(which: str, reque
     make_backend: Callable[[], Any] = MemoryBackend
     if which == "redis":
         url: str = request.getfixturevalue("redis_url")
-        make_backend = lambda: RedisBackend.from_url(url)  # noqa: E731
+        make_backend = lambda: RedisBackend.from_url(url, op_timeout=HEALTHY)  # noqa: E731
     app, state = items_app(make_backend, f"deco-{which}")
     with run_uvicorn(app, lifespan="on") as base, httpx.Client(base_url=base) as client:
         assert client.get("/items/1").json()["version"] == 0

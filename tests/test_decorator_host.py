@@ -21,6 +21,7 @@ from servers import run_uvicorn
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
+from tests.redis_process import HEALTHY
 
 COUNTS: Counter[str] = Counter()
 _LOOP: list[asyncio.AbstractEventLoop] = []
@@ -113,7 +114,7 @@ def backend(request: pytest.FixtureRequest, servers: dict[str, str]) -> Iterator
         made = MemoryBackend()
     else:
         url = request.getfixturevalue("redis_url")
-        made = RedisBackend.from_url(url)
+        made = RedisBackend.from_url(url, op_timeout=HEALTHY)
         _REDIS_URLS[id(made)] = url
     COUNTS.clear()
     FastAPICache.reset()

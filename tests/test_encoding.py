@@ -187,6 +187,7 @@ def test_coding_survives_the_envelope() -> None:
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 prefix = "z"
 {extra}
 

@@ -18,6 +18,7 @@ from tests.servers import StubUpstream, run_uvicorn
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 prefix = "{prefix}"
 
 [[services]]

@@ -18,6 +18,7 @@ from fastapi_cache.types import Backend
 from servers import run_uvicorn
 
 from cachegw import CachedHits, MemoryBackend, RedisBackend, cached, purge
+from tests.redis_process import HEALTHY
 
 COUNTS: Counter[str] = Counter()
 ROUTED: list[int] = [0]
@@ -102,7 +103,7 @@ def backend(request: pytest.FixtureRequest, base_url: str) -> Iterator[Backend]:
     if request.param == "memory":
         made = MemoryBackend()
     else:
-        made = RedisBackend.from_url(request.getfixturevalue("redis_url"))
+        made = RedisBackend.from_url(request.getfixturevalue("redis_url"), op_timeout=HEALTHY)
     COUNTS.clear()
     FastAPICache.reset()
     FastAPICache.init(made, prefix=f"cgwhits{next(_prefixes)}")

@@ -34,6 +34,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from cachegw import CachedHits, MemoryBackend, RedisBackend, cached
 from cachegw._inputs import inputs_of, matched_dependant
 from cachegw.compat import cache
+from tests.redis_process import HEALTHY
 
 _prefixes = itertools.count()
 FACES = ["cached", "compat", "early"]
@@ -56,7 +57,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "memory":
         made = MemoryBackend()
     else:
-        made = RedisBackend.from_url(request.getfixturevalue("redis_url"))
+        made = RedisBackend.from_url(request.getfixturevalue("redis_url"), op_timeout=HEALTHY)
     FastAPICache.reset()
     FastAPICache.init(made, prefix=f"cgwin{next(_prefixes)}")
     try:
@@ -727,7 +728,7 @@ async def test_generated_apps_never_share_between_different_inputs(
 
 @pytest.fixture
 async def memory_and_redis_backends(redis_url: str) -> AsyncIterator[list[Backend]]:
-    redis = RedisBackend.from_url(redis_url)
+    redis = RedisBackend.from_url(redis_url, op_timeout=HEALTHY)
     try:
         yield [MemoryBackend(), redis]
     finally:

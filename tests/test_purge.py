@@ -16,6 +16,7 @@ from cachegw._admin import PurgeError, parse_purge
 from cachegw._backends import close_redis
 from cachegw._purge import PurgeState, RedisPurges, scopes_for
 from tests.gateway_process import gateway_processes
+from tests.redis_process import HEALTHY
 from tests.servers import StubUpstream, run_uvicorn
 from tests.test_gateway import gateway_for
 
@@ -234,6 +235,7 @@ def test_purge_is_404_without_a_configured_token(monkeypatch: pytest.MonkeyPatch
 TOML = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 
 [admin]
 token_env = "TEST_CACHEGW_TOKEN"
@@ -339,7 +341,10 @@ def test_decorator_purge_api(redis_url: str) -> None:
 
         return app
 
-    backends = [(MemoryBackend, "deco-mem"), (lambda: RedisBackend.from_url(redis_url), "deco-r")]
+    backends = [
+        (MemoryBackend, "deco-mem"),
+        (lambda: RedisBackend.from_url(redis_url, op_timeout=HEALTHY), "deco-r"),
+    ]
     for make_backend, prefix in backends:
         calls.clear()
         app = make_app(make_backend, prefix)

@@ -28,6 +28,7 @@ TOKEN = "reload-test-token"
 FILE = """
 [cache]
 backend = "{backend}"
+op_timeout = "5s"  # a loaded machine must not turn HITs into misses
 prefix = "{prefix}"
 
 [admin]

@@ -169,11 +169,13 @@ def test_top_once_against_a_real_gateway(tmp_path: Path) -> None:
     assert lines[2].startswith("memory ") and " L1 " in lines[2]
     route = next(line for line in lines if line.startswith("  /items/{n}"))
     cells = route.split()
-    assert float(cells[1]) > 5  # req/s over the window
-    # Hits (a worker that got none of the warm-up requests has one MISS in the window).
-    assert float(cells[2]) > 90 and float(cells[2]) + float(cells[4]) == pytest.approx(
-        100.0, abs=0.15
-    )
+    rate = float(cells[1])  # req/s over the 2 s window: however few a loaded machine made
+    assert rate > 0
+    # Hits, but for at most one MISS per worker (one that got none of the warm-up requests
+    # misses once in the window); HIT + MISS is every request.
+    requests = rate * 2
+    assert float(cells[2]) >= 100 * (requests - 2) / requests - 0.15, (cells, requests)
+    assert float(cells[2]) + float(cells[4]) == pytest.approx(100.0, abs=0.15)
     assert cells[3] == cells[5] == "0.0"  # no STALE, no BYPASS
     assert float(cells[6]) < float(cells[7]) or cells[6] == cells[7]  # p50 <= p99
 
