@@ -712,7 +712,7 @@ async def test_writes_after_the_answer_are_bounded_while_redis_stalls(
     take writes cannot make them pile up: beyond the bound, writes are dropped."""
     backend = RedisBackend.from_url(redis_proc_private.url)
     engine = CacheEngine(backend)  # locks in the process: only the stores go to Redis
-    engine.max_writes_in_flight = 3
+    engine.writer.max_in_flight = 3
     policy = CachePolicy(ttl=60)
 
     async def fetch(validators: object = ()) -> Fetched:
@@ -725,7 +725,7 @@ async def test_writes_after_the_answer_are_bounded_while_redis_stalls(
             answers = await asyncio.gather(
                 *(engine.serve(RequestInfo("GET", f"w:{i}", {}), policy, fetch) for i in range(10))
             )
-            in_flight = list(engine._writing)
+            in_flight = list(engine.writer.writing)
             assert [a.status for a in answers] == [200] * 10
             assert {a.body for a in answers} == {b"cold"}
             # Every answer was ready while the writes were still waiting on Redis.

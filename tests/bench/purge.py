@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cachegw import CachePolicy, MemoryBackend, RedisBackend
 from cachegw._engine import CacheEngine
+from cachegw._job import Job
 from cachegw._models import Fetched, RequestInfo
 from cachegw._policy import CacheControl
 from cachegw._purge import purges_for, scopes_for
@@ -41,11 +42,15 @@ def request(service: str, n: int) -> RequestInfo:
 
 async def fill(engine: CacheEngine, service: str, count: int) -> None:
     fetched = Fetched(200, [(b"content-type", b"application/json")], b'{"x": 1}' * 16)
+
+    async def fetch(validators: object = ()) -> Fetched:
+        return fetched
+
     batch = []
     for n in range(count):
         info = request(service, n)
         info.started = time.time()
-        batch.append(engine._store(info, POLICY, fetched, engine_cc))
+        batch.append(engine.writer.store_entry(Job(info, POLICY, fetch, engine_cc), fetched))
         if len(batch) == 50:
             await asyncio.gather(*batch)
             batch = []
