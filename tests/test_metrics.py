@@ -229,6 +229,34 @@ def test_openmetrics_when_asked() -> None:
     assert body.endswith(b"# EOF\n")
 
 
+def test_the_prometheus_client_internals_the_adapter_reads() -> None:
+    # The contract of cachegw._prom (pyproject.toml allows prometheus-client below 1.0):
+    # a release that renames or reshapes these fails here, not in production.
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest, values
+
+    from cachegw._prom import Timings
+
+    # How the adapter asks for multi-process mode (False here: see the module docstring).
+    assert "_multiprocess" in dir(values.ValueClass)
+    assert values.ValueClass._multiprocess is False
+    registry = CollectorRegistry()
+    child = Histogram("t", "t", ["a"], registry=registry, buckets=(1, 2)).labels(a="x")
+    assert len(child._buckets) == 3  # one per bucket, +Inf last, non-cumulative
+    assert all(callable(b.inc) and callable(b.get) for b in [*child._buckets, child._sum])
+    timings = Timings(child)
+    timings.counts[0], timings.counts[2], timings.total = 2, 1, 3.5
+    timings.flush()
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("t_bucket", "1.0")] == 2
+    assert samples[("t_bucket", "2.0")] == 2
+    assert samples[("t_bucket", "+Inf")] == 3
+    assert samples[("t_sum", None)] == 3.5
+
+
 def test_multiproc_variable_set_too_late_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
