@@ -302,8 +302,6 @@ LONG_FUNCTIONS_TO_SPLIT = {
 #: Today's longer modules, likewise.
 LONG_MODULES_TO_SPLIT = {
     "cachegw._app",
-    "cachegw._purge",
-    "cachegw._relay",
     "cachegw._upstream",
 }
 

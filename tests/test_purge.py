@@ -391,7 +391,7 @@ def test_purge_with_redis_down_is_a_503_problem(
 def test_old_purges_are_forgotten() -> None:
     """A purge older than the longest an entry lives can match nothing: the record drops it
     instead of growing with every distinct tag ever purged."""
-    from cachegw._purge import _PRUNE_SIZE, RECORD_TTL
+    from cachegw._purge_local import _PRUNE_SIZE, RECORD_TTL
 
     state = PurgeState()
     for n in range(_PRUNE_SIZE - 1):
@@ -422,7 +422,7 @@ def test_redis_purge_record_drops_purges_older_than_its_ttl(redis_url: str) -> N
 def test_invalidations_are_forgotten_after_their_keep() -> None:
     """Invalidations (one per write) are remembered only as long as an entry they cover
     can be found: the record holds the paths written recently, not every path ever."""
-    from cachegw._purge import _PRUNE_SIZE
+    from cachegw._purge_local import _PRUNE_SIZE
 
     state = PurgeState()
     for n in range(_PRUNE_SIZE - 2):
