@@ -2,9 +2,9 @@
 
 `Answers` turns a stored entry into the response (Age, the cache status headers, the form
 the client's Accept-Encoding takes, ``304`` for matching validators, no body for
-``HEAD``) and a fetched response into the response passed on, and counts each answer. The
-engine and both protocol-level hit paths render through it (`CacheEngine.render`,
-`CacheEngine.hit`).
+``HEAD``) and a fetched response into the response passed on, and counts each answer.
+`CacheEngine` is one (it extends `Answers`): the engine and both protocol-level hit paths
+render through its `render` and `hit`, methods of its class (no call more on a hit).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Answers:
             body = b""
         return Served(entry.status, headers + extra, body, cache_status=cache_status)
 
-    def passed(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
+    def passed_on(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
         """A fetched response as it is passed on (not from the cache), uncounted."""
         unpassed = self.unpassed
         headers = [h for h in fetched.headers if h[0] not in unpassed]
@@ -106,9 +106,9 @@ class Answers:
         )
 
     def counted(self, fetched: Fetched, cache_status: str, detail: str) -> Served:
-        """`passed`, counted under ``cache_status``."""
+        """`passed_on`, counted under ``cache_status``."""
         self.stats[cache_status] += 1
-        return self.passed(fetched, cache_status, detail)
+        return self.passed_on(fetched, cache_status, detail)
 
     def fetched(
         self,
@@ -123,7 +123,7 @@ class Answers:
         backend took it), else the response itself."""
         self.stats[status] += 1
         if entry is None:
-            return self.passed(fetched, status, detail)
+            return self.passed_on(fetched, status, detail)
         return self.render(entry, request, now, status, detail + stored(entry))
 
     def hit(self, entry: Entry, request: RequestInfo, now: float, left: float) -> Served:

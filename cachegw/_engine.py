@@ -46,7 +46,7 @@ _TAG_HEADERS = frozenset({b"surrogate-key", b"cache-tag"})
 logger = logging.getLogger("cachegw")
 
 
-class CacheEngine:
+class CacheEngine(Answers):
     """Serves requests from a cache backend (a `CacheBackend`, or any fastapi-cache2
     ``Backend``), fetching and storing on misses.
 
@@ -54,6 +54,10 @@ class CacheEngine:
     cache were empty, and the failure counted. A request's reads share one budget
     (``read_budget``, see `cachegw._store.read_budget`); on a backend with I/O its writes
     run after its answer (see `cachegw._writer`), each bounded by ``op_timeout``.
+
+    It renders and counts its answers as an `Answers` (`render`, `hit`): every hit path
+    renders through these (methods of its class, so the protocol-level hit path calls
+    them at the cost of a method call).
     """
 
     def __init__(
@@ -77,29 +81,21 @@ class CacheEngine:
         # Stored bodies of at least this many bytes are compressed (see `_encoding`);
         # None: bodies are stored as they came and served as stored.
         self.compress_min = compress_min
-        self.status_header = status_header.lower().encode("latin-1")
-        self.cache_name = cache_name
         # Unless given, the backend's own deadline (RedisBackend.from_url(op_timeout=...)),
         # so the decorator and the gateway honour it; OP_TIMEOUT for any other backend.
         if op_timeout is None:
             op_timeout = float(getattr(self.backend, "op_timeout", OP_TIMEOUT))
         self.op_timeout = op_timeout
         self.clock = clock
-        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self.metrics = metrics
         # Surrogate-Key / Cache-Tag are for this cache: stripped unless asked otherwise.
         hidden = (frozenset() if expose_tag_headers else _TAG_HEADERS) | {b"surrogate-control"}
-        self.answers = answers = Answers(
-            status_header=self.status_header,
+        super().__init__(
+            status_header=status_header.lower().encode("latin-1"),
             cache_name=cache_name,
             unpassed=frozenset({b"x-cache-status", b"cache-status"}) | hidden,
-            stats=self.stats,
+            stats=dict.fromkeys(COUNTERS, 0),
             metrics=metrics,
         )
-        #: What the client gets from a stored entry (`Answers.render`), and a fresh hit's
-        #: answer, counted (`Answers.hit`): every hit path renders through these.
-        self.render = answers.render
-        self.hit = answers.hit
         self.purges = purges or LocalPurges(clock)
         self.coordinator = coordinator or Coordinator()
         # Waiters give up on another process's fetch after lock_timeout (nginx's
@@ -120,7 +116,7 @@ class CacheEngine:
             unstored=UNSTORED | hidden,
             compress_min=compress_min,
         )
-        self.fetcher = Fetcher(self)
+        self.fetcher = Fetcher(self, self)
         self._flights = self.fetcher.flights
         self._landings = self.fetcher.landings
 
@@ -158,13 +154,13 @@ class CacheEngine:
 
     def bypass(self, fetched: Fetched) -> Served:
         """Answer with ``fetched`` without reading or writing the cache."""
-        return self.answers.counted(fetched, "BYPASS", "fwd=bypass")
+        return self.counted(fetched, "BYPASS", "fwd=bypass")
 
     def passed(self, fetched: Fetched) -> Served:
         """Answer a ``GET``/``HEAD`` of a route that stores nothing (``stores_nothing``)
         with ``fetched``: a miss, as the cache would have answered it, without a lookup, a
         lock or a write."""
-        return self.answers.counted(fetched, "MISS", "fwd=uri-miss")
+        return self.counted(fetched, "MISS", "fwd=uri-miss")
 
     async def invalidate(self, scopes: list[str], policy: CachePolicy) -> None:
         """Invalidate every entry of ``scopes`` whose fetch started before now, for every
@@ -216,7 +212,7 @@ class CacheEngine:
                 await self.store.delete(request.key)
                 if self.coordinator.shared:
                     await self.coordinator.landed(request.key)
-            return self.answers.counted(fetched, "BYPASS", "fwd=method")
+            return self.counted(fetched, "BYPASS", "fwd=method")
 
         return await self._cached(request, policy, fetch, again=True)
 
@@ -291,13 +287,13 @@ class CacheEngine:
         """Answer from the cache as ``decision`` says: fresh, stale, or 504."""
         entry = decision.entry
         if entry is None:  # "unavailable": only-if-cached and nothing usable
-            return self.answers.unavailable()
+            return self.unavailable()
         if decision.refresh:
             self.fetcher.refresh(request, policy, fetch, entry)
         if decision.action == "fresh":
             return self.hit(entry, request, now, decision.left)
         assert decision.reason is not None
-        return self.answers.stale(entry, request, now, decision.left, decision.reason)
+        return self.stale(entry, request, now, decision.left, decision.reason)
 
     async def lookup(self, request: RequestInfo) -> tuple[Entry | None, Item | None]:
         """The entry for the request (Vary resolved) and what the primary key holds."""

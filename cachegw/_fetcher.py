@@ -62,7 +62,6 @@ class Engine(Protocol):
     purges: Purges
     clock: Callable[[], float]
     writer: Writer
-    answers: Answers
 
     def lookup(self, request: RequestInfo) -> Awaitable[tuple[Entry | None, Item | None]]: ...
 
@@ -70,13 +69,13 @@ class Engine(Protocol):
 class Fetcher:
     """Fetches for the engine; holds this process's flights (fetches others may join)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, answers: Answers) -> None:
         self.engine = engine
         self.coordinator = engine.coordinator
         self.store = engine.store
         self.purges = engine.purges
         self.writer = engine.writer
-        self.answers = engine.answers
+        self.answers = answers
         self.clock = engine.clock
         self.flights: dict[str, Flight] = {}
         # How many flights ended, per slot of the key's hash. A request whose lookup
