@@ -28,40 +28,26 @@ from redis.asyncio.connection import parse_url
 from cachegw._backends._redis import check_url
 from cachegw._errors import ConfigError
 from cachegw._knobs import Setting, settings_of
-from cachegw._limits import ServerLimits
+from cachegw._limits import ServerLimits, UpstreamLimits
 from cachegw._policy import KNOBS
 
-__all__ = ["load_gateway", "setting_tables"]
+__all__ = ["load_gateway", "service_keys", "setting_tables"]
 
 _TABLES = frozenset({"cache", "admin", "server", "services"})
 _ADMIN_KEYS = frozenset({"token_env"})
-_UPSTREAM_KEYS = frozenset(
+_OWN_SERVICE_KEYS = frozenset(
     {
-        "timeout",
-        "connect_timeout",
-        "read_timeout",
-        "write_timeout",
-        "pool_timeout",
-        "total_timeout",
-        "max_connections",
+        "name",
+        "upstream",
+        "prefix",
+        "hosts",
+        "forward_headers",
+        "credential_headers",
+        "rewrite_redirects",
+        "routes",
     }
 )
-_SERVICE_KEYS = (
-    frozenset(
-        {
-            "name",
-            "upstream",
-            "prefix",
-            "hosts",
-            "forward_headers",
-            "credential_headers",
-            "rewrite_redirects",
-            "routes",
-        }
-    )
-    | _UPSTREAM_KEYS
-    | KNOBS
-)
+_SERVICE_KEYS = _OWN_SERVICE_KEYS | frozenset(settings_of(UpstreamLimits)) | KNOBS
 _ROUTE_KEYS = frozenset({"path"}) | KNOBS
 _REQUIRED = {
     "name": "a name like 'catalog'",
@@ -191,14 +177,15 @@ class _Loader(Generic[G]):
             raise self._error(f"invalid TOML: {exc}") from None
 
     def _service(self, values: Mapping[str, Any], where: str) -> _Service:
-        self._check_keys(values, _SERVICE_KEYS, where)
+        keys = service_keys(self.service)
+        self._check_keys(values, keys, where)
         self._require(values, ("name", "upstream"), where)
         routes = values.get("routes")
         name = values["name"]
         # The declarations add "of service 'x'" / "in route ..." to their messages;
         # the key path already says where.
         strip = [f" of service {name!r}", f" in service {name!r}"]
-        with self._at(where, _SERVICE_KEYS, strip, values=values):
+        with self._at(where, keys, strip, values=values):
             service = self.service(
                 name,
                 values["upstream"],
@@ -318,6 +305,13 @@ def setting_tables(gateway: object) -> dict[str, dict[str, Setting]]:
         for name, declared in settings_of(owner).items():
             tables[declared.table][name] = declared
     return tables
+
+
+def service_keys(service: object) -> frozenset[str]:
+    """The keys of a ``[[services]]`` table: the service's own, the upstream limits it
+    declares (`UpstreamLimits`, its ``upstream_limits``) and the policy knobs."""
+    limits = getattr(service, "upstream_limits", UpstreamLimits)
+    return _OWN_SERVICE_KEYS | frozenset(settings_of(limits)) | KNOBS
 
 
 def _limits_class(gateway: object) -> Callable[..., Any]:

@@ -212,7 +212,7 @@ class Setting:
     of them is missing.
     """
 
-    table: str  # its TOML table: "cache" or "server"
+    table: str  # its TOML table: "cache", "server" or "services" (`UpstreamLimits`)
     parse: Callable[[Any, str], Any]  # validates and normalises; ConfigError naming it
     type_doc: str  # its type as docs/gateway.md's TOML reference writes it
     default_doc: str  # its default, likewise

@@ -19,7 +19,8 @@ from starlette.routing import compile_path
 
 from cachegw._core import SLOW_HEADERS
 from cachegw._errors import ConfigError
-from cachegw._knobs import parse_duration
+from cachegw._knobs import settings_of
+from cachegw._limits import UpstreamLimits
 from cachegw._models import API_KEY_HEADERS
 from cachegw._policy import CachePolicy
 from cachegw._upstream import GATEWAY_SET, ROUTING_OVERRIDES, is_override
@@ -51,14 +52,6 @@ class Route:
         return {
             name: self.convertors[name].convert(value) for name, value in found.groupdict().items()
         }
-
-
-def _check_max_connections(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"max_connections of service {name!r} must be a whole number ≥ 1, got {value!r}"
-        )
-    return value
 
 
 class Service:
@@ -110,7 +103,21 @@ class Service:
     * **max_connections** - connections open to the upstream at most (100).
     * **client** - an ``httpx.AsyncClient`` to use instead of the one cachegw opens.
     * any `CachePolicy` knob - the default for this service's routes.
+
+    The upstream's limits (the timeouts and ``max_connections``) are declared once, in
+    `UpstreamLimits` (``upstream_limits``): their TOML keys and validation follow.
     """
+
+    #: The declaration of the upstream's limits (see `cachegw._limits.UpstreamLimits`).
+    upstream_limits: type[UpstreamLimits] = UpstreamLimits
+    # Set from it (a phase timeout without a value of its own takes ``timeout``).
+    timeout: float
+    connect_timeout: float
+    read_timeout: float
+    write_timeout: float
+    pool_timeout: float
+    total_timeout: float | None
+    max_connections: int
 
     def __init__(
         self,
@@ -139,32 +146,25 @@ class Service:
         self.name = name
         self.upstream = _check_upstream(upstream, name)
         self.prefix = _check_prefix(prefix, name)
-        self._set_timeouts(
-            timeout, connect_timeout, read_timeout, write_timeout, pool_timeout, total_timeout
-        )
-        self.max_connections = _check_max_connections(max_connections, name)
+        upstream_limits = {
+            "timeout": timeout,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "write_timeout": write_timeout,
+            "pool_timeout": pool_timeout,
+            "total_timeout": total_timeout,
+            "max_connections": max_connections,
+        }
+        # A limit declared without a parameter of its own comes in with the knobs.
+        declared = settings_of(self.upstream_limits)
+        upstream_limits |= {k: defaults.pop(k) for k in list(defaults) if k in declared}
+        for key, value in self.upstream_limits.of(name, upstream_limits).items():
+            setattr(self, key, value)
         self.client = client
         self._set_headers(hosts, forward_headers, rewrite_redirects, credential_headers)
         self.defaults = CachePolicy.from_mapping(defaults, where=f"service {name!r}")
         self._default_values = dict(defaults)
         self.routes: list[Route] = []
-
-    def _set_timeouts(
-        self,
-        timeout: float | str,
-        connect: float | str | None,
-        read: float | str | None,
-        write: float | str | None,
-        pool: float | str | None,
-        total: float | str | None,
-    ) -> None:
-        name = self.name
-        self.timeout = _positive(timeout, "timeout", name)
-        self.connect_timeout = _positive(connect, "connect_timeout", name, self.timeout)
-        self.read_timeout = _positive(read, "read_timeout", name, self.timeout)
-        self.write_timeout = _positive(write, "write_timeout", name, self.timeout)
-        self.pool_timeout = _positive(pool, "pool_timeout", name, self.timeout)
-        self.total_timeout = None if total is None else _positive(total, "total_timeout", name)
 
     def _set_headers(
         self,
@@ -200,15 +200,7 @@ class Service:
     @property
     def client_settings(self) -> dict[str, Any]:
         """What the service's upstream client is built from, besides its URL and client."""
-        return {
-            "timeout": self.timeout,
-            "connect_timeout": self.connect_timeout,
-            "read_timeout": self.read_timeout,
-            "write_timeout": self.write_timeout,
-            "pool_timeout": self.pool_timeout,
-            "total_timeout": self.total_timeout,
-            "max_connections": self.max_connections,
-        }
+        return {name: getattr(self, name) for name in settings_of(self.upstream_limits)}
 
     @property
     def exchange_bound(self) -> float:
@@ -258,16 +250,6 @@ class Service:
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {self.upstream!r}, prefix={self.prefix!r})"
-
-
-def _positive(value: object, what: str, service: str, default: float | None = None) -> float:
-    if value is None and default is not None:
-        return default
-    where = f"{what} of service {service!r}"
-    seconds = parse_duration(value, what=where)
-    if seconds <= 0:
-        raise ConfigError(f"{where} must be > 0 seconds, got {value!r}")
-    return seconds
 
 
 def _check_upstream(upstream: object, name: str) -> str:

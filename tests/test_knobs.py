@@ -15,10 +15,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cachegw import CachePolicy, ConfigError, Gateway, cached
+from cachegw import CachePolicy, ConfigError, Gateway, Service, cached
 from cachegw._checks import settings_lines
 from cachegw._cli import main, server_flags
-from cachegw._config import _ROUTE_KEYS, _SERVICE_KEYS, setting_tables
+from cachegw._config import _ROUTE_KEYS, _SERVICE_KEYS, load_gateway, service_keys, setting_tables
 from cachegw._knobs import (
     Setting,
     as_duration,
@@ -28,7 +28,7 @@ from cachegw._knobs import (
     setting,
     settings_of,
 )
-from cachegw._limits import ServerLimits
+from cachegw._limits import ServerLimits, UpstreamLimits
 from cachegw._policy import KNOB_SPECS, KNOBS
 from cachegw._reload import restart_needed
 
@@ -269,3 +269,77 @@ def test_a_throwaway_setting_is_seen_everywhere(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "spare=3" in result.output and "header_timeout=2.0" in result.output
     assert re.search(r"--spare INTEGER +Spare\.", CliRunner().invoke(serve, ["--help"]).output)
+
+
+# -- a service's upstream limits ---------------------------------------------------------------
+#
+# Declared once, on `UpstreamLimits` (``metadata=setting("services", ...)``): the keys of a
+# ``[[services]]`` table, validation in Python and in the file, the service's upstream client
+# settings (and so the reload rule, which compares them) follow.
+
+UPSTREAM = settings_of(UpstreamLimits)
+
+
+def _service_file(values: dict[str, object]) -> str:
+    keys = "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
+    return (
+        f'[[services]]\nname = "s"\nupstream = "http://127.0.0.1:9"\n{keys}'
+        '[[services.routes]]\npath = "/{rest:path}"\n'
+    )
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM))
+def test_an_upstream_limit_is_a_service_key_and_validated(tmp_path: Path, name: str) -> None:
+    assert name in _SERVICE_KEYS
+    value = 7 if UPSTREAM[name].type_doc == "integer" else "7s"
+    path = tmp_path / "gateway.toml"
+    path.write_text(_service_file({name: value}))
+    [service] = Gateway.from_toml(path).services
+    assert getattr(service, name) == 7 and service.client_settings[name] == 7
+    path.write_text(_service_file({name: {"a": 1}}))
+    with pytest.raises(ConfigError, match=rf"gateway.toml: services\[0\]\.{name} must be"):
+        Gateway.from_toml(path)
+    with pytest.raises(ConfigError, match=rf"^{name} of service 's' must be"):
+        Service("s", "http://127.0.0.1:9", **{name: -1})
+
+
+def test_every_upstream_limit_has_its_docs_row() -> None:
+    gateway = (DOCS / "gateway.md").read_text()
+    section = gateway.partition("### `[[services]]`")[2].partition("\n### ")[0]
+    for name, declared in UPSTREAM.items():
+        row = rf"^\| `{name}` \| {re.escape(declared.type_doc)} \| "
+        row += rf"{re.escape(declared.default_doc)} \| \S"
+        assert re.search(row, section, re.M), f"docs/gateway.md [[services]] has no row {row}"
+        assert f"**{name}**" in (Service.__doc__ or ""), f"Service's docstring lacks {name}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _SpareUpstream(UpstreamLimits):
+    spare: int = field(default=1, metadata=setting("services", as_whole(1), "integer", "`1`"))
+
+
+class _SpareService(Service):
+    upstream_limits = _SpareUpstream
+
+
+def test_a_throwaway_upstream_limit_is_seen_everywhere(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    # TOML reading: a key of [[services]], its value reaches the service and its client.
+    assert "spare" in service_keys(_SpareService) and "spare" not in _SERVICE_KEYS
+    path.write_text(_service_file({"spare": 3, "timeout": 4}))
+    [service] = load_gateway(path, Gateway, _SpareService).services
+    assert service.spare == 3  # type: ignore[attr-defined]
+    assert service.client_settings["spare"] == 3 and service.client_settings["timeout"] == 4
+    # Validation, with the file and the key named; in Python too.
+    path.write_text(_service_file({"spare": 0}))
+    with pytest.raises(ConfigError, match=r"gateway.toml: services\[0\]\.spare must be"):
+        load_gateway(path, Gateway, _SpareService)
+    path.write_text(_service_file({"sparee": 3}))
+    with pytest.raises(ConfigError, match="did you mean 'spare'"):
+        load_gateway(path, Gateway, _SpareService)
+    with pytest.raises(ConfigError, match="spare of service 's' must be a whole number"):
+        _SpareService("s", "http://127.0.0.1:9", spare=0)
+    # The default, when not given; the reload rule compares the client settings.
+    other = _SpareService("s", "http://127.0.0.1:9")
+    assert other.client_settings["spare"] == 1
+    assert other.client_settings != service.client_settings
