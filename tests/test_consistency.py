@@ -175,7 +175,9 @@ def keyed_gateways(origin: str, backend: str, count: int) -> Iterator[list[str]]
             service = Service("api", origin, prefix="/api", ttl=60)
             service.route("/items/{item_id}", key=by_user)
             service.route("/vitems/{item_id}", key=by_user)
-            app = create_app(Gateway(services=[service], backend=backend, prefix="k"))
+            app = create_app(
+                Gateway(services=[service], backend=backend, prefix="k", op_timeout=HEALTHY)
+            )
             bases.append(stack.enter_context(run_uvicorn(app, **uvicorn_options(lifespan="on"))))
         yield bases
 

@@ -17,6 +17,7 @@ import pytest
 
 from cachegw import Gateway, MemoryBackend, Service, create_app
 from cachegw._server import uvicorn_options
+from tests.redis_process import HEALTHY
 from tests.servers import StubUpstream, free_port, run_uvicorn
 
 
@@ -34,7 +35,10 @@ def gateway_for(
         for path, knobs in routes or (("/{rest:path}", {"ttl": 60}),):
             svc.route(path, **knobs)
         gateway = Gateway(
-            services=[svc], backend=backend or MemoryBackend(), admin_token_env=token_env
+            services=[svc],
+            backend=backend or MemoryBackend(),
+            admin_token_env=token_env,
+            op_timeout=HEALTHY,  # a loaded machine must not turn a HIT into a miss (issue 28)
         )
         with (
             run_uvicorn(create_app(gateway), **uvicorn_options(lifespan="on")) as base,

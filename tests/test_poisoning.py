@@ -21,6 +21,7 @@ import pytest
 
 from cachegw import Gateway, Service, create_app
 from cachegw._server import uvicorn_options
+from tests.redis_process import HEALTHY
 from tests.servers import Receive, Scope, Send, StubUpstream, run_uvicorn
 
 _PATH_OVERRIDES = ("x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url")
@@ -103,7 +104,7 @@ def gateway(upstream: Framework, backend: str = "memory", **service: Any) -> Ite
         svc = Service("svc", origin, prefix="/svc", **service)
         svc.route("/admin/{rest:path}", ttl=60, methods=["GET", "HEAD"])
         svc.route("/{rest:path}", ttl=60)
-        gw = Gateway(services=[svc], backend=backend)
+        gw = Gateway(services=[svc], backend=backend, op_timeout=HEALTHY)
         with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
             yield base
 
@@ -303,7 +304,7 @@ def slow_gateway(backend: str, **route: Any) -> Iterator[tuple[StubUpstream, str
     with run_uvicorn(stub) as origin:
         svc = Service("svc", origin, prefix="/svc")
         svc.route("/{rest:path}", ttl=60, **route)
-        gw = Gateway(services=[svc], backend=backend)
+        gw = Gateway(services=[svc], backend=backend, op_timeout=HEALTHY)
         with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
             yield stub, base
 
@@ -381,7 +382,7 @@ def test_credential_headers_never_share_a_callers_page(
     with run_uvicorn(pages) as origin:
         svc = Service("svc", origin, prefix="/svc", **service)
         svc.route("/{rest:path}", ttl=60)
-        gw = Gateway(services=[svc], backend=backend)
+        gw = Gateway(services=[svc], backend=backend, op_timeout=HEALTHY)
         with run_uvicorn(create_app(gw), **uvicorn_options(lifespan="on")) as base:
             status, alice, body = get(base, "/svc/me", "gw.example", f"{header}: alice")
             assert status == 200 and alice["x-cache-status"] == "BYPASS"
