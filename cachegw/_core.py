@@ -3,7 +3,7 @@
 * `decide`: given what is stored for a request, the request's directives, the purge
   verdict, the policy and the time → serve fresh / serve stale (and why) / fetch
   (revalidating a stale entry or not, coalesced or not) / answer 504. Both hit paths ask
-  it: the engine (`cachegw._engine`) and the protocol-level fast path (`cachegw._app`), so
+  it: the engine (`cachegw._engine`) and the protocol-level fast path (`cachegw._fasthit`), so
   the fresh-hit rule exists once.
 * `build_entry`, `merge_not_modified`: what is stored after a fetch (in `cachegw._storing`,
   re-exported here).

@@ -95,7 +95,7 @@ class Entry:
     fetch_time: float = 0.0  # seconds the fetch that produced it took (for XFetch)
     coding: str = ""  # how the body is compressed for negotiation (see `_encoding`)
     stored: bool = True  # in this process: whether the backend took it (not encoded)
-    # Answers built from it by the fast path (see `cachegw._app`), kept while the entry is
+    # Answers built from it by the fast path (see `cachegw._fasthit`), kept while the entry is
     # in the process's L1, whose byte bound they count against (not encoded).
     answers: dict[Any, Any] | None = field(default=None, compare=False, repr=False)
 

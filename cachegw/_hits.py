@@ -35,7 +35,7 @@ __all__ = ["CachedHits"]
 
 
 _MEMO_SIZE = 4096
-_MEMO_PART_MAX = 256  # memoised only for targets this long at most (see cachegw._app)
+_MEMO_PART_MAX = 256  # memoised only for targets this long at most (see cachegw._proxy)
 _NO_HEADERS: dict[str, str] = {}
 
 

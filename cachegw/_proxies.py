@@ -114,7 +114,11 @@ def front(peer: str, scheme: str, headers: Headers, trusted: TrustedProxies) -> 
     """The client-facing scheme and host and the ``X-Forwarded-For`` to send, for a
     request with ``headers`` from the socket peer ``peer`` over ``scheme``."""
     # The request's own Host as it came (two Host fields were refused before routing).
-    host = next((v.decode("latin-1") for n, v in headers if n.lower() == b"host"), None)
+    host = None
+    for name, value in headers:
+        if name.lower() == b"host":
+            host = value.decode("latin-1")
+            break
     if not trusted or not trusted.trusts(peer):
         return Front(scheme, host, peer)
     proto = _last(headers, b"x-forwarded-proto")

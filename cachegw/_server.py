@@ -31,7 +31,9 @@ import socket
 import struct
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
+import httptools
 import uvicorn
 from uvicorn.middleware.message_logger import MessageLoggerMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -42,7 +44,9 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
 )
 
+from cachegw._deadlines import Sweeper
 from cachegw._entry import Headers
+from cachegw._forwarding import ForwardCycle, Forwarder
 from cachegw._limits import ServerLimits
 
 __all__ = [
@@ -120,6 +124,12 @@ class FastHitServer:
         the ordinary (ASGI) path."""
         raise NotImplementedError
 
+    def fast_forward(self, scope: dict[str, Any]) -> Forwarder | None:
+        """For a request to forward without an ASGI cycle (its ``scope`` complete but for
+        the body): the coroutine function to run with its `ForwardCycle` once the body is
+        in; None (the default) to leave it to the ordinary path."""
+        return None
+
 
 def fast_path_of(app: object) -> FastHitServer | None:
     """The `FastHitServer` uvicorn serves, seen through the middleware uvicorn itself may
@@ -186,15 +196,17 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     ``extensions`` and `check_target` refuses anything but origin-form.
 
     A plain ``GET``/``HEAD`` that the app (a `FastHitServer`) can answer from an entry
-    already decoded in the process (`cachegw._app._GatewayApp.fast_hit`: no credentials,
-    conditionals, cache directives or body; fresh; no Vary) is answered here, with one
-    write, without an ASGI cycle. Everything else, and any doubt, takes the ordinary path.
+    already decoded in the process (`cachegw._fasthit`: no credentials, conditionals, cache
+    directives or body; fresh; no Vary) is answered here, with one write, without an ASGI
+    cycle. A request the app forwards as it came (`FastHitServer.fast_forward`, see
+    `cachegw._fastpass`) runs without one too (`cachegw._forwarding`). Everything else, and
+    any doubt, takes the ordinary path.
 
     The connection is in the scope's extensions too (``cachegw.connection``): the
     application reads `gone` to stop streaming to a client that left or was cut off, and
     `abort_reason` to tell why a request body ended early. An application that sets
     `abandon` (a callable) has it called once when the client goes away while its request
-    is being answered: it lets go of work nobody waits for (see `cachegw._app`).
+    is being answered: it lets go of work nobody waits for (see `cachegw._proxy`).
     """
 
     def __init__(
@@ -228,7 +240,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # A connection that sends nothing is bounded like a slow head.
-        _Sweeper.watch(self)
+        Sweeper.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -262,7 +274,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a parser error: ours when a callback refused the request.
         if self.cycle is not None and not self.cycle.response_complete:
-            self.abort_reason = "framing"  # the body being read is cut: see _Proxy
+            self.abort_reason = "framing"  # the body being read is cut: see _proxy
         if self._refusal is not None:
             self.transport.write(self._refusal)
             self.transport.close()
@@ -303,10 +315,32 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                 self._phase = _BUSY
                 self.on_response_complete()
                 return
+            if not self.expect_100_continue and self._forwarded(fast):
+                return
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions["cachegw.request_target"] = self.url
         extensions["cachegw.connection"] = self
         super().on_headers_complete()
+
+    def _forwarded(self, fast: FastHitServer) -> bool:
+        """Offer the request to the app's pass-through at the protocol level (see
+        `cachegw._forwarding`), with the scope uvicorn would build; True when taken."""
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+        try:
+            parsed = httptools.parse_url(self.url)
+            path = parsed.path.decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return False  # uvicorn's own handling
+        scope["method"] = self.parser.get_method().decode("ascii")
+        scope["path"] = self.root_path + (unquote(path) if "%" in path else path)
+        scope["raw_path"] = self.root_path.encode("ascii") + parsed.path
+        scope["query_string"] = parsed.query or b""
+        scope["extensions"] = {"cachegw.request_target": self.url, "cachegw.connection": self}
+        run = fast.fast_forward(scope)
+        if run is None:
+            return False
+        self.cycle = ForwardCycle(self, scope, run)  # type: ignore[assignment]
+        return True
 
     def on_body(self, body: bytes) -> None:
         self._deadline = _UNSET  # progress: body_timeout starts again
@@ -423,42 +457,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
         lines.append(b"connection: close\r\n\r\n")
         return b"".join(lines) + body
-
-
-class _Sweeper:
-    """One timer per event loop that checks every connection's deadlines."""
-
-    INTERVAL = 0.25
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.connections: set[GatewayHttpToolsProtocol] = set()
-        self.handle: asyncio.TimerHandle | None = None
-
-    _by_loop: dict[int, _Sweeper] = {}
-
-    @classmethod
-    def watch(cls, connection: GatewayHttpToolsProtocol) -> None:
-        loop = connection.loop
-        sweeper = cls._by_loop.get(id(loop))
-        if sweeper is None or sweeper.loop is not loop:
-            sweeper = cls._by_loop[id(loop)] = _Sweeper(loop)
-        sweeper.connections.add(connection)
-        if sweeper.handle is None:
-            sweeper.handle = loop.call_later(cls.INTERVAL, sweeper.sweep)
-
-    def sweep(self) -> None:
-        now = self.loop.time()
-        for connection in list(self.connections):
-            if connection.gone:
-                self.connections.discard(connection)
-            else:
-                connection.check_deadlines(now)
-        if self.connections:
-            self.handle = self.loop.call_later(self.INTERVAL, self.sweep)
-        else:
-            self.handle = None
-            _Sweeper._by_loop.pop(id(self.loop), None)
 
 
 def uvicorn_options(**overrides: Any) -> dict[str, Any]:

@@ -1,10 +1,8 @@
-"""Forwarding to an upstream service through httpx: header hygiene, streaming, 502/504.
-
-The URL is built from parts, never by joining strings: `URL.join("//evil/x")` and
-`base + "@evil/x"` reach other hosts (docs/security.md, "Attacks and how each is handled").
+"""Forwarding to an upstream service: pool and phase timeouts, streaming, 502/503/504
+(header hygiene in `cachegw._hygiene`, the aiohttp pool in `cachegw._transport`).
 
 Transport: httpx stays the client API (a caller may pass its own `httpx.AsyncClient`), but
-without one `Upstream` sends through `_AiohttpTransport`, its own aiohttp pool: measured
+without one `Upstream` sends through `AiohttpTransport`, its own aiohttp pool: measured
 by `tests/bench/upstream_transport.py`, 50 concurrent requests, httpcore's pool does ~175
 req/s on this machine and aiohttp ~2.6k. It is our own rather than `httpx-aiohttp`'s
 because that one passes the URL to aiohttp as a string, and yarl then re-quotes it
@@ -21,23 +19,33 @@ fresh unpooled httpcore connection (which serves the declared bytes and closes).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import re
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 import yarl
 
 from cachegw._errors import ConfigError
+from cachegw._hygiene import (
+    GATEWAY_SET,
+    OVERRIDES,
+    ROUTING_OVERRIDES,
+    Headers,
+    invalid_field,
+    is_override,
+    public_location,
+    request_headers,
+    response_headers,
+    upstream_url,
+)
 from cachegw._models import Fetched
 from cachegw._target import problem
+from cachegw._transport import AiohttpTransport, Reply, Stream, mapped, written
 
+# Header hygiene lives in `cachegw._hygiene`; its names are imported from here too.
 __all__ = [
     "GATEWAY_SET",
     "OVERRIDES",
@@ -60,398 +68,12 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-Headers = list[tuple[bytes, bytes]]
-
-# RFC 9110 §7.6.1, plus the non-standard Proxy-Connection and HTTP2-Settings (RFC 7540 §3.2.1).
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"http2-settings",
-    }
-)
-# Set by the gateway itself; a client's values are not trusted. Host is set by httpx.
-GATEWAY_SET = frozenset(
-    {
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"forwarded",
-        b"via",
-        b"x-real-ip",
-        b"host",
-    }
-)
-# Headers that make common frameworks answer for another path or method than the request
-# line's (Symfony and IIS read X-Original-URL / X-Rewrite-URL; Rails, Express, Laravel
-# and ASP.NET honour method overrides): forwarding one would run something other than what
-# the route and its method list checked ("one path"), so none can be allowed through.
-ROUTING_OVERRIDES = frozenset(
-    {
-        b"x-original-url",
-        b"x-original-uri",
-        b"x-rewrite-url",
-        b"x-override-url",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-original-method",
-    }
-)
-# Every request header that tells a framework which host, scheme, port or prefix to build
-# URLs with or route on (Django's USE_X_FORWARDED_HOST/PORT, Rails and Rack, Express's
-# trust proxy, Spring's ForwardedHeaderFilter, Werkzeug's ProxyFix): removed before
-# forwarding unless a service's `forward_headers` lets it through *and keys it* (issue 10:
-# every forwarded input is keyed or dropped). Every ``X-Forwarded-*`` header is one too.
-OVERRIDES = ROUTING_OVERRIDES | frozenset(
-    {
-        b"x-original-host",
-        b"x-host",
-        b"x-http-host-override",
-        b"x-scheme",
-        b"x-url-scheme",
-        b"front-end-https",
-    }
-)
-# Removed from every forwarded request and response (checked first: one set lookup).
-_REQUEST_DROP = _HOP_BY_HOP | GATEWAY_SET
-_RESPONSE_DROP = _HOP_BY_HOP
-_RESPONSE_DROP_LENGTH = _HOP_BY_HOP | {b"content-length"}
-_VIA = b"1.1 cachegw"
-# RFC 9110 §7.6.3: a forwarded request's Via names the protocol version the gateway
-# received it in (the upstream is always spoken to in HTTP/1.1, so responses say 1.1).
-_REQUEST_VIA = {"1.0": b"1.0 cachegw", "1.1": _VIA, "2": b"2 cachegw", "3": b"3 cachegw"}
 # Idempotent methods (RFC 9110 §9.2.2) may be sent again when a reused connection fails.
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Idle connections are dropped before common servers drop them (Node.js: 5 s), so a
 # request is rarely sent on a connection the upstream is closing.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=4.0)
-# RFC 9110 §5.1 (a field name is a token) and §5.5 (a field value has no control byte but
-# HTAB; CR, LF and NUL are never valid). A response breaking them is a 502, never stored:
-# stored, it would break every later answer for its URL.
-_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _RETRY_AFTER = (b"retry-after", b"1")
-
-
-def _invalid_field(raw: Headers) -> bytes | None:
-    """The name of the first header that breaks RFC 9110's field rules, or None."""
-    for name, value in raw:
-        if not _FIELD_NAME.fullmatch(name) or _BAD_VALUE.search(value):
-            return name
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _root(base: str) -> httpx.URL:
-    return httpx.URL(base)
-
-
-def upstream_url(base: str, path: str, raw_query: bytes) -> httpx.URL:
-    """The upstream URL for `path` (still encoded, starting with "/") below `base`."""
-    if not path.startswith("/"):
-        raise ValueError(f"path must start with '/', got {path!r}")
-    root = _root(base)
-    raw_path = root.raw_path.partition(b"?")[0].rstrip(b"/") + path.encode("ascii")
-    if raw_query:
-        raw_path += b"?" + raw_query
-    return httpx.URL(scheme=root.scheme, host=root.host, port=root.port, raw_path=raw_path)
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def public_location(value: bytes, base: str, prefix: str) -> bytes | None:
-    """A ``Location`` / ``Content-Location`` value pointing at the upstream ``base``
-    (``http://host:port/base``), as the path-absolute reference the gateway's client
-    reaches it by (``prefix`` + the path below the base path); None to leave it alone.
-
-    nginx's ``proxy_redirect default``: only the upstream's own origin is rewritten (either
-    scheme, the same host and port), and only below its base path. The result names no
-    scheme or host, so an entry stored with it is right for every client, whatever ``Host``
-    or scheme each used (RFC 9110 §10.2.2 allows a relative ``Location``). A result that
-    would read as a network-path reference (``//other/x``, ``/\\other``) is not made.
-    """
-    try:
-        text = value.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return None
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc:
-        return None
-    root = _root(base)
-    try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
-    except ValueError:
-        return None
-    if parts.hostname != root.host.lower() or port != (root.port or _DEFAULT_PORTS[root.scheme]):
-        return None
-    base_path = root.raw_path.partition(b"?")[0].rstrip(b"/").decode("ascii")
-    path = parts.path or "/"
-    if base_path:
-        if path == base_path:
-            path = "/"
-        elif path.startswith(base_path + "/"):
-            path = path[len(base_path) :]
-        else:
-            return None
-    public = prefix + path if prefix else path
-    if public[1:2] in ("/", "\\"):
-        return None
-    if parts.query:
-        public += "?" + parts.query
-    if parts.fragment:
-        public += "#" + parts.fragment
-    return public.encode("ascii")
-
-
-def _connection_named(headers: Headers) -> set[bytes]:
-    return {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-
-
-def is_override(name: bytes) -> bool:
-    """Whether a (lower-case) request header is one the gateway removes unless allowed."""
-    return name in OVERRIDES or name.startswith(b"x-forwarded-")
-
-
-def request_headers(
-    scope: Mapping[str, Any],
-    *,
-    client_ip: str,
-    proto: str,
-    host: str | None,
-    allow: frozenset[bytes] = frozenset(),
-) -> Headers:
-    """Client headers to forward, plus the gateway's own X-Forwarded-* and Via.
-
-    Removed: hop-by-hop headers, the ones the gateway sets itself, and every override
-    header (`is_override`) not in ``allow`` (the service's ``forward_headers``, which its
-    routes key on). ``host`` is the X-Forwarded-Host to send (a name from the service's
-    ``hosts``), or None for none.
-
-    A name spelled with underscores for one of those (``X_Forwarded_Host``) is removed
-    too, allowed or not: WSGI and CGI servers read ``_`` and ``-`` alike (both become
-    ``HTTP_X_FORWARDED_HOST``), so it would reach such a framework as the header itself,
-    unkeyed. nginx ignores every such name by default (``underscores_in_headers off``).
-    """
-    raw: Headers = scope["headers"]
-    drop = _REQUEST_DROP
-    out = []
-    for name, value in raw:
-        lower = name.lower()
-        if lower in drop:
-            if lower == b"connection":
-                drop = _REQUEST_DROP | _connection_named(raw)  # and what it names
-            continue
-        if (lower in OVERRIDES or lower.startswith(b"x-forwarded-")) and lower not in allow:
-            continue  # `is_override`, inline: it runs for every header of every request
-        if b"_" in lower:
-            dashed = lower.replace(b"_", b"-")
-            if dashed in drop or is_override(dashed):
-                continue
-        out.append((name, value))
-    if drop is not _REQUEST_DROP:
-        # A Connection header may name headers that came before it.
-        out = [
-            (n, v)
-            for n, v in out
-            if n.lower() not in drop and n.lower().replace(b"_", b"-") not in drop
-        ]
-    out += [(b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", proto.encode())]
-    if host is not None:
-        out.append((b"x-forwarded-host", host.encode("latin-1")))
-    out.append((b"via", _REQUEST_VIA.get(scope.get("http_version", "1.1"), _VIA)))
-    return out
-
-
-def response_headers(raw: Headers, content_length: int | None = None) -> Headers:
-    """Upstream headers to send on: lower-case, end-to-end only, our `Via` appended; with
-    ``content_length``, the upstream's Content-Length replaced by it (placed last)."""
-    drop = _RESPONSE_DROP
-    if content_length is not None:
-        drop = _RESPONSE_DROP_LENGTH
-    out: Headers = []
-    via: list[bytes] = []
-    named = False
-    for name, value in raw:
-        name = name.lower()
-        if name == b"via":
-            via.append(value)
-        elif name not in drop:
-            out.append((name, value))
-        elif name == b"connection":
-            named = True
-    if named:
-        connection = _connection_named(raw)
-        out = [(n, v) for n, v in out if n not in connection]
-    out.append((b"via", b", ".join(via) + b", " + _VIA if via else _VIA))
-    if content_length is not None:
-        out.append((b"content-length", str(content_length).encode()))
-    return out
-
-
-def _mapped(exc: BaseException) -> httpx.TransportError:
-    message = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(message)
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError family
-        return httpx.ReadTimeout(message)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(message)
-    if isinstance(exc, aiohttp.ClientOSError):
-        return httpx.ReadError(message)
-    return httpx.RemoteProtocolError(message)  # bad status line, disconnect, payload error
-
-
-class _AiohttpBody(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _mapped(exc) from exc
-
-    async def aclose(self) -> None:
-        self._response.release()  # closes the connection instead when the body is unread
-
-
-class _AiohttpTransport:
-    """The aiohttp connection pool `Upstream` sends through when no client is passed in."""
-
-    def __init__(self, limits: httpx.Limits, *, unbounded: bool = False) -> None:
-        self._limits = limits
-        self._unbounded = unbounded
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:  # created lazily: aiohttp wants a running loop
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    # Owned clients bound connections with their own queue (Upstream).
-                    limit=0 if self._unbounded else self._limits.max_connections or 0,
-                    keepalive_timeout=self._limits.keepalive_expiry or 4.0,
-                ),
-                auto_decompress=False,
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        return self._session
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class _Reply:
-    """What `Upstream.fetch` needs of a response, from httpx or straight from aiohttp."""
-
-    __slots__ = ("_aiohttp", "_httpx", "declared", "raw_headers", "status")
-
-    def __init__(
-        self, *, httpx_response: httpx.Response | None = None, aiohttp_response: Any = None
-    ) -> None:
-        self._httpx = httpx_response
-        self._aiohttp = aiohttp_response
-        if httpx_response is not None:
-            self.status = httpx_response.status_code
-            self.raw_headers = list(httpx_response.headers.raw)
-            self.declared = httpx_response.headers.get("content-length", "")
-        else:
-            self.status = aiohttp_response.status
-            self.raw_headers = list(aiohttp_response.raw_headers)
-            self.declared = aiohttp_response.headers.get("Content-Length", "")
-
-    def aiter_raw(self) -> AsyncIterator[bytes]:
-        if self._httpx is not None:
-            return self._httpx.aiter_raw()
-        return _AiohttpBody(self._aiohttp).__aiter__()
-
-    async def aclose(self) -> None:
-        if self._httpx is not None:
-            await self._httpx.aclose()
-        else:
-            self._aiohttp.release()
-
-
-class _Stream:
-    """The rest of a body too large to store: the chunks already read, then the remainder.
-
-    Holds a connection of the pool until closed; `deadline` (loop time) is the service's
-    total timeout, if it has one. `contended` says whether other requests need that
-    connection (the pool is full): a client that stops reading it is then cut sooner.
-    """
-
-    def __init__(
-        self,
-        response: _Reply,
-        head: list[bytes],
-        rest: AsyncIterator[bytes],
-        release: _Permit,
-        deadline: float | None,
-        upstream: Upstream,
-    ) -> None:
-        self._response = response
-        self._head = deque(head)
-        self._rest = rest
-        self._release = release
-        self._deadline = deadline
-        self._slots = upstream._slots
-
-    def contended(self) -> bool:
-        return self._slots.locked()
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._head:
-            return self._head.popleft()
-        try:
-            if self._deadline is None:
-                return await self._rest.__anext__()
-            async with asyncio.timeout_at(self._deadline):
-                return await self._rest.__anext__()
-        except BaseException:  # end of body, read error or cancellation: release the connection
-            await self.aclose()
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            await self._response.aclose()
-        finally:
-            self._release()
-
-
-async def _written(
-    body: AsyncIterator[bytes], limit: asyncio.Timeout, write_timeout: float, total: float | None
-) -> AsyncIterator[bytes]:
-    """`body`, with `write_timeout` running while each chunk is being written upstream.
-
-    The client's pace is not the upstream's fault: while we wait for the client's next
-    chunk only the total deadline runs (the client's own pace is `body_timeout`'s).
-    """
-    loop = asyncio.get_running_loop()
-    async for chunk in body:
-        due = loop.time() + write_timeout
-        limit.reschedule(due if total is None else min(due, total))
-        yield chunk  # resumed when the chunk is written
-        limit.reschedule(total)
 
 
 def _timed_out(who: str, exc: BaseException, phases: httpx.Timeout) -> str:
@@ -461,6 +83,45 @@ def _timed_out(who: str, exc: BaseException, phases: httpx.Timeout) -> str:
         return f"{who} did not answer within {phases.read:g} s."
     # Our own deadline: the total timeout, or the upstream not taking the request body.
     return f"{who} did not answer in time."
+
+
+def _check_head(response: Reply) -> None:
+    """Raise for a response head no client may get: a status out of range, or a header
+    breaking RFC 9110's field rules (never stored: it would break every later answer)."""
+    if not 100 <= response.status <= 599:
+        raise httpx.RemoteProtocolError(f"invalid status code {response.status}")
+    bad = invalid_field(response.raw_headers)
+    if bad is not None:
+        raise httpx.RemoteProtocolError(f"invalid header field {bad[:64].decode('latin-1')!r}")
+
+
+async def _read_up_to(
+    declared: str, rest: AsyncIterator[bytes], chunks: list[bytes], max_body: int
+) -> bool:
+    """Read the body into ``chunks`` up to ``max_body`` bytes; True when it is larger (a
+    declared length over it reads nothing): the rest is then streamed."""
+    if declared.isdigit() and int(declared) > max_body:
+        return True
+    size = 0
+    async for chunk in rest:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_body:
+            return True
+    return False
+
+
+class _Got:
+    """What one exchange with the upstream got so far (see `Upstream.fetch`)."""
+
+    __slots__ = ("arrived", "chunks", "response", "rest", "streamed")
+
+    def __init__(self) -> None:
+        self.response: Reply | None = None
+        self.rest: AsyncIterator[bytes] | None = None
+        self.chunks: list[bytes] = []
+        self.arrived = 0.0
+        self.streamed = False
 
 
 class _Permit:
@@ -547,7 +208,7 @@ class Upstream:
             max_keepalive_connections=max_connections,
             keepalive_expiry=_LIMITS.keepalive_expiry,
         )
-        self._transport = _AiohttpTransport(limits, unbounded=True)
+        self._transport = AiohttpTransport(limits, unbounded=True)
         phases = httpx.Timeout(
             timeout, connect=connect, read=read, write=self._write_timeout, pool=None
         )
@@ -601,110 +262,126 @@ class Upstream:
         A body that raises (it ended early) aborts the request: the upstream sees the
         connection close before the body's end, never a complete request.
         """
-        slots = self._slots
         self._busy += 1
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._pool_timeout):
-                    await slots.acquire()
-            except BaseException as exc:
-                self._done()
-                if not isinstance(exc, TimeoutError):
-                    raise
-                who = f"the service {self.service!r}" if self.service else "the upstream service"
-                status, out, payload = problem(
-                    503, "Service Unavailable", f"No connection to {who} became free in time."
-                )
-                out.append(_RETRY_AFTER)
-                return Fetched(
-                    status, out, payload, failed=True, response_time=time.time(), error="pool"
-                )
+        if self._slots.locked():
+            full = await self._queue()
+            if full is not None:
+                return full
         else:
-            await slots.acquire()  # free: returns at once
+            await self._slots.acquire()  # free: returns at once
         release = _Permit(self)
-        response: _Reply | None = None
-        streamed = False
+        got = _Got()
         deadline = None if self._total is None else asyncio.get_running_loop().time() + self._total
         try:
-            async with asyncio.timeout_at(deadline) as limit:
-                if body is not None and not isinstance(body, bytes):
-                    body = _written(body, limit, self._write_timeout, deadline)
-                response = await self._send(method, path, raw_query, headers, body)
-                arrived = time.time()
-                if not 100 <= response.status <= 599:
-                    raise httpx.RemoteProtocolError(f"invalid status code {response.status}")
-                bad = _invalid_field(response.raw_headers)
-                if bad is not None:
-                    raise httpx.RemoteProtocolError(
-                        f"invalid header field {bad[:64].decode('latin-1')!r}"
-                    )
-                declared = response.declared
-                rest = response.aiter_raw()
-                chunks: list[bytes] = []
-                size = 0
-                streamed = declared.isdigit() and int(declared) > max_body
-                if not streamed:
-                    async for chunk in rest:
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size > max_body:
-                            streamed = True
-                            break
+            if deadline is None and (body is None or isinstance(body, bytes)):
+                # No deadline to keep and no body to write under the write timeout: no
+                # timeout scope (the phase timeouts are aiohttp's).
+                await self._exchange(got, method, path, raw_query, headers, body, max_body)
+            else:
+                async with asyncio.timeout_at(deadline) as limit:
+                    if body is not None and not isinstance(body, bytes):
+                        body = written(body, limit, self._write_timeout, deadline)
+                    await self._exchange(got, method, path, raw_query, headers, body, max_body)
         except (httpx.TransportError, TimeoutError) as exc:
-            streamed = False
-            if response is not None:
-                await response.aclose()
-            timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
-            status, title = (504, "Gateway Timeout") if timed_out else (502, "Bad Gateway")
-            kind = (
-                "timeout"
-                if timed_out
-                else "connect"
-                if isinstance(exc, httpx.ConnectError)
-                else "protocol"
-            )
-            who = f"The service {self.service!r}" if self.service else "The upstream service"
-            detail = {
-                "timeout": _timed_out(who, exc, self._phases),
-                "connect": f"{who} could not be reached.",
-                "protocol": f"{who} sent an invalid response.",
-            }[kind]
-            # One line per failed request for the operator: which upstream, what went wrong
-            # (the client gets the problem document without the internals).
-            logger.warning(
-                "cachegw: %d %s: %s %s%s failed (%s): %s",
-                status,
-                f"service {self.service!r}" if self.service else "upstream",
-                method,
-                self.base.rstrip("/"),
-                path,
-                kind,
-                _error_text(exc),
-            )
-            status, out, payload = problem(status, title, detail)
-            return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
+            got.streamed = False
+            if got.response is not None:
+                await got.response.aclose()
+            return self._failed(exc, method, path)
         except BaseException:
             # Cancelled (nobody waits for the answer any more): the connection is closed,
             # not returned to the pool with a response half read.
-            if response is not None and not streamed:
-                await response.aclose()
+            if got.response is not None and not got.streamed:
+                await got.response.aclose()
             raise
         finally:
-            if not streamed:
+            if not got.streamed:
                 release()
-        if streamed:
+        response = got.response
+        assert response is not None and got.rest is not None
+        if got.streamed:
             out = response_headers(response.raw_headers)
             # The permit goes with the stream: the connection is held until it is closed.
-            stream = _Stream(response, chunks, rest, release, deadline, self)
-            return Fetched(response.status, out, None, stream, response_time=arrived)
+            stream = Stream(response, got.chunks, got.rest, release, deadline, self._slots)
+            return Fetched(response.status, out, None, stream, response_time=got.arrived)
         await response.aclose()
+        chunks = got.chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if method != "HEAD" and response.status not in (204, 304):
             # The body is exactly what we send on: say so, whatever the upstream declared.
             out = response_headers(response.raw_headers, len(data))
         else:
             out = response_headers(response.raw_headers)
-        return Fetched(response.status, out, data, response_time=arrived)
+        return Fetched(response.status, out, data, response_time=got.arrived)
+
+    async def _exchange(
+        self,
+        got: _Got,
+        method: str,
+        path: str,
+        raw_query: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | bytes | None,
+        max_body: int,
+    ) -> None:
+        """Send the request and read the response into ``got``: its head, and its body up
+        to ``max_body`` bytes (a larger one is left to stream)."""
+        response = got.response = await self._send(method, path, raw_query, headers, body)
+        got.arrived = time.time()
+        _check_head(response)
+        rest = got.rest = response.aiter_raw()
+        got.streamed = await _read_up_to(response.declared, rest, got.chunks, max_body)
+
+    async def _queue(self) -> Fetched | None:
+        """Wait for a place in the pool (`pool_timeout`): None once one is taken, else the
+        503 to answer with."""
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except BaseException as exc:
+            self._done()
+            if not isinstance(exc, TimeoutError):
+                raise
+            who = f"the service {self.service!r}" if self.service else "the upstream service"
+            status, out, payload = problem(
+                503, "Service Unavailable", f"No connection to {who} became free in time."
+            )
+            out.append(_RETRY_AFTER)
+            return Fetched(
+                status, out, payload, failed=True, response_time=time.time(), error="pool"
+            )
+        return None
+
+    def _failed(self, exc: BaseException, method: str, path: str) -> Fetched:
+        """The 502 or 504 for a failed exchange, and the operator's log line about it."""
+        timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
+        status, title = (504, "Gateway Timeout") if timed_out else (502, "Bad Gateway")
+        kind = (
+            "timeout"
+            if timed_out
+            else "connect"
+            if isinstance(exc, httpx.ConnectError)
+            else "protocol"
+        )
+        who = f"The service {self.service!r}" if self.service else "The upstream service"
+        detail = {
+            "timeout": _timed_out(who, exc, self._phases),
+            "connect": f"{who} could not be reached.",
+            "protocol": f"{who} sent an invalid response.",
+        }[kind]
+        # One line per failed request for the operator: which upstream, what went wrong
+        # (the client gets the problem document without the internals).
+        logger.warning(
+            "cachegw: %d %s: %s %s%s failed (%s): %s",
+            status,
+            f"service {self.service!r}" if self.service else "upstream",
+            method,
+            self.base.rstrip("/"),
+            path,
+            kind,
+            _error_text(exc),
+        )
+        status, out, payload = problem(status, title, detail)
+        return Fetched(status, out, payload, failed=True, response_time=time.time(), error=kind)
 
     async def _send(
         self,
@@ -713,7 +390,7 @@ class Upstream:
         raw_query: bytes,
         headers: Headers,
         body: AsyncIterator[bytes] | bytes | None,
-    ) -> _Reply:
+    ) -> Reply:
         try:
             if self._client is None:
                 return await self._send_direct(method, path, raw_query, headers, body)
@@ -722,7 +399,7 @@ class Upstream:
                 method, url, headers=headers, content=body, extensions=self._extensions
             )
             response = await self._client.send(request, stream=True, follow_redirects=False)
-            return _Reply(httpx_response=response)
+            return Reply(httpx_response=response)
         except (httpx.RemoteProtocolError, httpx.ReadError):
             if method not in _RETRYABLE or not (body is None or isinstance(body, bytes)):
                 raise
@@ -737,7 +414,7 @@ class Upstream:
         url = upstream_url(self.base, path, raw_query)
         request = httpx.Request(method, url, headers=headers, content=body)
         response = await self._fresh.send(request, stream=True, follow_redirects=False)
-        return _Reply(httpx_response=response)
+        return Reply(httpx_response=response)
 
     async def _send_direct(
         self,
@@ -746,7 +423,7 @@ class Upstream:
         raw_query: bytes,
         headers: Headers,
         body: AsyncIterator[bytes] | bytes | None,
-    ) -> _Reply:
+    ) -> Reply:
         """Our own client: straight to aiohttp, without httpx's per-request objects, cookie
         jar, auth and redirect layers a proxy does not want (measured: the miss path's
         client side costs about half as much CPU). The URL is built from the upstream's
@@ -777,5 +454,5 @@ class Upstream:
                 timeout=self._aiohttp_timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _mapped(exc) from exc
-        return _Reply(aiohttp_response=response)
+            raise mapped(exc) from exc
+        return Reply(aiohttp_response=response)

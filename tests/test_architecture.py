@@ -294,16 +294,9 @@ MAX_MODULE_LINES = 500
 
 #: Today's longer functions, in files other engineers are changing (issues 22, 23, 26, 28);
 #: the list only shrinks, and a new long function anywhere fails the test.
-LONG_FUNCTIONS_TO_SPLIT = {
-    "cachegw._app:_Proxy._handle",
-    "cachegw._app:_fast_hit",
-    "cachegw._upstream:Upstream.fetch",
-}
+LONG_FUNCTIONS_TO_SPLIT: set[str] = set()
 #: Today's longer modules, likewise.
-LONG_MODULES_TO_SPLIT = {
-    "cachegw._app",
-    "cachegw._upstream",
-}
+LONG_MODULES_TO_SPLIT: set[str] = set()
 
 
 def _code_lines(source: str) -> set[int]:

@@ -9,6 +9,7 @@
 #   serve_pass         cachegw serve, GET of a ttl = 0 route (forwarded)
 #   serve_post         cachegw serve, POST of 1 KiB to the ttl = 0 route
 #   serve_stored_miss  cachegw serve, GET of a new key of a ttl = 3600 route (stored)
+#   serve_hit          cachegw serve, GET of one key of the ttl = 3600 route (a hit after the first)
 #   floor_get          the Python floor (raw ASGI + one aiohttp session), GET
 #   floor_post         the Python floor, POST of 1 KiB
 # Run from the repository root with its .venv; needs valgrind and wrk. The server runs
@@ -17,6 +18,7 @@
 # wrk completed. Under valgrind a server is ~50x slower: expect a few hundred requests.
 # The figure moves a few per cent with how many requests one loop iteration handles
 # (more concurrency, fewer instructions each): compare rows run under like conditions.
+# CALLGRIND_KEEP=FILE keeps the profile (for callgrind_annotate).
 set -euo pipefail
 ROW=$1; SECS=${2:-30}
 for tool in valgrind callgrind_control callgrind_annotate wrk curl; do
@@ -65,6 +67,7 @@ case $ROW in
   serve_pass) ;;
   serve_post) SCRIPT=(-s "$TMP/post.lua") ;;
   serve_stored_miss) SCRIPT=(-s "$TMP/unique.lua"); PATH_=/svc/cached/items ;;
+  serve_hit) PATH_=/svc/cached/items ;;
   floor_get) PATH_=/uncached/items ;;
   floor_post) SCRIPT=(-s "$TMP/post.lua"); PATH_=/uncached/items ;;
   *) echo "unknown row $ROW" >&2; exit 2 ;;
@@ -90,4 +93,5 @@ callgrind_control -d "$SERVER" >/dev/null 2>&1
 sleep 2
 REQUESTS=$(awk '/requests in/ {print $1}' "$TMP/wrk.txt")
 INSTRUCTIONS=$(callgrind_annotate "$TMP"/callgrind.out.* | awk '/PROGRAM TOTALS/ && !n {gsub(",", "", $1); print $1; n = 1}')
+if [[ -n ${CALLGRIND_KEEP:-} ]]; then cp "$TMP"/callgrind.out.* "$CALLGRIND_KEEP"; fi
 echo "$ROW: $REQUESTS requests, $((INSTRUCTIONS / REQUESTS)) instructions per request"
