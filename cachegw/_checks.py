@@ -32,15 +32,16 @@ def route_table(gateway: Gateway) -> str:
 
 
 def settings_lines(gateway: Gateway) -> list[str]:
-    """A line per table, ``[cache]`` then ``[server]``, naming the settings it sets to
-    something other than their defaults (none: no line); passwords in a URL redacted."""
-    values: dict[str, list[str]] = {"cache": [], "server": []}
+    """A line per table, ``[cache]``, ``[admin]`` then ``[server]``, naming the settings
+    it sets to something other than their defaults (none: no line); passwords in a URL
+    redacted."""
+    values: dict[str, list[str]] = {"cache": [], "admin": [], "server": []}
     for owner in (gateway, gateway.server):
         defaults = defaults_of(type(owner))
         for name, declared in settings_of(type(owner)).items():
             value = getattr(owner, name)
             if value != defaults[name]:
-                values[declared.table].append(f"{name}={declared.cell(value)}")
+                values[declared.table].append(f"{declared.key or name}={declared.cell(value)}")
     return [redact(f"[{table}] {' '.join(found)}") for table, found in values.items() if found]
 
 

@@ -31,10 +31,9 @@ from cachegw._knobs import Setting, settings_of
 from cachegw._limits import ServerLimits, UpstreamLimits
 from cachegw._policy import KNOBS
 
-__all__ = ["load_gateway", "service_keys", "setting_tables"]
+__all__ = ["field_names", "load_gateway", "service_keys", "setting_tables"]
 
 _TABLES = frozenset({"cache", "admin", "server", "services"})
-_ADMIN_KEYS = frozenset({"token_env"})
 _OWN_SERVICE_KEYS = frozenset(
     {
         "name",
@@ -56,7 +55,6 @@ _REQUIRED = {
 }
 # An HTTP field name (RFC 9110 §5.1) and a POSIX environment variable name.
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Braces would turn into Redis Cluster hash tags.
 _KEY_PREFIX = re.compile(r"^[^\s{}]+$")
 
@@ -102,16 +100,13 @@ class _Loader(Generic[G]):
         server = self._table(data, "server")
         declared = setting_tables(self.gateway)
         self._check_keys(cache, declared["cache"], "cache")
-        self._check_keys(admin, _ADMIN_KEYS, "admin")
+        self._check_keys(admin, declared["admin"], "admin")
         self._check_keys(server, declared["server"], "server")
         settings = {
             **self._server(server, declared["server"]),
             **self._settings("cache", cache, declared["cache"]),
+            **self._settings("admin", admin, declared["admin"]),
         }
-        if "token_env" in admin:
-            settings["admin_token_env"] = self._string(
-                admin, "token_env", "admin", _ENV_NAME, "an environment variable name"
-            )
         backend = cache.get("backend", "memory")
         if not isinstance(backend, str):
             raise self._error(
@@ -144,7 +139,9 @@ class _Loader(Generic[G]):
         with self._at(table, declared, values=values):
             for key, value in values.items():
                 if key in declared and key != "backend":
-                    settings[key] = declared[key].parse(value, key)
+                    settings[field_names(self.gateway).get(key, key)] = declared[key].parse(
+                        value, key
+                    )
         return settings
 
     def _add_services(self, gateway: G, services: Any) -> None:
@@ -263,14 +260,6 @@ class _Loader(Generic[G]):
                     f"{where} is missing the required key {key!r}: {key} = {_REQUIRED[key]}"
                 )
 
-    def _string(
-        self, table: Mapping[str, Any], key: str, where: str, pattern: re.Pattern[str], form: str
-    ) -> str:
-        value = table[key]
-        if not isinstance(value, str) or not pattern.match(value):
-            raise self._error(f"{where}.{key} must be {form}, got {_toml(value)}")
-        return value
-
     # --- messages ---------------------------------------------------------------------
 
     def _error(self, message: str) -> ConfigError:
@@ -298,13 +287,19 @@ class _Loader(Generic[G]):
 
 
 def setting_tables(gateway: object) -> dict[str, dict[str, Setting]]:
-    """The keys of the ``[cache]`` and ``[server]`` tables and their declarations: the
-    settings of ``gateway`` (the class) and of the `ServerLimits` its ``server`` holds."""
-    tables: dict[str, dict[str, Setting]] = {"cache": {}, "server": {}}
+    """The keys of the ``[cache]``, ``[admin]`` and ``[server]`` tables and their
+    declarations: the settings of ``gateway`` (the class) and of the `ServerLimits` its
+    ``server`` holds."""
+    tables: dict[str, dict[str, Setting]] = {"cache": {}, "admin": {}, "server": {}}
     for owner in (gateway, _limits_class(gateway)):
         for name, declared in settings_of(owner).items():
-            tables[declared.table][name] = declared
+            tables[declared.table][declared.key or name] = declared
     return tables
+
+
+def field_names(gateway: object) -> dict[str, str]:
+    """TOML key -> the gateway's field, for the settings whose key is not their name."""
+    return {d.key: name for name, d in settings_of(gateway).items() if d.key}
 
 
 def service_keys(service: object) -> frozenset[str]:

@@ -72,6 +72,14 @@ _key_prefix = as_matching(r"^[^\s{}]+$", "a non-empty string without spaces or b
 _header_name = as_matching(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "a header name like 'X-Cache-Status'")
 
 
+_env_var = as_matching(r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")
+
+
+def _env_name(value: object, what: str) -> str | None:
+    """The name of an environment variable, or None."""
+    return None if value is None else _env_var(value, what)
+
+
 def _trusted_proxies(value: object, what: str) -> tuple[str, ...]:
     return tuple(str(n) for n in TrustedProxies(value, what=what).networks)  # type: ignore[arg-type]
 
@@ -138,7 +146,10 @@ class Gateway:
         default=64 * 1024 * 1024,
         metadata=setting("cache", as_bytes, "size", '`"64MiB"`', cell=size_cell),
     )
-    admin_token_env: str | None = None
+    admin_token_env: str | None = field(
+        default=None,
+        metadata=setting("admin", _env_name, "string", "none", live=True, key="token_env"),
+    )
     status_header: str = field(
         default="X-Cache-Status",
         metadata=setting("cache", _header_name, "string", '`"X-Cache-Status"`'),

@@ -212,13 +212,14 @@ class Setting:
     of them is missing.
     """
 
-    table: str  # its TOML table: "cache", "server" or "services" (`UpstreamLimits`)
+    table: str  # its TOML table: "cache", "admin", "server" or "services" (`UpstreamLimits`)
     parse: Callable[[Any, str], Any]  # validates and normalises; ConfigError naming it
     type_doc: str  # its type as docs/gateway.md's TOML reference writes it
     default_doc: str  # its default, likewise
     cell: Callable[[Any], str] = str  # its value in `cachegw check`'s settings line
     live: bool = False  # a reload applies a change (else the reload asks for a restart)
     flag: tuple[type, str] | None = None  # `cachegw serve --<name>`: click type and help
+    key: str = ""  # its TOML key, when it is not the field's name (admin_token_env: token_env)
 
 
 def setting(
@@ -230,8 +231,9 @@ def setting(
     cell: Callable[[Any], str] = str,
     live: bool = False,
     flag: tuple[type, str] | None = None,
+    key: str = "",
 ) -> dict[str, Setting]:
-    return {"setting": Setting(table, parse, type_doc, default_doc, cell, live, flag)}
+    return {"setting": Setting(table, parse, type_doc, default_doc, cell, live, flag, key)}
 
 
 def settings_of(cls: object) -> dict[str, Setting]:

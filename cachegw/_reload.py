@@ -104,7 +104,8 @@ def restart_needed(old: Gateway, new: Gateway) -> str | None:
         if not declared.live and before != after:
             # redact: a changed Redis URL is most often a rotated password.
             return redact(
-                f"{declared.table}.{name} changed from {before!r} to {after!r}; the "
+                f"{declared.table}.{declared.key or name} changed from {before!r} to "
+                f"{after!r}; the "
                 f"[{declared.table}] table is fixed when the gateway starts: restart the "
                 f"gateway (cachegw serve) to change it"
             )

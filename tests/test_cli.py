@@ -67,10 +67,10 @@ def test_check_prints_route_table(gateway_file: Path) -> None:
         "EARLY_REFRESH",
         "IGNORE_REQUEST_CC",
     ]
-    # The route table, then the [cache] and [server] settings the file changes.
-    settings = [line for line in lines if line.startswith(("[cache] ", "[server] "))]
+    # The route table, then the [cache], [admin] and [server] settings the file changes.
+    settings = [line for line in lines if line.startswith(("[cache] ", "[admin] ", "[server] "))]
     rows = [line.split() for line in lines[1:-2] if line not in settings]
-    assert settings == ["[cache] status_header=X-Cache"], settings
+    assert settings == ["[cache] status_header=X-Cache", "[admin] token_env=CACHEGW_ADMIN_TOKEN"]
     # What one process may hold: docs/operations.md, "Memory budget".
     assert re.fullmatch(
         r"memory per process: at most \d+MiB \(\d+MiB store \+ \d+MiB L1 \+ .*\)", lines[-2]

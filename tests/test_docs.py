@@ -14,11 +14,12 @@ from pathlib import Path
 
 import cachegw
 from cachegw import Gateway
-from cachegw._config import _ADMIN_KEYS, _ROUTE_KEYS, _SERVICE_KEYS, setting_tables
+from cachegw._config import _ROUTE_KEYS, _SERVICE_KEYS, setting_tables
 from cachegw._policy import KNOBS
 
 _CACHE_KEYS = frozenset(setting_tables(Gateway)["cache"])
 _SERVER_KEYS = frozenset(setting_tables(Gateway)["server"])
+_ADMIN_KEYS = frozenset(setting_tables(Gateway)["admin"])
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

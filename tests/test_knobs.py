@@ -18,7 +18,14 @@ from click.testing import CliRunner
 from cachegw import CachePolicy, ConfigError, Gateway, Service, cached
 from cachegw._checks import settings_lines
 from cachegw._cli import main, server_flags
-from cachegw._config import _ROUTE_KEYS, _SERVICE_KEYS, load_gateway, service_keys, setting_tables
+from cachegw._config import (
+    _ROUTE_KEYS,
+    _SERVICE_KEYS,
+    field_names,
+    load_gateway,
+    service_keys,
+    setting_tables,
+)
 from cachegw._knobs import (
     Setting,
     as_duration,
@@ -108,7 +115,13 @@ def test_every_knob_has_its_docs_lines() -> None:
 
 SETTINGS = setting_tables(Gateway)
 EVERY_SETTING = sorted((table, name) for table, found in SETTINGS.items() for name in found)
-ODD = {"backend": "redis://127.0.0.1:1/0", "trusted_proxies": ["10.0.0.0/8"]}
+ODD = {
+    "backend": "redis://127.0.0.1:1/0",
+    "trusted_proxies": ["10.0.0.0/8"],
+    "token_env": "OTHER_TOKEN",
+}
+#: The field of each setting whose TOML key is another name ([admin] token_env).
+FIELDS = field_names(Gateway)
 
 
 def _odd(declared: Setting, name: str) -> object:
@@ -125,7 +138,7 @@ def _odd(declared: Setting, name: str) -> object:
 
 
 def _default(name: str) -> object:
-    return (defaults_of(Gateway) | defaults_of(ServerLimits))[name]
+    return (defaults_of(Gateway) | defaults_of(ServerLimits))[FIELDS.get(name, name)]
 
 
 @pytest.mark.parametrize(("table", "name"), EVERY_SETTING)
@@ -137,8 +150,9 @@ def test_a_setting_is_read_from_its_table_and_validated(
     good.write_text(_file({table: {name: _odd(declared, name)}}))
     gateway = Gateway.from_toml(good)
     owner = gateway.server if name in settings_of(ServerLimits) else gateway
-    assert getattr(owner, name) == declared.parse(_odd(declared, name), name)
-    assert getattr(owner, name) != _default(name)
+    value = getattr(owner, FIELDS.get(name, name))
+    assert value == declared.parse(_odd(declared, name), name)
+    assert value != _default(name)
     bad = tmp_path / "bad.toml"
     bad.write_text(_file({table: {name: {"a": 1}}}))
     with pytest.raises(ConfigError, match=rf"bad.toml: {table}.{name} must be"):
@@ -193,7 +207,8 @@ def test_every_setting_has_its_docs_row() -> None:
             row = rf"^\| `{name}` \| {re.escape(declared.type_doc)} \| "
             row += rf"{re.escape(declared.default_doc)} \| \S"
             assert re.search(row, section, re.M), f"docs/gateway.md [{table}] has no row {row}"
-            assert f"**{name}**" in docstrings, f"no docstring describes {name}"
+            described = FIELDS.get(name, name)
+            assert f"**{described}**" in docstrings, f"no docstring describes {described}"
 
 
 def _file(tables: dict[str, dict[str, object]]) -> str:
@@ -233,16 +248,22 @@ class _SpareGateway(Gateway):
         metadata=setting("cache", as_duration, "duration", "`1`", cell=seconds_cell),
     )
     server: ServerLimits = field(default_factory=_SpareLimits)
+    # An [admin] setting whose TOML key is not its field's name, applied by a reload.
+    admin_spare: int = field(
+        default=1,
+        metadata=setting("admin", as_whole(1), "integer", "`1`", live=True, key="spare"),
+    )
 
 
 def test_a_throwaway_setting_is_seen_everywhere(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     # TOML reading: the keys of its tables, their values reach the gateway.
-    path.write_text(_file({"cache": {"throwaway": "5s"}, "server": {"spare": 7}}))
+    tables = {"cache": {"throwaway": "5s"}, "admin": {"spare": 2}, "server": {"spare": 7}}
+    path.write_text(_file(tables))
     gateway = _SpareGateway.from_toml(path)
-    assert gateway.throwaway == 5.0 and gateway.server.spare == 7
+    assert gateway.throwaway == 5.0 and gateway.server.spare == 7 and gateway.admin_spare == 2
     # Validation, with the file and the key named.
-    for table, name in (("cache", "throwaway"), ("server", "spare")):
+    for table, name in (("cache", "throwaway"), ("admin", "spare"), ("server", "spare")):
         path.write_text(_file({table: {name: -1}}))
         with pytest.raises(ConfigError, match=rf"gateway.toml: {table}.{name} must be"):
             _SpareGateway.from_toml(path)
@@ -250,8 +271,12 @@ def test_a_throwaway_setting_is_seen_everywhere(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'throwaway'"):
         _SpareGateway.from_toml(path)
     # `cachegw check`'s settings lines.
-    assert settings_lines(gateway) == ["[cache] throwaway=5s", "[server] spare=7"]
-    # The reload rule: neither is live.
+    assert settings_lines(gateway) == [
+        "[cache] throwaway=5s",
+        "[admin] spare=2",
+        "[server] spare=7",
+    ]
+    # The reload rule: neither the [cache] nor the [server] one is live, the [admin] one is.
     same = _SpareGateway(services=gateway.services, throwaway=5, server=_SpareLimits(spare=7))
     assert restart_needed(gateway, same) is None
     moved = _SpareGateway(services=gateway.services, throwaway=6, server=_SpareLimits(spare=7))
