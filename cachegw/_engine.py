@@ -242,7 +242,7 @@ class CacheEngine(Answers):
         )
         if decision.action != "fetch":
             return self._reuse(decision, request, policy, fetch, now)
-        job = Job(request, policy, fetch, asked.cc, decision.entry, empty=primary is None)
+        job = Job(request, policy, fetch, asked.cc, decision.entry, primary is None)
         if not decision.coalesce:
             return await self.fetcher.alone(job, bypass_read=asked.bypass_read)
         # Coalesced, also for a client asking for an answer checked with the origin

@@ -97,7 +97,7 @@ class Fetcher:
         self.fetching(request)
         fetched = await _conditional(job.fetch, validators(stale) if whole else [])
         path: FetchPath = "alone" if whole else "head"
-        outcome = after_fetch(fetched, stale, path=path, now=self.clock())
+        outcome = after_fetch(fetched, stale, path, self.clock())
         job.writes = self.writer.batch()
         entry = None
         if outcome == "merge":
@@ -217,7 +217,7 @@ class Fetcher:
                 key = request.key
                 behind.add_done_callback(lambda _: self.drop(key, flight))
         await self.writer.grace(behind)
-        status, fwd = miss_status(job.stale, forced=request.forced)
+        status, fwd = miss_status(job.stale, request.forced)
         return self.answers.fetched(entry, fetched, request, self.clock(), status, fwd)
 
     async def _take_lock(self, job: Job) -> Served | None:
@@ -261,7 +261,7 @@ class Fetcher:
             fetched = await _conditional(job.fetch, validators(stale))
         finally:
             flight.fetching = False
-        outcome = after_fetch(fetched, stale, path=path, now=self.clock())
+        outcome = after_fetch(fetched, stale, path, self.clock())
         if outcome in ("stale", "failed"):
             flight.failed = True  # waiters holding a stale entry serve it
         if outcome == "stale" and stale is not None:
@@ -275,7 +275,7 @@ class Fetcher:
             entry = await self.writer.store_entry(job, fetched)
         elif outcome == "refetch":
             fetched = await job.fetch()  # a 304 not ours to answer
-        if hit_for_miss(entry, fetched, empty=job.empty, path=path, request_cc=job.cc):
+        if hit_for_miss(entry, fetched, job.empty, path, job.cc):
             marker = HitForMiss(stored_at=self.clock())
             await self.writer.put(job.writes, request.key, marker, HIT_FOR_MISS_TTL)
         _share(flight, entry, request)
@@ -357,7 +357,7 @@ class Fetcher:
                 return
             flight.started = request.fetch_started
             fetched = await _conditional(job.fetch, validators(job.stale))
-            outcome = after_fetch(fetched, job.stale, path="refresh", now=self.clock())
+            outcome = after_fetch(fetched, job.stale, "refresh", self.clock())
             entry: Entry | None = None
             if outcome == "merge":
                 entry = await self.writer.merge(job, fetched)

@@ -15,7 +15,9 @@ one, as hishel keeps them as states (``CacheMiss.next(response)``):
 * `miss_status`, `alone_status`: how a fetched answer is labelled (``X-Cache-Status`` and
   ``Cache-Status``).
 
-The engine (`cachegw._fetcher`, `cachegw._writer`) does the I/O each outcome asks for.
+The engine (`cachegw._fetcher`, `cachegw._writer`) does the I/O each outcome asks for; it
+passes the arguments of the functions on a miss's path by position (CPython 3.11 calls
+with keywords take its slower path).
 tests/test_core_fetch.py holds their cases as tables.
 """
 
@@ -79,7 +81,7 @@ def stale_on_error(stale: Entry | None, now: float) -> bool:
     return stale is not None and stale_if_error_ok(stale, now)
 
 
-def after_fetch(fetched: Fetched, stale: Entry | None, *, path: FetchPath, now: float) -> Outcome:
+def after_fetch(fetched: Fetched, stale: Entry | None, path: FetchPath, now: float) -> Outcome:
     """What follows a fetch on ``path``; ``stale`` is the entry it was conditional on."""
     if path == "head":
         return "pass"
@@ -104,7 +106,6 @@ def after_fetch(fetched: Fetched, stale: Entry | None, *, path: FetchPath, now: 
 def hit_for_miss(
     entry: Entry | None,
     fetched: Fetched,
-    *,
     empty: bool,
     path: FetchPath,
     request_cc: CacheControl,
@@ -124,7 +125,7 @@ def hit_for_miss(
 Keep = Literal["drop", "serve", "write"]
 
 
-def keep(ttl: float, *, started: float, now: float, window: float, superseded: bool) -> Keep:
+def keep(ttl: float, started: float, now: float, window: float, superseded: bool) -> Keep:
     """Whether an entry that may be stored for ``ttl`` seconds is written (``write``),
     answered without being stored (``serve``), or not used at all (``drop``).
 
@@ -191,7 +192,7 @@ def landed(
     return found if found.ttl_left(now) > 0 else None
 
 
-def miss_status(stale: Entry | None, *, forced: bool) -> tuple[str, str]:
+def miss_status(stale: Entry | None, forced: bool) -> tuple[str, str]:
     """``X-Cache-Status`` and the Cache-Status ``fwd`` of a coalesced fetch's answer."""
     if forced:
         return "BYPASS", "fwd=request"

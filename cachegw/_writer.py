@@ -116,13 +116,8 @@ class Writer:
             return None
         # Never kept longer than an invalidation of it is remembered (see `invalidate`).
         ttl = min(entry.storage_ttl(now), entry_life(policy))
-        verdict = keep(
-            ttl,
-            started=started,
-            now=now,
-            window=STORE_WINDOW,
-            superseded=ttl > 0 and superseded(self.purges, entry.tags, request, started),
-        )
+        gone = ttl > 0 and superseded(self.purges, entry.tags, request, started)
+        verdict = keep(ttl, started, now, STORE_WINDOW, gone)
         if verdict == "drop":
             return None
         if verdict == "serve":
