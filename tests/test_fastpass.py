@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -235,3 +236,31 @@ def test_what_the_fast_path_leaves_gets_the_ordinary_answer(
                 assert taken == []
     assert answers[0] == answers[1]
     assert answers[0].startswith(b"HTTP/1.1 ")
+
+
+def test_an_abandoned_get_on_the_fast_path_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a ttl = 0 GET and leaves: its forwarding task is cancelled (the
+    upstream request aborted, the pool's connection freed) and counted, as on the
+    ordinary path."""
+    stub = StubUpstream()
+    stub.route("/pass/slow", body=b"late", delay=30.0)
+    with (
+        run_uvicorn(stub) as upstream,
+        gateway(upstream, fast=True, monkeypatch=monkeypatch) as (base, taken),
+    ):
+        stats = httpx.get(f"{base}/_cachegw/health", timeout=10).json()["stats"]
+        before = int(stats.get("abandoned", 0))
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /svc/pass/slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            deadline = time.monotonic() + 10
+            while stub.hits["/pass/slow"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling: until the upstream has the request
+            assert stub.hits["/pass/slow"] == 1
+        deadline = time.monotonic() + 10
+        abandoned = before
+        while abandoned == before and time.monotonic() < deadline:
+            stats = httpx.get(f"{base}/_cachegw/health", timeout=10).json()["stats"]
+            abandoned = int(stats.get("abandoned", 0))
+    assert taken == ["GET /svc/pass/slow"]
+    assert abandoned == before + 1
