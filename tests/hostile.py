@@ -35,6 +35,8 @@ import threading
 import time
 from collections import Counter
 
+from tests.redis_process import EVENTUALLY
+
 __all__ = ["HostileOrigin", "read_response", "send_raw"]
 
 _BIG = 64 * 1024 * 1024  # more than every socket buffer on the way holds
@@ -84,7 +86,7 @@ class HostileOrigin:
         self._thread.join(5)
         self._loop.close()
 
-    def wait_for(self, predicate: object, timeout: float = 5.0) -> bool:
+    def wait_for(self, predicate: object, timeout: float = EVENTUALLY) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():  # type: ignore[operator]

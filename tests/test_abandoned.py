@@ -18,6 +18,7 @@ from redis_process import RedisProcess
 
 from tests.gateway_process import GatewayProcess
 from tests.hostile import HostileOrigin, read_response
+from tests.redis_process import EVENTUALLY
 
 TOML = """
 [cache]
@@ -92,7 +93,7 @@ def abandoned(port: int) -> int:
     return int(health["stats"]["abandoned"])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = EVENTUALLY) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

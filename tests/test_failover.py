@@ -22,7 +22,7 @@ from cachegw import RedisBackend
 from cachegw._purge import RedisPurges
 from tests.gateway_process import gateway_processes
 from tests.items_upstream import VersionedItems
-from tests.redis_process import RedisProcess, free_port
+from tests.redis_process import EVENTUALLY, RedisProcess, free_port
 from tests.servers import run_uvicorn
 from tests.tcp_proxy import TcpProxy
 
@@ -78,7 +78,7 @@ def cached_everywhere(*bases: str) -> None:
     """Version 0 of PATH is stored in Redis and every process has served it as a HIT."""
     assert read(bases[0]) == (0, "MISS")
     for base in bases:
-        assert wait_for(lambda base=base: read(base) == (0, "HIT"), 5)  # type: ignore[misc]
+        assert wait_for(lambda base=base: read(base) == (0, "HIT"), EVENTUALLY)  # type: ignore[misc]
 
 
 def test_a_write_while_redis_is_down_is_not_undone_when_redis_returns_with_its_data(
@@ -108,10 +108,10 @@ def test_a_write_while_redis_is_down_is_not_undone_when_redis_returns_with_its_d
             assert client.exists("fo:" + "GET:api:/items/1") or client.dbsize() > 0
         seen = [read(base) for _ in range(20) for base in (b.base, a.base)]
         assert {v for v, _ in seen} == {1}, seen
-        assert wait_for(lambda: read(b.base) == (1, "HIT"), 5)
+        assert wait_for(lambda: read(b.base) == (1, "HIT"), EVENTUALLY)
         # Entries fetched in the first second after the restart may be fenced too (the fence
         # is never earlier than the start): the other process hits once it refetched.
-        assert wait_for(lambda: read(a.base) == (1, "HIT"), 5)
+        assert wait_for(lambda: read(a.base) == (1, "HIT"), EVENTUALLY)
 
 
 def test_a_write_through_a_process_cut_off_from_redis_is_replayed(tmp_path: Path) -> None:
@@ -136,12 +136,12 @@ def test_a_write_through_a_process_cut_off_from_redis_is_replayed(tmp_path: Path
         assert read(a.base)[0] == 1  # the writer knows at once
         proxy.mend()
         mended = time.monotonic()
-        assert wait_for(lambda: read(b.base)[0] == 1, 5)
+        assert wait_for(lambda: read(b.base)[0] == 1, EVENTUALLY)
         print("b sees the write", time.monotonic() - mended, "s after the proxy mended")
         time.sleep(WINDOW)
         seen = [read(base) for _ in range(10) for base in (b.base, a.base)]
         assert {v for v, _ in seen} == {1}, seen
-        assert wait_for(lambda: read(b.base) == (1, "HIT"), 5)
+        assert wait_for(lambda: read(b.base) == (1, "HIT"), EVENTUALLY)
 
 
 @pytest.mark.parametrize("mode", ["restart", "flush"])

@@ -233,7 +233,7 @@ def test_stalled_readers_do_not_pin_upstream_connections(
         readers.append(sock)
     try:
         # Within send_timeout (+ the sweep) both are cut and the upstream streams with them.
-        assert origin.wait_for(lambda: origin.streams["cut"] >= before + 2, timeout=6)
+        assert origin.wait_for(lambda: origin.streams["cut"] >= before + 2)
         # The pool is free again: a miss is served, not queued into a 503.
         well_behaved(gateway, "/h/nocache/after")
         # A response under the buffer bound (max_body) is read whole at once: a client

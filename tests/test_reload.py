@@ -20,6 +20,7 @@ from cachegw import Gateway, Service
 from cachegw._limits import ServerLimits
 from cachegw._reload import restart_needed, route_scope, stale_scopes
 from tests.gateway_process import GatewayProcess
+from tests.redis_process import EVENTUALLY
 from tests.reload_load import Load
 from tests.servers import StubUpstream, run_uvicorn
 
@@ -318,7 +319,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _eventually(check: object, seconds: float = 10.0) -> bool:
+def _eventually(check: object, seconds: float = EVENTUALLY) -> bool:
     assert callable(check)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from cachegw._engine import CacheEngine, Fetched, RequestInfo
 from cachegw._keys import hash_parts
 from tests.chaos import Answer, Gateway, Origin, burst, get, request_bytes
 from tests.hostile import read_response
-from tests.redis_process import RedisProcess
+from tests.redis_process import EVENTUALLY, RedisProcess
 
 PREFIX = "rz"
 SERVICE = "svc"
@@ -139,7 +139,7 @@ def test_dead_lock_holder_does_not_wedge_the_key(fleet: Fleet) -> None:
     fleet.origin.route("/lock/probe", body=b"probe")
     assert get(gateway.port, "/svc/lock/probe").status == 200
     with fleet.redis.client() as client:  # written just after the answer was sent
-        assert wait_for(lambda: client.exists(primary_key("/lock/probe")) == 1, 5)
+        assert wait_for(lambda: client.exists(primary_key("/lock/probe")) == 1, EVENTUALLY)
 
         fleet.origin.route("/lock/short", body=b"short")
         fleet.origin.route("/lock/long", body=b"long")
@@ -192,7 +192,7 @@ def test_leader_client_going_away_does_not_fail_the_waiters(fleet: Fleet) -> Non
     fleet.origin.route("/gone/leader", body=b"kept", delay=1.0)
     leader = socket.create_connection(("127.0.0.1", a.port))
     leader.sendall(request_bytes("/svc/gone/leader"))
-    assert wait_for(lambda: fleet.origin.hits["/gone/leader"] == 1, 2)
+    assert wait_for(lambda: fleet.origin.hits["/gone/leader"] == 1, EVENTUALLY)
     waiters = []
     for i in range(10):
         sock = socket.create_connection(("127.0.0.1", (a, b)[i % 2].port), timeout=10)
@@ -203,7 +203,7 @@ def test_leader_client_going_away_does_not_fail_the_waiters(fleet: Fleet) -> Non
         health = httpx.get(f"{a.base}/_cachegw/health", timeout=5).json()
         return bool(health["in_flight"]["waiting"] == 6)  # the leader's request and 5
 
-    assert wait_for(waiting_in_a, 5)
+    assert wait_for(waiting_in_a, EVENTUALLY)
     leader.close()  # before the upstream answers
     answers = []
     for sock in waiters:
@@ -213,7 +213,7 @@ def test_leader_client_going_away_does_not_fail_the_waiters(fleet: Fleet) -> Non
     assert all(b"x-cache-status: HIT" in x for x in answers), answers
     assert fleet.origin.hits["/gone/leader"] == 1
     with fleet.redis.client() as client:
-        assert wait_for(lambda: client.exists(primary_key("/gone/leader")) == 1, 5)
+        assert wait_for(lambda: client.exists(primary_key("/gone/leader")) == 1, EVENTUALLY)
 
 
 # -- c. hit-for-miss --------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_uncacheable_answers_are_not_queued_behind_a_lock(fleet: Fleet) -> None:
     assert max(x.latency for x in cold) < 0.3 * 2 + SLACK, sorted(x.latency for x in cold)
     assert fleet.origin.hits["/private/c"] == 20
     with fleet.redis.client() as client:  # the hit-for-miss marker
-        assert wait_for(lambda: client.exists(primary_key("/private/c")) == 1, 5)
+        assert wait_for(lambda: client.exists(primary_key("/private/c")) == 1, EVENTUALLY)
 
     # Later requests go straight upstream, all at once: queued behind one another, the
     # origin's 20 answers would be at least 19 upstream delays (5.7 s) apart.
@@ -454,7 +454,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:  # type
 def healthy_cache(faulty: Faulty, path: str) -> None:
     """Redis is up, the circuit closed, and ``path`` is a HIT."""
     faulty.redis.start()
-    assert wait_for(lambda: get(faulty.gateway.port, path).cache == "HIT", 5)
+    assert wait_for(lambda: get(faulty.gateway.port, path).cache == "HIT", EVENTUALLY)
     assert faulty.gateway.health()["circuit"] == "closed"
 
 
@@ -480,7 +480,7 @@ def test_redis_stopped_under_load_then_back(faulty: Faulty) -> None:
             time.sleep(0.05)
         redis.start()
         up = time.monotonic()
-        back = wait_for(lambda: any(a.cache == "HIT" for a in loop.since(up)), 5)
+        back = wait_for(lambda: any(a.cache == "HIT" for a in loop.since(up)), EVENTUALLY)
         back_after = time.monotonic() - up
     answers = loop.answers
     assert back, Counter(a.cache for a in loop.since(up))
@@ -494,7 +494,7 @@ def test_redis_stopped_under_load_then_back(faulty: Faulty) -> None:
     assert sum(origin.hits[path] for path in paths) - hits_before >= 10
     assert_no_deadline_waits(answers)
     assert "open" in circuits
-    assert wait_for(lambda: gateway.health()["circuit"] == "closed", 2)
+    assert wait_for(lambda: gateway.health()["circuit"] == "closed", EVENTUALLY)
 
 
 def test_redis_stalled_by_client_pause(faulty: Faulty) -> None:
@@ -525,7 +525,7 @@ def test_redis_stalled_by_client_pause(faulty: Faulty) -> None:
             time.sleep(0.02)
         sleeper.join()
         woke = time.monotonic()
-        assert wait_for(lambda: any(a.cache == "HIT" for a in loop.since(woke + 0.3)), 5)
+        assert wait_for(lambda: any(a.cache == "HIT" for a in loop.since(woke + 0.3)), EVENTUALLY)
     answers = loop.answers
     assert [a.status for a in answers] == [200] * len(answers), Counter(a.status for a in answers)
     assert {a.body for a in answers} == {b"slow"}
@@ -572,7 +572,7 @@ def test_paused_redis_costs_a_cold_request_one_read_budget(
     for path in cold:
         origin.route(path, body=b"cold", delay=UPSTREAM_DELAY)
     redis.start()
-    assert wait_for(lambda: get(gateway.port, "/svc/d/pause/warm").cache == "HIT", 5)
+    assert wait_for(lambda: get(gateway.port, "/svc/d/pause/warm").cache == "HIT", EVENTUALLY)
     assert gateway.health()["circuit"] == "closed"
     paused = threading.Event()
 
@@ -660,7 +660,7 @@ def test_redis_out_of_memory_under_noeviction(faulty: Faulty) -> None:
     assert_no_deadline_waits(answers)
     assert "OutOfMemoryError" in output
     # Memory is back: caching resumes by itself.
-    assert wait_for(lambda: get(gateway.port, "/svc/d/oom-cold").cache == "HIT", 3)
+    assert wait_for(lambda: get(gateway.port, "/svc/d/oom-cold").cache == "HIT", EVENTUALLY)
 
 
 def test_cache_status_does_not_claim_stored_when_the_write_failed(faulty: Faulty) -> None:
@@ -688,7 +688,7 @@ def test_redis_readonly_replica(fleet: Fleet, tmp_path_factory: pytest.TempPathF
         primary.config_set("repl-diskless-sync-delay", 0)
     with RedisProcess("--replicaof", "127.0.0.1", str(fleet.redis.port)) as replica:
         with replica.client() as client:
-            assert wait_for(lambda: client.exists(primary_key("/ro/seeded")) == 1, 5)
+            assert wait_for(lambda: client.exists(primary_key("/ro/seeded")) == 1, EVENTUALLY)
         gateway = Gateway(write_config(directory, replica.url, origin.base)).start()
         try:
             seeded = [get(gateway.port, "/svc/ro/seeded") for _ in range(3)]

@@ -16,6 +16,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from cachegw import ConfigError, Gateway, RedisBackend
 from tests.gateway_process import gateway_processes
 from tests.items_upstream import VersionedItems
+from tests.redis_process import EVENTUALLY
 from tests.sentinel_process import SentinelSetup
 from tests.servers import run_uvicorn
 from tests.test_failover import PATH, QUIET, WINDOW, read, version, wait_for, write_config
@@ -123,7 +124,7 @@ def test_gateways_on_sentinel_through_a_failover_undo_no_write(tmp_path: Path, h
         config = write_config(tmp_path / "g.toml", setup.url, origin)
         with gateway_processes(config, count=2, args=QUIET) as [a, b]:
             assert read(a.base) == (0, "MISS")
-            assert wait_for(lambda: read(b.base) == (0, "HIT"), 5)
+            assert wait_for(lambda: read(b.base) == (0, "HIT"), EVENTUALLY)
             old = setup.master_port()
             if how == "graceful":
                 setup.failover()
@@ -139,7 +140,7 @@ def test_gateways_on_sentinel_through_a_failover_undo_no_write(tmp_path: Path, h
             time.sleep(WINDOW)
             seen = [read(base) for _ in range(5) for base in (a.base, b.base)]
             assert {v for v, _ in seen} == {1}, seen
-            assert wait_for(lambda: read(b.base) == (1, "HIT"), 10)
-            assert wait_for(lambda: read(a.base) == (1, "HIT"), 10)
+            assert wait_for(lambda: read(b.base) == (1, "HIT"), EVENTUALLY)
+            assert wait_for(lambda: read(a.base) == (1, "HIT"), EVENTUALLY)
         with next(s for s in setup.servers() if s.port == new).client() as client:
             assert client.exists("cachegw:GET:api:/items/1") or client.dbsize() > 3
