@@ -253,11 +253,14 @@ def request_headers(
     return out
 
 
-def response_headers(raw: Headers, content_length: int | None = None) -> Headers:
+def response_headers(
+    raw: Headers, content_length: int | None = None, *, drop_length: bool = False
+) -> Headers:
     """Upstream headers to send on: lower-case, end-to-end only, our `Via` appended; with
-    ``content_length``, the upstream's Content-Length replaced by it (placed last)."""
+    ``content_length``, the upstream's Content-Length replaced by it (placed last); with
+    ``drop_length``, none sent on (an answer without content)."""
     drop = _RESPONSE_DROP
-    if content_length is not None:
+    if content_length is not None or drop_length:
         drop = _RESPONSE_DROP_LENGTH
     out: Headers = []
     via: list[bytes] = []

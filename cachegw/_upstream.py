@@ -306,11 +306,16 @@ class Upstream:
         await response.aclose()
         chunks = got.chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if method != "HEAD" and response.status not in (204, 304):
+        if method == "HEAD":
+            out = response_headers(response.raw_headers)
+        elif response.status in (204, 304):
+            # No content follows, whatever the upstream declared (a 304 may carry the
+            # representation's Content-Length): sent on, uvicorn would wait for that many
+            # bytes and fail the response.
+            out = response_headers(response.raw_headers, drop_length=True)
+        else:
             # The body is exactly what we send on: say so, whatever the upstream declared.
             out = response_headers(response.raw_headers, len(data))
-        else:
-            out = response_headers(response.raw_headers)
         return Fetched(response.status, out, data, response_time=got.arrived)
 
     async def _exchange(

@@ -145,6 +145,11 @@ class HostileOrigin:
             outcome, size = await _read_body(reader, headers)
             self.uploads.append((outcome, size))
             return False
+        elif path.startswith("/nobody/"):
+            # A 304 with the representation's Content-Length (RFC 9110 8.6 allows it), or a
+            # 204 with one (it does not): no content follows either way.
+            status = int(path.split("/")[2])
+            writer.write(b'HTTP/1.1 %d X\r\ncontent-length: 10\r\netag: "x"\r\n\r\n' % status)
         elif path.startswith("/small/"):
             _write(writer, 200, [("cache-control", "max-age=60")], b"s" * 1024)
         elif path.startswith("/nocache/"):

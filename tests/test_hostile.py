@@ -315,3 +315,33 @@ def test_limits_from_the_command_line(origin: HostileOrigin, tmp_path: Path) -> 
         assert status_of(answer) == 431
     finally:
         gw.stop()
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """One response head (up to its blank line), or what came before the peer closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("status", [304, 204])
+def test_an_answer_without_content_but_with_a_content_length_keeps_the_connection(
+    gateway: int, status: int
+) -> None:
+    """An upstream 304 may carry its representation's Content-Length (RFC 9110 8.6), and
+    some upstreams send one on a 204: no content follows. The answer is sent on without
+    it, on a connection that stays usable; never a traceback (the fixture checks the log)."""
+    with socket.create_connection(("127.0.0.1", gateway), timeout=30) as sock:
+        for n in range(2):
+            request = (
+                f'GET /h/nobody/{status}/{n} HTTP/1.1\r\nHost: x\r\nIf-None-Match: "x"\r\n\r\n'
+            )
+            sock.sendall(request.encode())
+            head = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 %d " % status), (n, head)
+            assert b"content-length" not in head.lower(), head
+            assert b'etag: "x"' in head.lower(), head
