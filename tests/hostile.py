@@ -263,6 +263,18 @@ def send_raw(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
         return read_response(sock, until_close=True)
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """One response head (up to its blank line; a 304, 204 or the answer to a HEAD has
+    nothing after it), or what came before the peer closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def read_response(sock: socket.socket, *, until_close: bool = False) -> bytes:
     """Bytes of one response (its Content-Length), or everything until the peer closes."""
     data = b""

@@ -17,7 +17,7 @@ import pytest
 from redis_process import RedisProcess
 
 from tests.gateway_process import GatewayProcess
-from tests.hostile import HostileOrigin, read_response
+from tests.hostile import HostileOrigin, read_head, read_response
 from tests.redis_process import EVENTUALLY
 
 TOML = """
@@ -69,17 +69,6 @@ def send_get(port: int, path: str, method: str = "GET") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     return sock
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """The head of a response to a HEAD (it has a Content-Length but no body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def waiting(port: int) -> int:

@@ -21,7 +21,7 @@ import pytest
 
 from cachegw._limits import ServerLimits
 from tests.gateway_process import GatewayProcess
-from tests.hostile import HostileOrigin, read_response, send_raw
+from tests.hostile import HostileOrigin, read_head, read_response, send_raw
 
 TOML = """
 [server]
@@ -315,17 +315,6 @@ def test_limits_from_the_command_line(origin: HostileOrigin, tmp_path: Path) -> 
         assert status_of(answer) == 431
     finally:
         gw.stop()
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """One response head (up to its blank line), or what came before the peer closed."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize("status", [304, 204])
